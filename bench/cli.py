@@ -1,0 +1,80 @@
+"""The `hilq` command line. Each command lives in its own module `bench/cmd_<name>.py` with
+`add_arguments(parser)` and `run(args) -> int`; this file only lists and dispatches them.
+
+Errors a user can fix (bad flag, unknown model, missing file, unreachable device) print one
+line and exit 2; a run that fails on the device exits 1. Tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+COMMANDS = {
+    "quantize": "quantize a model to a variant: accuracy before/after, size, artifact",
+    "export": "write a deployable artifact (ONNX Q/DQ) for a variant",
+    "runtimes": "list the runtimes available here with versions and precisions",
+    "bench": "benchmark variants on a device and runtime; measurements go to the store",
+    "devices": "list or check the devices of an inventory",
+    "sensitivity": "per-layer sensitivity table (ZeroQ KL or Hessian trace)",
+    "allocate": "choose a precision per layer under budgets (ILP or Pareto DP)",
+    "search": "hardware-aware allocation with costs measured on the device, re-benchmarked",
+    "nightly": "the whole loop from a config: bench, search, store, regressions, report",
+    "report": "render a Markdown + HTML report from the store",
+    "results": "export or inspect the results store",
+}
+
+
+class UserError(Exception):
+    """Bad input a user can fix; printed as one line, exit code 2."""
+
+
+def _module(name: str):
+    return importlib.import_module(f"bench.cmd_{name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hilq", description="Hardware-in-the-loop benchmarking "
+                                     "of quantized neural networks.")
+    parser.add_argument("--version", action="version", version=f"hilq {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        try:
+            mod = _module(name)
+        except ModuleNotFoundError as e:
+            if e.name != f"bench.cmd_{name}":
+                raise
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from devices.errors import DeviceError  # noqa: F401  (bad inventory, unreachable device)
+    from quant.spec import SpecError
+
+    return (UserError, SpecError, FileNotFoundError, DeviceError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("hilq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 — only user errors are turned into one line
+        if isinstance(e, _user_errors()):
+            msg = str(e) if not isinstance(e, FileNotFoundError) else f"file not found: {e.filename or e}"
+            print(f"hilq {args.command}: error: {msg}", file=sys.stderr)
+            return 2
+        raise

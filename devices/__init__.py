@@ -1,0 +1,1 @@
+"""hilq devices: the on-device agent, runtimes, power meters, local and SSH targets."""

@@ -1,0 +1,98 @@
+"""What a device run is asked to do (`Protocol`) and what comes back (`Measurement`).
+
+Both are plain dataclasses that round-trip through JSON: the protocol travels to the agent
+as a file, the agent's JSON becomes a `Measurement`, and the store keeps every field.
+Timing rules live in the protocol, owned by the harness, never by model or runtime code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+STATUSES = ("ok", "degraded", "failed")
+# Typed failures, stored like any other result (TVM's RPC runner does the same).
+FAILURES = ("unreachable", "auth", "hostkey", "timeout", "agent_crash", "runtime_error",
+            "wrong_answer", "unsupported", "busy", "bad_input")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Warm-up by count and time; measure until BOTH min_iters and min_duration_s are met."""
+
+    warmup_iters: int = 10
+    warmup_s: float = 0.5
+    min_iters: int = 50
+    min_duration_s: float = 2.0
+    max_iters: int = 100_000
+    max_duration_s: float = 120.0
+    batch: int = 1
+    threads: int = 0               # 0 = the runtime's default (all cores); recorded either way
+    affinity: tuple[int, ...] = ()  # CPU ids to pin the agent to; empty = no pinning
+    mode: str = "latency"          # latency (one request at a time) | throughput (offline, batch)
+    power: str = "none"            # nvml | rapl | tegrastats | command:<cmd> | none
+    power_interval_s: float = 0.05
+    idle_s: float = 1.0            # idle baseline before timing, when a meter is on
+    seed: int = 0
+    busy_load: float = 0.5         # 1-min load average per core above which a run is flagged busy
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["affinity"] = list(self.affinity)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Protocol:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown protocol key(s): {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if "affinity" in d:
+            d["affinity"] = tuple(d["affinity"])
+        return cls(**d)
+
+
+@dataclass
+class Measurement:
+    """One variant on one device and runtime. `latency_ms` holds named statistics
+    (mean, std, min, max, p50, p90, p95, p99, iqr, ci95_p50, n, outliers, tail flags);
+    `samples_ms` the raw samples they were derived from."""
+
+    model: str
+    variant: str
+    device: str
+    runtime: str
+    status: str = "ok"
+    reason: str | None = None
+    failure: str | None = None             # one of FAILURES when status == failed
+    latency_ms: dict = field(default_factory=dict)
+    samples_ms: list[float] = field(default_factory=list)
+    device_latency_ms: dict | None = None  # GPU: CUDA-event device time, next to host wall time
+    throughput: float | None = None        # samples per second
+    energy_j_per_inference: float | None = None
+    power: dict = field(default_factory=dict)     # avg_w, idle_w, meter, trace, reason
+    kernels: dict = field(default_factory=dict)   # {"integer": [...], "float": [...]} from the engine
+    facts: dict = field(default_factory=dict)     # device facts: OS, CPU, flags, GPU, versions
+    protocol: dict = field(default_factory=dict)
+    load: dict = field(default_factory=dict)      # load before/after, busy flag
+    artifact_sha256: str | None = None
+    outputs_check: dict | None = None      # agreement with the reference outputs, if given
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Measurement:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def failed(cls, model: str, variant: str, device: str, runtime: str, failure: str,
+               reason: str, **kw) -> Measurement:
+        assert failure in FAILURES, failure
+        return cls(model, variant, device, runtime, status="failed", failure=failure,
+                   reason=reason, **kw)

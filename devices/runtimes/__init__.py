@@ -1,0 +1,42 @@
+"""Inference engines the on-device agent can time. One small module per engine.
+
+Each module stands alone: it imports only the standard library, numpy and its own engine
+(lazily, inside functions), never hilq, because it is copied to the device with the agent.
+Every runtime module exposes the same three functions:
+
+- `version() -> str` — the engine's version; raises ImportError when the engine is absent.
+- `precisions() -> dict[str, list[str]]` — layer type (`conv`, `linear`) -> variant precisions
+  it runs in integer/low-precision kernels (e.g. `["fp32", "w8a8"]`). Asking for anything
+  else is an error, never a silent fallback to float.
+- `load(path, protocol: dict) -> Loaded` — compile/open the artifact with the protocol's
+  threads and settings.
+
+`Loaded` is the plain record below; the agent times `run` and reads the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+NAMES = ("ort", "openvino", "torch", "torch-cuda", "tensorrt")
+
+
+@dataclass
+class Loaded:
+    """An artifact ready to run. `run(feeds)` does one inference and returns the outputs as
+    numpy arrays; it must not return before the work is done (GPU runtimes synchronise)."""
+
+    run: Callable[[dict], list]
+    inputs: list[tuple[str, tuple, str]]          # (name, shape with batch resolved, numpy dtype)
+    facts: dict = field(default_factory=dict)     # engine version, providers, settings used
+    kernels: Callable[[], dict] | None = None     # -> {"integer": [...], "float": [...]}
+    device_timer: Any = None                      # GPU: object with start()/stop() -> ms
+    close: Callable[[], None] = lambda: None
+
+
+def module_name(runtime: str) -> str:
+    """Runtime name as spelt in configs (`torch-cuda`) -> module file name (`torch_cuda`)."""
+    if runtime not in NAMES:
+        raise ValueError(f"unknown runtime {runtime!r} (use {', '.join(NAMES)})")
+    return runtime.replace("-", "_")
