@@ -16,8 +16,9 @@ Every runtime module exposes the same three functions:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 NAMES = ("ort", "openvino", "torch", "torch-cuda", "tensorrt")
 
