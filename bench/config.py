@@ -1,0 +1,158 @@
+"""The nightly/search config: TOML (stdlib `tomllib`) validated at the boundary.
+
+Unknown keys are errors naming the key, so a typo never silently changes what is measured.
+Budgets are absolute (`latency_ms = 4.2`) or relative to the fastest and slowest uniform
+configurations measured on that device (`latency_ms = "50%"` = halfway between them), which
+keeps one config meaningful across machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from devices.measurement import Protocol
+from quant.spec import SpecError, parse_variant
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "nightly-local.toml"
+BUDGET_COLUMNS = ("latency_ms", "energy_mj", "size_bits", "bops")
+
+
+class ConfigError(SpecError):
+    """A config that cannot be run as written; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Bench:
+    model: str
+    variants: tuple[str, ...]
+    devices: tuple[str, ...] = ("local",)
+    runtimes: tuple[str, ...] = ("ort",)
+    accuracy: bool = True
+
+
+@dataclass(frozen=True)
+class Search:
+    model: str
+    device: str = "local"
+    runtime: str = "ort"
+    budgets: dict = field(default_factory=dict)
+    sensitivity: str = "kl"
+    calib_data: str = "real"
+    sweep: str | None = None
+    points: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "nightly"
+    seed: int = 0
+    db: str = "results/hilq.sqlite"
+    reports: str = "reports"
+    inventory: str | None = None
+    rounds: int = 2
+    regression_threshold: float = 0.05
+    lookback: int = 10
+    protocol: Protocol = Protocol()
+    bench: tuple[Bench, ...] = ()
+    search: tuple[Search, ...] = ()
+    source: str = ""
+
+    @property
+    def hash(self) -> str:
+        """Identity of what is measured: the same config resumes the same unfinished run."""
+        d = asdict(self)
+        d.pop("source")
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_keys(where: str, table: dict, allowed) -> None:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _names(dc) -> set[str]:
+    return {f.name for f in fields(dc)}
+
+
+def _tuple(where: str, v) -> tuple:
+    if isinstance(v, str):
+        return (v,)
+    if not isinstance(v, list):
+        raise ConfigError(f"{where}: expected a list")
+    return tuple(v)
+
+
+def _budget(where: str, key: str, v):
+    if key not in BUDGET_COLUMNS:
+        raise ConfigError(f"{where}: unknown budget {key!r} (use {', '.join(BUDGET_COLUMNS)})")
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ConfigError(f"{where}.{key}: expected a number or a percentage string")
+    if isinstance(v, str):
+        try:
+            pct = float(v.rstrip("%"))
+        except ValueError:
+            raise ConfigError(f"{where}.{key}: {v!r} is not a number or 'NN%'") from None
+        if not v.endswith("%") or not 0 <= pct <= 100:
+            raise ConfigError(f"{where}.{key}: relative budgets are written '0%'..'100%'")
+    elif v <= 0:
+        raise ConfigError(f"{where}.{key}: must be positive")
+    return v
+
+
+def parse(d: dict, source: str = "") -> Config:
+    top = _names(Config) - {"protocol", "bench", "search", "source"}
+    _check_keys("config", d, top | {"protocol", "bench", "search"})
+    kw = {k: d[k] for k in top if k in d}
+    try:
+        proto = d.get("protocol", {})
+        _check_keys("protocol", proto, _names(Protocol))
+        kw["protocol"] = Protocol.from_dict(proto)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"protocol: {e}") from None
+    benches = []
+    for i, b in enumerate(d.get("bench", [])):
+        where = f"bench[{i}]"
+        _check_keys(where, b, _names(Bench))
+        if "model" not in b or "variants" not in b:
+            raise ConfigError(f"{where}: needs 'model' and 'variants'")
+        variants = _tuple(f"{where}.variants", b["variants"])
+        for v in variants:
+            parse_variant(v)
+        benches.append(Bench(model=b["model"], variants=variants,
+                             devices=_tuple(f"{where}.devices", b.get("devices", ["local"])),
+                             runtimes=_tuple(f"{where}.runtimes", b.get("runtimes", ["ort"])),
+                             accuracy=bool(b.get("accuracy", True))))
+    searches = []
+    for i, s in enumerate(d.get("search", [])):
+        where = f"search[{i}]"
+        _check_keys(where, s, _names(Search))
+        if "model" not in s:
+            raise ConfigError(f"{where}: needs 'model'")
+        budgets = {k: _budget(f"{where}.budgets", k, v) for k, v in s.get("budgets", {}).items()}
+        if not budgets:
+            raise ConfigError(f"{where}: needs at least one budget")
+        if s.get("sensitivity", "kl") not in ("kl", "hessian"):
+            raise ConfigError(f"{where}.sensitivity: use 'kl' or 'hessian'")
+        searches.append(Search(**{**s, "budgets": budgets}))
+    if not benches and not searches:
+        raise ConfigError("config has no [[bench]] and no [[search]] entries: nothing to run")
+    return Config(**kw, bench=tuple(benches), search=tuple(searches), source=source)
+
+
+def load(path: str | Path | None = None) -> Config:
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        d = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse(d, source=str(path))
