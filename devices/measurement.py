@@ -77,6 +77,9 @@ class Measurement:
     load: dict = field(default_factory=dict)      # load before/after, busy flag
     artifact_sha256: str | None = None
     outputs_check: dict | None = None      # agreement with the reference outputs, if given
+    harness_overhead_ms: float | None = None  # what the timing loop adds to every sample
+    timing: dict = field(default_factory=dict)    # warm-up iterations, wall time, caps, mode
+    rounds: dict = field(default_factory=dict)    # spread of p50 across alternating rounds
 
     @property
     def ok(self) -> bool:

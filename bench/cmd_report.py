@@ -1,0 +1,58 @@
+"""`hilq report`: render a run from the store as Markdown + self-contained HTML.
+
+    hilq report [--run ID|latest] [--db URL|PATH] [--out DIR] [--json OUT]
+
+Writes `<DIR>/report.md` (plots in `<DIR>/plots/`) and `<DIR>/report.html`; DIR defaults to
+`reports/<run-id>/`.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+from .cli import UserError
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--run", default="latest", help="run id, or 'latest' (default)")
+    parser.add_argument("--db", default=None, metavar="URL|PATH",
+                        help="results store (default $HILQ_DB or results/hilq.sqlite)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="output folder (default reports/<run-id>/)")
+    parser.add_argument("--json", metavar="PATH", help="write what was rendered as JSON")
+
+
+@contextmanager
+def store_errors():
+    """Store problems a user can fix (no such run, bad URL) become one-line errors."""
+    from .store import StoreError
+
+    try:
+        yield
+    except StoreError as e:
+        raise UserError(str(e)) from None
+
+
+def write_json(path: str | None, obj: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def run(args) -> int:
+    from .report import render
+    from .store import open_store
+
+    with store_errors(), open_store(args.db) as store:
+        rep = render(store, args.run, args.out)
+    empty = [t for t, has in rep.sections.items() if not has]
+    print(f"report for run {rep.run_id}: {rep.plots} plots, "
+          f"{rep.flagged} regression(s) flagged")
+    print(f"  markdown  {rep.markdown}")
+    print(f"  html      {rep.html}")
+    if empty:
+        print(f"  no data   {', '.join(empty)}")
+    write_json(args.json, rep.to_dict())
+    return 0

@@ -1,0 +1,163 @@
+"""Regression detection: is tonight worse than history, beyond noise and by enough to matter?
+
+Per (model, variant, device, runtime, metric), tonight's measurement is compared with the
+earlier runs in the store since the latest baseline reset (an intended change marked with
+`hilq results mark-intended`), at most `lookback` of them. Two tests say whether a change is
+real, and a relative threshold says whether it matters:
+
+- Mann-Whitney U (one-sided, in the worse direction) on raw latency samples, tonight against
+  the pooled samples of the baseline runs: significant when p < `alpha` (default 0.01).
+- Lookback z-score, conbench's method: z = (tonight - mean(history)) / std(history) over the
+  per-run values of the last N runs; significant when z >= `z_threshold` (default 5) in the
+  worse direction. It needs no raw samples, so it also covers energy and throughput.
+
+A verdict is **flagged when the relative change from the baseline (median of the history
+values) is at least `threshold` (default 5%) in the worse direction AND at least one test is
+significant.** The threshold is needed because with thousands of samples any shift, however
+small, is significant; the tests are needed because a noisy night can move 5% by chance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+THRESHOLD = 0.05
+ALPHA = 0.01
+Z_THRESHOLD = 5.0
+LOOKBACK = 14
+MIN_Z_HISTORY = 3                    # runs needed before a std means anything
+SAMPLE_METRICS = frozenset({"p50", "mean"})   # metrics the raw-sample test speaks for
+DEFAULT_METRICS = ("p50", "energy_j")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One comparison; `change` is current / baseline - 1 (positive = larger number)."""
+
+    metric: str
+    baseline: float | None
+    current: float | None
+    change: float | None
+    p_value: float | None
+    z: float | None
+    n_history: int
+    flagged: bool
+    method: str
+    note: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def relative_change(baseline: float, current: float) -> float | None:
+    if baseline is None or current is None or baseline == 0:
+        return None
+    return current / baseline - 1.0
+
+
+def mann_whitney_p(baseline: Sequence[float], current: Sequence[float],
+                   higher_is_better: bool = False) -> float | None:
+    """One-sided p-value that `current` is worse (larger, or smaller if higher is better)."""
+    from scipy.stats import mannwhitneyu
+
+    if len(baseline) == 0 or len(current) == 0:
+        return None
+    alternative = "less" if higher_is_better else "greater"
+    res = mannwhitneyu(np.asarray(current, float), np.asarray(baseline, float),
+                       alternative=alternative, method="asymptotic")
+    return float(res.pvalue)
+
+
+def lookback_z(history: Sequence[float], current: float) -> float | None:
+    """conbench's z-score of tonight's value against the last N runs' values; None when the
+    history is too short or has no spread."""
+    if len(history) < MIN_Z_HISTORY or current is None:
+        return None
+    h = np.asarray(history, float)
+    sd = float(h.std(ddof=1))
+    if sd == 0 or not math.isfinite(sd):
+        return None
+    return (current - float(h.mean())) / sd
+
+
+def compare(history_values: Sequence[float], current: float | None, *,
+            history_samples: Sequence[float] = (), current_samples: Sequence[float] = (),
+            metric: str = "p50", higher_is_better: bool = False,
+            threshold: float = THRESHOLD, alpha: float = ALPHA,
+            z_threshold: float = Z_THRESHOLD) -> Verdict:
+    """Apply the rule in this module's docstring to plain numbers."""
+    n = len(history_values)
+    if current is None or n == 0:
+        return Verdict(metric, None, current, None, None, None, n, False, "",
+                       "no history" if current is not None else "no current value")
+    baseline = float(np.median(np.asarray(history_values, float)))
+    change = relative_change(baseline, current)
+    worse = None if change is None else (-change if higher_is_better else change)
+    p = (mann_whitney_p(history_samples, current_samples, higher_is_better)
+         if metric in SAMPLE_METRICS else None)
+    z = lookback_z(history_values, current)
+    z_worse = None if z is None else (-z if higher_is_better else z)
+    tests = [name for name, v in (("mwu", p), ("zscore", z)) if v is not None]
+    significant = [name for name, ok in (("mwu", p is not None and p < alpha),
+                                         ("zscore", z_worse is not None
+                                          and z_worse >= z_threshold)) if ok]
+    big = worse is not None and worse >= threshold
+    flagged = big and bool(significant)
+    if not tests:
+        note = "too little history for a test"
+    elif flagged:
+        note = f"worse by {worse:.1%} ({'+'.join(significant)} significant)"
+    elif big:
+        note = f"worse by {worse:.1%} but not significant"
+    elif significant and worse is not None and worse > 0:
+        note = f"significant but only {worse:.1%} worse (threshold {threshold:.0%})"
+    else:
+        note = "no regression"
+    return Verdict(metric, baseline, float(current), change, p, z, n, flagged,
+                   "+".join(tests), note)
+
+
+def _current(rows: list[dict], metric: str) -> tuple[float | None, list[float]]:
+    """Median over tonight's rounds of the metric, and all rounds' raw samples."""
+    from bench.store import METRICS
+
+    vals = sorted(r[METRICS[metric]] for r in rows if r[METRICS[metric]] is not None)
+    samples = [s for r in rows for s in (r["samples_ms"] or [])]
+    return (float(np.median(vals)) if vals else None), samples
+
+
+def detect(store, run_id: str, *, metrics: Sequence[str] = DEFAULT_METRICS,
+           threshold: float = THRESHOLD, alpha: float = ALPHA,
+           z_threshold: float = Z_THRESHOLD, lookback: int = LOOKBACK) -> list[dict]:
+    """Compare every bench measurement of `run_id` with its history and store the verdicts
+    (replacing earlier ones for the run, so re-running after a mark-intended is safe).
+    Returns the rows written; `[r for r in rows if r["flagged"]]` are the regressions."""
+    from bench.store import HIGHER_IS_BETTER
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in store.measurements(run_id, kind="bench"):
+        if r["status"] != "failed":
+            groups.setdefault((r["model"], r["variant"], r["device"], r["runtime"]), []).append(r)
+    out = []
+    for key, rows in groups.items():
+        for metric in metrics:
+            current, samples = _current(rows, metric)
+            if current is None:
+                continue
+            hist = store.history(*key, metric, lookback, before_run=run_id,
+                                 samples=metric in SAMPLE_METRICS)
+            v = compare([h["value"] for h in hist], current,
+                        history_samples=[s for h in hist for s in h.get("samples", [])],
+                        current_samples=samples, metric=metric,
+                        higher_is_better=metric in HIGHER_IS_BETTER, threshold=threshold,
+                        alpha=alpha, z_threshold=z_threshold)
+            if any(r["busy"] for r in rows):
+                v = replace(v, note=f"{v.note}; measured on a busy machine")
+            out.append(dict(zip(("model", "variant", "device", "runtime"), key),
+                            **v.to_dict()))
+    store.replace_regressions(run_id, out)
+    return out

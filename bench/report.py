@@ -1,0 +1,503 @@
+"""Reports: one run from the store as Markdown (`report.md`, plots beside it as PNG) and as a
+self-contained HTML page (`report.html`, plots embedded as data URIs, inline CSS, no scripts),
+so a nightly's report can be mailed or archived as one file.
+
+Both are rendered from the same list of sections; a section without data says so in one line
+instead of disappearing, so a missing power meter or search is visible, not silent.
+Plots use matplotlib's Agg canvas through `Figure` (no pyplot, no global backend switch).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SECTIONS = ("Summary", "Latency distribution", "Accuracy vs latency", "Energy per inference",
+            "Bit allocation", "Predicted vs measured latency", "Nightly trends", "Regressions",
+            "Devices and versions")
+TREND_RUNS = 30
+MAX_TREND_PANELS = 12
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list = field(default_factory=list)   # ("p", text) | ("table", head, rows) | ("img", name, png)
+
+    @property
+    def anchor(self) -> str:
+        return self.title.lower().replace(" ", "-")
+
+    @property
+    def has_data(self) -> bool:
+        return any(b[0] != "p" for b in self.blocks)
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, head: list[str], rows: list[list]) -> None:
+        self.blocks.append(("table", head, rows))
+
+    def img(self, name: str, fig) -> None:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=96)
+        self.blocks.append(("img", name, buf.getvalue()))
+
+
+@dataclass(frozen=True)
+class Report:
+    run_id: str
+    dir: Path
+    markdown: Path
+    html: Path
+    sections: dict            # title -> has data
+    plots: int
+    flagged: int              # flagged verdicts (key x metric) in this run
+
+    def to_dict(self) -> dict:
+        return {"run_id": self.run_id, "dir": str(self.dir), "markdown": str(self.markdown),
+                "html": str(self.html), "sections": self.sections, "plots": self.plots,
+                "regressions_flagged": self.flagged}
+
+
+# ------------------------------------------------------------------------ data
+
+
+def fmt(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:,.0f}"
+    return str(x)
+
+
+@dataclass
+class Result:
+    """One (model, variant, device, runtime) of the run, its rounds pooled."""
+
+    model: str
+    variant: str
+    device: str
+    runtime: str
+    rows: list
+
+    @property
+    def key(self) -> tuple:
+        return (self.model, self.variant, self.device, self.runtime)
+
+    @property
+    def ok_rows(self) -> list:
+        return [r for r in self.rows if r["status"] != "failed"]
+
+    @property
+    def status(self) -> str:
+        statuses = {r["status"] for r in self.rows}
+        for s in ("failed", "degraded"):
+            if s in statuses:
+                why = next(r["failure"] or r["reason"] for r in self.rows if r["status"] == s)
+                return f"{s}: {why}" if why else s
+        return "ok"
+
+    @property
+    def samples(self) -> np.ndarray:
+        return np.asarray([x for r in self.ok_rows for x in (r["samples_ms"] or [])], float)
+
+    def stat(self, name: str) -> float | None:
+        s = self.samples
+        if len(s) and name in ("p50", "p90", "p99", "mean", "std"):
+            return float({"p50": np.median, "mean": np.mean, "std": np.std}.get(
+                name, lambda a: np.percentile(a, int(name[1:])))(s))
+        vals = [r[f"{name}_ms"] for r in self.ok_rows if r.get(f"{name}_ms") is not None]
+        return float(np.median(vals)) if vals else None
+
+    def median_of(self, column: str) -> float | None:
+        vals = [r[column] for r in self.ok_rows if r[column] is not None]
+        return float(np.median(vals)) if vals else None
+
+    @property
+    def round_spread(self) -> float | None:
+        """(max - min) / median of the per-round p50s: drift across alternating rounds."""
+        p = [r["p50_ms"] for r in self.ok_rows if r["p50_ms"] is not None]
+        if len(p) > 1:
+            return (max(p) - min(p)) / float(np.median(p))
+        spread = [(r.get("rounds") or {}).get("spread") for r in self.ok_rows]   # merged rounds
+        return spread[0] if len(spread) == 1 and isinstance(spread[0], float) else None
+
+
+def _results(rows: list[dict]) -> list[Result]:
+    groups: dict[tuple, Result] = {}
+    for r in rows:
+        key = (r["model"], r["variant"], r["device"], r["runtime"])
+        groups.setdefault(key, Result(*key, rows=[])).rows.append(r)
+    return list(groups.values())
+
+
+def _bits(p) -> int:
+    return p["bits"] if p else 32
+
+
+# ------------------------------------------------------------------------ sections
+
+
+def _summary(sec, run, results, acc, flagged) -> None:
+    sec.p(f"Run `{run['id']}` — status **{run['status']}**, started {run['started']}, "
+          f"ended {run['ended'] or '–'}, git {(run['git_sha'] or 'unknown')[:12]}, "
+          f"config {run['config_hash'][:12]}, host {run['host']}, hilq {run['hilq_version']}.")
+    if not results:
+        sec.p("No measurements in this run.")
+        return
+    fp32 = {(r.model, r.device, r.runtime): r.stat("p50") for r in results
+            if r.variant == "fp32"}
+    rows = []
+    for r in results:
+        p50, ref = r.stat("p50"), fp32.get((r.model, r.device, r.runtime))
+        energy = r.median_of("energy_j")
+        rows.append([r.model, r.variant, r.device, r.runtime, r.status, len(r.rows),
+                     fmt(p50), fmt(r.stat("p90")), fmt(r.stat("p99")),
+                     f"{fmt(r.stat('mean'))} ± {fmt(r.stat('std'), 2)}",
+                     fmt(None if r.round_spread is None else 100 * r.round_spread, 2),
+                     fmt(r.median_of("throughput")),
+                     fmt(None if energy is None else 1000 * energy),
+                     fmt(ref / p50 if ref and p50 else None),
+                     fmt(acc.get((r.model, r.variant))),
+                     "REGRESSION" if r.key in flagged else ""])
+    sec.table(["model", "variant", "device", "runtime", "status", "rounds", "p50 ms",
+               "p90 ms", "p99 ms", "mean ± std ms", "round spread %", "throughput /s",
+               "energy mJ", "speed-up vs fp32", "top-1", "regression"], rows)
+
+
+def _distribution(sec, results) -> None:
+    from matplotlib.figure import Figure
+
+    have = [r for r in results if len(r.samples)]
+    if not have:
+        sec.p("No raw latency samples in this run.")
+        return
+    fig = Figure(figsize=(9, 0.45 * len(have) + 1.5), layout="constrained")
+    ax = fig.subplots()
+    labels = [f"{r.variant}\n{r.model} · {r.device}/{r.runtime}" for r in have]
+    ax.boxplot([r.samples for r in have], orientation="horizontal", tick_labels=labels, showfliers=True,
+               flierprops={"markersize": 2, "alpha": 0.4})
+    ax.set_xlabel("latency per inference (ms)")
+    ax.set_title("Latency distribution (all rounds pooled)")
+    ax.grid(axis="x", alpha=0.3)
+    sec.img("latency_distribution", fig)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points (latency, accuracy) not beaten by a faster-and-at-least-as-accurate one."""
+    front, best = [], -math.inf
+    for lat, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((lat, acc))
+            best = acc
+    return front
+
+
+def _accuracy(sec, results, acc, allocs) -> None:
+    from matplotlib.figure import Figure
+
+    pts = [(r.stat("p50"), acc[(r.model, r.variant)], r.variant, "measured variant")
+           for r in results if (r.model, r.variant) in acc and r.stat("p50") is not None]
+    pts += [(a["measured"]["latency_ms"], a["accuracy"], a["name"], "searched config")
+            for a in allocs if a["accuracy"] is not None
+            and (a["measured"] or {}).get("latency_ms") is not None]
+    if not pts:
+        sec.p("No variant has both an accuracy and a measured latency in this run.")
+        return
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    for kind, marker in (("measured variant", "o"), ("searched config", "s")):
+        sel = [p for p in pts if p[3] == kind]
+        if sel:
+            ax.scatter([p[0] for p in sel], [p[1] for p in sel], marker=marker, label=kind,
+                       zorder=3)
+    for lat, a, name, _ in pts:
+        ax.annotate(name, (lat, a), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    front = pareto_front([(p[0], p[1]) for p in pts])
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red",
+            label="Pareto frontier", zorder=2)
+    ax.set_xlabel("measured latency p50 (ms)")
+    ax.set_ylabel("top-1 accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    sec.img("accuracy_vs_latency", fig)
+    sec.table(["name", "kind", "p50 ms", "top-1", "on frontier"],
+              [[n, k, fmt(lat), fmt(a, 4), "yes" if (lat, a) in front else ""]
+               for lat, a, n, k in sorted(pts)])
+
+
+def _energy(sec, results) -> None:
+    from matplotlib.figure import Figure
+
+    have = [(r, r.median_of("energy_j")) for r in results]
+    have = [(r, e) for r, e in have if e is not None]
+    if not have:
+        sec.p("No energy measured in this run (no power meter on these devices).")
+        return
+    fig = Figure(figsize=(8, 0.4 * len(have) + 1.5), layout="constrained")
+    ax = fig.subplots()
+    ax.barh([f"{r.variant} · {r.device}/{r.runtime}" for r, _ in have],
+            [1000 * e for _, e in have], color="tab:green")
+    ax.set_xlabel("energy per inference (mJ)")
+    ax.grid(axis="x", alpha=0.3)
+    sec.img("energy", fig)
+    sec.table(["variant", "device", "runtime", "energy mJ", "avg power W", "meter"],
+              [[r.variant, r.device, r.runtime, fmt(1000 * e), fmt(r.median_of("avg_power_w")),
+                (r.ok_rows[0]["power"] or {}).get("meter", "–")] for r, e in have])
+
+
+def _allocation(sec, allocs) -> None:
+    from matplotlib.figure import Figure
+
+    have = [a for a in allocs if a["config"]]
+    if not have:
+        sec.p("No searched configs in this run.")
+        return
+    sec.table(["name", "model", "device/runtime", "budgets", "predicted", "measured", "top-1"],
+              [[a["name"], a["model"], f"{a['device']}/{a['runtime']}", _kv(a["budgets"]),
+                _kv(a["predicted"]), _kv(a["measured"]), fmt(a["accuracy"], 4)] for a in have])
+    for i, a in enumerate(have):
+        layers = list(a["config"])
+        w = [_bits(a["config"][n].get("weight")) for n in layers]
+        x = [_bits(a["config"][n].get("act")) for n in layers]
+        fig = Figure(figsize=(max(6, 0.35 * len(layers) + 2), 3.2), layout="constrained")
+        ax = fig.subplots()
+        idx = np.arange(len(layers))
+        ax.bar(idx - 0.2, w, 0.4, label="weight bits")
+        ax.bar(idx + 0.2, x, 0.4, label="activation bits")
+        ax.set_xticks(idx, layers, rotation=60, ha="right", fontsize=7)
+        ax.set_yscale("log", base=2)
+        ax.set_yticks([2, 4, 8, 16, 32], ["2", "4", "8", "16", "32 (float)"])
+        ax.set_title(f"{a['name']} ({a['model']} on {a['device']}/{a['runtime']})")
+        ax.legend(fontsize=8)
+        sec.img(f"allocation_{i}", fig)
+    names = [_layer_names(a["config"]) for a in have]
+    layers = list(dict.fromkeys(n for cfg in names for n in cfg))
+    sec.table(["layer", *[a["name"] for a in have]],
+              [[layer, *[cfg.get(layer, "–") for cfg in names]] for layer in layers])
+
+
+def _layer_names(config: dict) -> dict[str, str]:
+    """layer -> `w4a8`-style name, through `BitConfig` so the spelling is the project's."""
+    from quant.spec import BitConfig, SpecError
+
+    try:
+        return BitConfig.from_dict(config).summary()
+    except (SpecError, TypeError, KeyError) as e:
+        return dict.fromkeys(config, f"unreadable ({e})")
+
+
+def _kv(d) -> str:
+    return ", ".join(f"{k}={fmt(v)}" for k, v in (d or {}).items()) or "–"
+
+
+def _predicted(sec, allocs) -> None:
+    from matplotlib.figure import Figure
+
+    pts = [(a["name"], a["predicted"]["latency_ms"], a["measured"]["latency_ms"])
+           for a in allocs if (a["predicted"] or {}).get("latency_ms") is not None
+           and (a["measured"] or {}).get("latency_ms") is not None]
+    if not pts:
+        sec.p("No searched config with both predicted and measured latency in this run.")
+        return
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    ax = fig.subplots()
+    ax.scatter([p[1] for p in pts], [p[2] for p in pts], zorder=3)
+    for n, pr, me in pts:
+        ax.annotate(n, (pr, me), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    lim = [0, 1.1 * max(max(p[1], p[2]) for p in pts)]
+    ax.plot(lim, lim, "--", color="gray", label="predicted = measured")
+    ax.set_xlim(lim)
+    ax.set_ylim(lim)
+    ax.set_xlabel("predicted latency (ms, from the per-layer cost table)")
+    ax.set_ylabel("measured latency (ms)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    sec.img("predicted_vs_measured", fig)
+    sec.table(["config", "predicted ms", "measured ms", "error %"],
+              [[n, fmt(pr), fmt(me), fmt(100 * (me / pr - 1), 2)] for n, pr, me in pts])
+
+
+def _trends(sec, store, run_id, results) -> None:
+    from matplotlib.figure import Figure
+
+    keys = [r.key for r in results if r.stat("p50") is not None][:MAX_TREND_PANELS]
+    series = {k: store.history(*k, "p50", TREND_RUNS, through_run=run_id,
+                               respect_resets=False) for k in keys}
+    series = {k: h for k, h in series.items() if len(h) > 1}
+    if not series:
+        sec.p("No history yet: trends need at least two runs of the same variant.")
+        return
+    flagged = {(g["run_id"], g["model"], g["variant"], g["device"], g["runtime"])
+               for g in store.regressions(flagged_only=True) if g["metric"] == "p50"}
+    resets = {k: store.resets(*k) for k in series}
+    cols = 2 if len(series) > 1 else 1
+    rows_n = math.ceil(len(series) / cols)
+    fig = Figure(figsize=(6 * cols, 2.8 * rows_n), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows_n, cols, squeeze=False).ravel())
+    for ax, (k, h) in zip(axes, series.items()):
+        x = np.arange(len(h))
+        ax.plot(x, [e["value"] for e in h], "o-", ms=3, label="p50")
+        bad = [i for i, e in enumerate(h) if (e["run_id"], *k) in flagged]
+        if bad:
+            ax.scatter(bad, [h[i]["value"] for i in bad], s=90, facecolors="none",
+                       edgecolors="red", linewidths=2, label="regression", zorder=4)
+        for i, e in enumerate(h):
+            if e["run_id"] in resets[k]:
+                ax.axvline(i, ls="--", color="gray", lw=1)
+        ax.set_xticks(x, [e["started"][5:16].replace("T", " ") for e in h], rotation=45,
+                      ha="right", fontsize=7)
+        ax.set_title(f"{k[1]} · {k[0]} · {k[2]}/{k[3]}", fontsize=9)
+        ax.set_ylabel("p50 ms")
+        ax.grid(alpha=0.3)
+        if bad:
+            ax.legend(fontsize=7)
+    for ax in axes[len(series):]:
+        ax.set_visible(False)
+    sec.img("trends", fig)
+    sec.p("Red circles: flagged regressions. Dashed lines: intended changes (baseline resets).")
+
+
+def _regressions(sec, regs) -> None:
+    if not regs:
+        sec.p("Regression detection has not been run for this run.")
+        return
+    regs = sorted(regs, key=lambda g: (not g["flagged"], g["model"], g["variant"]))
+    n = sum(g["flagged"] for g in regs)
+    sec.p(f"{n} of {len(regs)} comparisons flagged (rule: change ≥ threshold in the worse "
+          "direction and Mann-Whitney U or lookback z-score significant).")
+    sec.table(["flagged", "model", "variant", "device/runtime", "metric", "baseline",
+               "current", "change %", "p-value", "z", "history", "tests", "note"],
+              [["YES" if g["flagged"] else "", g["model"], g["variant"],
+                f"{g['device']}/{g['runtime']}", g["metric"], fmt(g["baseline"]),
+                fmt(g["current"]), fmt(None if g["change"] is None else 100 * g["change"], 2),
+                fmt(g["p_value"], 2), fmt(g["z"], 2), g["n_history"], g["method"] or "–",
+                g["note"]] for g in regs])
+
+
+def _devices(sec, run, devs) -> None:
+    versions = run["versions"] or {}
+    sec.table(["run", "python and libraries"],
+              [[run["id"], ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))]])
+    if not devs:
+        sec.p("No device facts recorded in this run.")
+        return
+    for d in devs:
+        facts = d["facts"] or {}
+        sec.table([f"device {d['name']} ({d['id']})", "value"],
+                  [[k, ", ".join(map(str, v)) if isinstance(v, list) else _kv(v)
+                    if isinstance(v, dict) else fmt(v)] for k, v in sorted(facts.items())])
+
+
+# ------------------------------------------------------------------------ output
+
+
+def _markdown(run_id: str, sections: list[Section], plots: Path) -> str:
+    out = [f"# hilq report — run {run_id}", ""]
+    out += [f"- [{s.title}](#{s.anchor})" for s in sections] + [""]
+    for s in sections:
+        out += [f"## {s.title}", ""]
+        for b in s.blocks:
+            if b[0] == "p":
+                out += [b[1], ""]
+            elif b[0] == "img":
+                (plots / f"{b[1]}.png").write_bytes(b[2])
+                out += [f"![{b[1]}](plots/{b[1]}.png)", ""]
+            else:
+                cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+                out += ["| " + " | ".join(cell(h) for h in b[1]) + " |",
+                        "|" + "---|" * len(b[1])]
+                out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in b[2]] + [""]
+    return "\n".join(out)
+
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
+max-width:1200px;padding:0 1rem;color:#222;line-height:1.45}
+h1{font-size:1.6rem}h2{margin-top:2.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
+table{border-collapse:collapse;margin:.8rem 0;font-size:.85rem;display:block;overflow-x:auto}
+th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}
+th{background:#f4f4f4}tr:nth-child(even) td{background:#fafafa}
+img{max-width:100%;height:auto;display:block;margin:.8rem 0}
+code{background:#f4f4f4;padding:0 .2rem}nav a{margin-right:1rem}
+.bad{color:#b00;font-weight:bold}"""
+
+
+def _inline(text: str) -> str:
+    """`code` and **bold** in our own one-line texts, everything else escaped."""
+    parts = html.escape(text).split("`")
+    text = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    parts = text.split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _html(run_id: str, sections: list[Section]) -> str:
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>hilq report {html.escape(run_id)}</title>", f"<style>{CSS}</style>",
+           "</head><body>", f"<h1>hilq report — run {html.escape(run_id)}</h1>", "<nav>"]
+    out += [f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in sections]
+    out.append("</nav>")
+    for s in sections:
+        out.append(f'<section id="{s.anchor}"><h2>{html.escape(s.title)}</h2>')
+        for b in s.blocks:
+            if b[0] == "p":
+                out.append(f"<p>{_inline(b[1])}</p>")
+            elif b[0] == "img":
+                data = base64.b64encode(b[2]).decode()
+                out.append(f'<img alt="{b[1]}" src="data:image/png;base64,{data}">')
+            else:
+                out.append("<table><thead><tr>" + "".join(
+                    f"<th>{html.escape(str(h))}</th>" for h in b[1]) + "</tr></thead><tbody>")
+                for row in b[2]:
+                    out.append("<tr>" + "".join(
+                        f'<td{" class=bad" if v in ("YES", "REGRESSION") else ""}>'
+                        f"{html.escape(str(v))}</td>" for v in row) + "</tr>")
+                out.append("</tbody></table>")
+        out.append("</section>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def render(store, run: str | None = "latest", out_dir: str | Path | None = None) -> Report:
+    """Write `<out_dir>/report.md` (+ `plots/*.png`) and `<out_dir>/report.html` for a run
+    (`latest` or an id); `out_dir` defaults to `reports/<run-id>/`."""
+    run_id = store.resolve_run(run)
+    run_row = store.run(run_id)
+    rows = store.measurements(run_id)
+    results = _results([r for r in rows if r["kind"] == "bench"] or rows)
+    acc = {(a["model"], a["variant"]): a["top1"] for a in store.rows("accuracy", run_id)}
+    allocs = store.rows("allocations", run_id)
+    regs = store.regressions(run_id)
+    flagged = {(g["model"], g["variant"], g["device"], g["runtime"]) for g in regs
+               if g["flagged"]}
+    dev_ids = {r["device_id"] for r in rows}
+    devs = [d for d in store.rows("devices") if d["id"] in dev_ids]
+
+    sections = [Section(t) for t in SECTIONS]
+    s = dict(zip(SECTIONS, sections))
+    _summary(s["Summary"], run_row, results, acc, flagged)
+    _distribution(s["Latency distribution"], results)
+    _accuracy(s["Accuracy vs latency"], results, acc, allocs)
+    _energy(s["Energy per inference"], results)
+    _allocation(s["Bit allocation"], allocs)
+    _predicted(s["Predicted vs measured latency"], allocs)
+    _trends(s["Nightly trends"], store, run_id, results)
+    _regressions(s["Regressions"], regs)
+    _devices(s["Devices and versions"], run_row, devs)
+
+    out = Path(out_dir) if out_dir else Path("reports") / run_id
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    md = out / "report.md"
+    md.write_text(_markdown(run_id, sections, plots))
+    page = out / "report.html"
+    page.write_text(_html(run_id, sections))
+    return Report(run_id, out, md, page, {x.title: x.has_data for x in sections},
+                  sum(b[0] == "img" for x in sections for b in x.blocks),
+                  sum(bool(g["flagged"]) for g in regs))

@@ -1,0 +1,157 @@
+"""Reports from a store holding a realistic synthetic history: every section present, plots
+embedded, nothing external; and, where Chromium is installed, a screenshot that shows them."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import regress, report
+from bench.store import open_store
+from devices.measurement import Measurement
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {"fp32": (20.0, 0.712), "w8a8": (9.0, 0.705), "w4a8": (7.5, 0.664)}
+FACTS = {"os": "Linux 6.1", "cpu": "Synthetic Xeon", "cores": 2,
+         "flags": ["avx2", "avx512f", "avx512_vnni"], "onnxruntime": "1.32.0"}
+LAYERS = [f"layer{i}.conv" for i in range(8)]
+
+
+def spec(bits):
+    return None if bits is None else {"bits": bits, "symmetric": True, "granularity": "channel"}
+
+
+def synthetic_store(path, nights=6, slow_last=1.15):
+    """A week of nightly runs of three variants in two alternating rounds; the last night
+    w8a8 is 15% slower; the last run also has a search (cost table and two allocations)."""
+    store = open_store(path)
+    rng = np.random.default_rng(0)
+    run = None
+    for n in range(nights):
+        run = store.begin_run({"nightly": n}, seed=n)
+        for r in range(2):
+            for v, (median, _) in VARIANTS.items():
+                f = slow_last if (n == nights - 1 and v == "w8a8") else 1.0
+                s = median * f * rng.lognormal(0, 0.02) * rng.lognormal(0, 0.05, 120)
+                lat = {"p50": float(np.median(s)), "p90": float(np.percentile(s, 90)),
+                       "p99": float(np.percentile(s, 99)), "mean": float(s.mean()),
+                       "std": float(s.std())}
+                store.add_measurement(run, Measurement(
+                    "resnet18", v, "local", "onnxruntime", latency_ms=lat,
+                    samples_ms=s.round(4).tolist(), throughput=1000 / lat["mean"],
+                    energy_j_per_inference=0.0015 * lat["mean"],
+                    power={"avg_w": 1.5, "meter": "rapl"}, facts=FACTS,
+                    status="degraded" if v == "w4a8" else "ok",
+                    reason="2 layers ran in float" if v == "w4a8" else None), round=r)
+        for v, (_, top1) in VARIANTS.items():
+            store.add_accuracy(run, "resnet18", v, top1, 1000, "imagenette")
+        store.finish_run(run)
+        regress.detect(store, run)
+    store.add_cost_rows(run, [dict(model="resnet18", device="local", runtime="onnxruntime",
+                                   layer=layer, precision=p, latency_ms=0.3, method="measured")
+                              for layer in LAYERS for p in ("w8a8", "w4a8")])
+    for name, lat_budget, meas, top1, bits in (("lat<=8ms", 8.0, 8.3, 0.69, 4),
+                                               ("lat<=9ms", 9.0, 8.7, 0.70, 8)):
+        config = {layer: {"weight": spec(bits if i % 3 else 8), "act": spec(8)}
+                  for i, layer in enumerate(LAYERS)}
+        config[LAYERS[0]] = {"weight": None, "act": None}
+        store.add_allocation(run, "resnet18", "local", "onnxruntime", name,
+                             budgets={"latency_ms": lat_budget}, config=config,
+                             predicted={"latency_ms": lat_budget - 0.2, "size_bits": 4e6},
+                             measured={"latency_ms": meas}, accuracy=top1,
+                             variant=f"config:{name}.json")
+    store.mark_intended(run, "resnet18", "fp32", "local", "onnxruntime", reason="test")
+    return store, run
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    store, run = synthetic_store(tmp / "hilq.sqlite")
+    rep = report.render(store, "latest", tmp / "out")
+    yield store, run, rep
+    store.close()
+
+
+def test_render_writes_markdown_and_self_contained_html(rendered):
+    store, run, rep = rendered
+    assert rep.run_id == run and rep.markdown.is_file() and rep.html.is_file()
+    assert all(rep.sections.values()), rep.sections
+    assert rep.flagged == 2          # w8a8 p50 and its energy
+    page = rep.html.read_text()
+    for title in report.SECTIONS:
+        assert f"<h2>{title}</h2>" in page
+        assert f"## {title}" in rep.markdown.read_text()
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == rep.plots >= 7
+    assert all(len(i) > 5000 for i in images)
+    # self-contained: no scripts, stylesheets, or anything fetched from elsewhere
+    assert not re.search(r"<script|<link|src=\"(?!data:)|url\(", page)
+    md = rep.markdown.read_text()
+    for name in re.findall(r"\]\((plots/[^)]+)\)", md):
+        assert (rep.dir / name).stat().st_size > 1000
+    assert "REGRESSION" in page and "degraded: 2 layers ran in float" in page
+    assert "avx512_vnni" in page and "lat&lt;=8ms" in page
+
+
+def test_empty_sections_say_so(tmp_path):
+    store = open_store(tmp_path / "hilq.sqlite")
+    run = store.begin_run({"bare": True})
+    store.add_measurement(run, Measurement.failed("m", "fp32", "pi", "onnxruntime",
+                                                  "unreachable", "no route to host"))
+    rep = report.render(store, run, tmp_path / "out")
+    page = rep.html.read_text()
+    assert set(rep.sections) == set(report.SECTIONS)
+    assert not rep.sections["Energy per inference"] and "No energy measured" in page
+    assert "No searched configs" in page and "No history yet" in page
+    assert "Regression detection has not been run" in page
+    assert "failed: unreachable" in page
+    store.close()
+
+
+def test_pareto_front():
+    pts = [(10, 0.70), (8, 0.69), (12, 0.71), (9, 0.60), (11, 0.69)]
+    assert report.pareto_front(pts) == [(8, 0.69), (10, 0.70), (12, 0.71)]
+
+
+def _screenshot_module():
+    spec_ = importlib.util.spec_from_file_location("screenshot_report",
+                                                   ROOT / "scripts" / "screenshot_report.py")
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+    return mod
+
+
+def test_chromium_screenshot_shows_plots(rendered, tmp_path):
+    shot = _screenshot_module()
+    if not shot.find_chromium():
+        pytest.skip("chromium not installed (apt-get install -y chromium); "
+                    "scripts/screenshot_report.py does the same by hand")
+    _, _, rep = rendered
+    png = shot.screenshot(rep.html, tmp_path / "shot.png", width=1280, height=4000)
+    from matplotlib.image import imread
+
+    img = imread(png)[..., :3]
+    assert img.shape[:2] == (4000, 1280)
+    # plots draw in matplotlib's saturated colours; text and tables are grey on white
+    saturation = img.max(axis=2) - img.min(axis=2)
+    assert (saturation > 0.3).mean() > 0.002
+
+
+def test_cli_report(rendered, tmp_path, capsys):
+    import json
+
+    from bench.cli import main
+
+    store, run, _ = rendered
+    out = tmp_path / "cli"
+    assert main(["report", "--db", store.url, "--run", run, "--out", str(out),
+                 "--json", str(tmp_path / "r.json")]) == 0
+    assert (out / "report.html").is_file() and "report for run" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["regressions_flagged"] == 2
+    assert main(["report", "--db", store.url, "--run", "no-such-run"]) == 2
+    assert "no run 'no-such-run'" in capsys.readouterr().err
