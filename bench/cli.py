@@ -55,10 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from devices.errors import DeviceError  # noqa: F401  (bad inventory, unreachable device)
+    from bench.store import StoreError
+    from devices.errors import DeviceError
     from quant.spec import SpecError
 
-    return (UserError, SpecError, FileNotFoundError, DeviceError)
+    return (UserError, SpecError, FileNotFoundError, DeviceError, StoreError)
 
 
 def main(argv: list[str] | None = None) -> int:

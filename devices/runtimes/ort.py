@@ -1,6 +1,17 @@
-"""ONNX Runtime: runs the ONNX (FP32 or Q/DQ) artifact on the CPU (or a listed provider)."""
+"""ONNX Runtime: runs the ONNX (FP32 or Q/DQ) artifact on the CPU (or a listed provider).
+
+Which layers ran in integer arithmetic is read from the engine, not assumed: at load, ORT
+writes the graph it actually optimized (`optimized_model_filepath`); `kernels()` lists its
+integer compute nodes (QLinearConv, QGemm, MatMulIntegerToFloat, MatMulNBits, ...) and the
+float ones (Conv, FusedConv, NCHWc Conv, Gemm, MatMul, ...). Without the `onnx` package it
+falls back to one profiled run in a separate session, whose node events name the kernels.
+"""
 
 from __future__ import annotations
+
+import json
+import os
+import tempfile
 
 import numpy as np
 
@@ -12,6 +23,66 @@ def version() -> str:
     import onnxruntime
 
     return onnxruntime.__version__
+
+
+INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm",
+               "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "MatMulBnb4",
+               "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool",
+               "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
+               "QAttention", "DynamicQuantizeLSTM")
+FLOAT_OPS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul",
+             "Attention")
+
+
+def classify(ops) -> dict:
+    """{"integer": [names], "float": [names], "detail": [{name, op, domain}]} over
+    (name, op_type, domain) triples of the nodes ORT ran."""
+    out = {"integer": [], "float": [], "detail": []}
+    for name, op, domain in ops:
+        if op in INTEGER_OPS:
+            out["integer"].append(name)
+        elif op in FLOAT_OPS:
+            out["float"].append(name)
+        else:
+            continue
+        out["detail"].append({"name": name, "op": op,
+                              "domain": "ai.onnx" if domain == "" else domain})
+    return out
+
+
+def _optimized_ops(path: str) -> list:
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    return [(n.name, n.op_type, n.domain) for n in graph.node]
+
+
+def _profiled_ops(model_path: str, providers, inputs) -> list:
+    """One profiled run in a throw-away session (never the timed one): its node events."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="hilq-ort-prof-"), "p")
+    sess = ort.InferenceSession(model_path, so, providers=providers)
+    rng = np.random.default_rng(0)
+    sess.run(None, {n: rng.random(s).astype(d) for n, s, d in inputs})
+    prof = sess.end_profiling()
+    try:
+        with open(prof) as f:
+            events = json.load(f)
+    finally:
+        os.unlink(prof)
+        os.rmdir(os.path.dirname(prof))
+    ops, seen = [], set()
+    for e in events:
+        args = e.get("args") or {}
+        if e.get("cat") == "Node" and "op_name" in args and e["name"].endswith("_kernel_time"):
+            name = e["name"][: -len("_kernel_time")]
+            if name not in seen:
+                seen.add(name)
+                ops.append((name, args["op_name"], None))   # the profile has no domain
+    return ops
 
 
 def precisions() -> dict[str, list[str]]:
@@ -30,7 +101,17 @@ def load(path: str, protocol: dict):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     providers = protocol.get("providers") or ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(path, so, providers=providers)
+    tmp = tempfile.mkdtemp(prefix="hilq-ort-")
+    optimized = os.path.join(tmp, "optimized.onnx")
+    so.optimized_model_filepath = optimized
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                "optimized.onnx.data")   # large models: weights beside it
+    so.log_severity_level = 3   # the "hardware-specific optimized model" notice is expected
+    try:
+        sess = ort.InferenceSession(path, so, providers=providers)
+    except Exception:
+        _remove(tmp)
+        raise
     batch = int(protocol.get("batch", 1))
     inputs = []
     for i in sess.get_inputs():
@@ -44,4 +125,18 @@ def load(path: str, protocol: dict):
     facts = {"engine": "onnxruntime", "version": ort.__version__,
              "providers": sess.get_providers(), "intra_op_threads": threads,
              "graph_optimization_level": "ORT_ENABLE_ALL"}
-    return Loaded(run=run, inputs=inputs, facts=facts)
+    def kernels() -> dict:
+        try:
+            ops = _optimized_ops(optimized)
+        except ImportError:
+            ops = _profiled_ops(path, providers, inputs)
+        return classify(ops)
+
+    return Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels,
+                  close=lambda: _remove(tmp))
+
+
+def _remove(folder: str) -> None:
+    for name in os.listdir(folder):
+        os.unlink(os.path.join(folder, name))
+    os.rmdir(folder)
