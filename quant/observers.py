@@ -56,9 +56,10 @@ class MovingAverageMinMax(MinMax):
 class _Histogram:
     """A fixed-size histogram whose range grows to cover every batch: bounded memory however
     many activations calibration sees. `absolute` bins |x| on [0, max] (symmetric specs);
-    otherwise x on [min, max]. When a batch falls outside the range, the old counts are moved
-    into the widened bins by their bin centres (as PyTorch's HistogramObserver does), which
-    smears them by at most one bin."""
+    otherwise x on [min, max] — the range TensorRT's calibrator uses. When a batch falls outside
+    it, the range grows to the new extreme and the old counts move into the new bins by their
+    bin centres (as PyTorch's HistogramObserver does), smearing them by under a bin; with i.i.d.
+    batches a new extreme, hence a re-binning, is rare (about log(batches) times)."""
 
     def __init__(self, bins: int = 2048, absolute: bool = False):
         self.bins, self.absolute = bins, absolute
