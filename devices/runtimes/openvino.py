@@ -1,0 +1,122 @@
+"""OpenVINO CPU plugin: compiles the same ONNX files (FP32, Q/DQ, MatMulNBits) that ONNX
+Runtime runs.
+
+Settings from the protocol: `threads` -> INFERENCE_NUM_THREADS, `mode` ("latency" |
+"throughput", or `ov_hint`) -> PERFORMANCE_HINT. INFERENCE_PRECISION_HINT is pinned to f32:
+on AVX-512-BF16/AMX CPUs OpenVINO would otherwise run the float parts in bf16, and an "fp32"
+number would silently be a bf16 one. Kernels are read from the compiled runtime model: each
+node's `layerType` and `runtimePrecision` (i8/u8 = integer kernel) as the CPU plugin chose them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+COMPUTE = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul",
+           "Gemm", "FullyConnectedCompressed")
+INTEGER = ("i8", "u8", "i4", "u4")
+
+
+def version() -> str:
+    import openvino
+
+    return openvino.get_version()
+
+
+def precisions() -> dict[str, list[str]]:
+    # w4a16: ONNX Runtime's MatMulNBits, which OpenVINO reads as a FullyConnected with u4
+    # compressed weights (decompressed in the kernel; activations stay f32)
+    return {"conv": ["fp32", "w8a8"], "linear": ["fp32", "w8a8", "w4a16"]}
+
+
+def _variant(path: str, protocol: dict) -> str:
+    """The variant the file claims (its manifest), else the protocol's; fp32 if neither."""
+    mpath = path + ".manifest.json"
+    if os.path.isfile(mpath):
+        with open(mpath) as f:
+            v = json.load(f).get("variant")
+        if v:
+            return v
+    return protocol.get("variant") or "fp32"
+
+
+def check_variant(variant: str) -> None:
+    """Unsupported precision = an error, never a float run under an integer name."""
+    if variant.startswith("config:"):
+        return  # per-layer mix: each layer is verified through kernels()
+    supported = sorted({p for ps in precisions().values() for p in ps})
+    if variant not in supported:
+        raise ValueError(f"openvino runtime does not run {variant!r} (supported: "
+                         f"{', '.join(supported)}); refusing to fall back to float")
+
+
+def kernels_of(runtime_model) -> dict:
+    """{"integer": [...], "float": [...], "detail": [...]} for the compute layers (conv,
+    matmul) of a compiled model's runtime graph. Names are OpenVINO friendly names; `detail`
+    keeps the original ONNX layer names and the primitive (e.g. `jit_avx2_I8`)."""
+    out = {"integer": [], "float": [], "detail": []}
+    for op in runtime_model.get_ordered_ops():
+        info = op.get_rt_info()
+        get = lambda k, info=info: info[k].astype(str) if k in info else ""  # noqa: E731
+        ltype = get("layerType")
+        if ltype not in COMPUTE:
+            continue
+        prec = get("runtimePrecision").lower()
+        name = op.get_friendly_name()
+        out["integer" if prec in INTEGER else "float"].append(name)
+        out["detail"].append({"layer": name, "type": ltype, "precision": prec,
+                              "primitive": get("primitiveType"),
+                              "original": get("originalLayersNames")})
+    return out
+
+
+def _text(value) -> str:
+    """A property as text: OpenVINO types print as `<Type: 'float32'>`; use their name."""
+    name = getattr(value, "get_type_name", None)
+    return name() if callable(name) else str(value)
+
+
+def load(path: str, protocol: dict):
+    import openvino as ov
+
+    from . import Loaded
+
+    variant = _variant(path, protocol)
+    check_variant(variant)
+    core = ov.Core()
+    model = core.read_model(path)
+    batch = int(protocol.get("batch", 1))
+    shapes, inputs = {}, []
+    for port in model.inputs:
+        dims = [batch if d.is_dynamic else d.get_length() for d in port.get_partial_shape()]
+        shapes[port.get_any_name()] = dims
+        inputs.append((port.get_any_name(), tuple(dims),
+                       np.dtype(port.get_element_type().to_dtype()).name))
+    if any(port.get_partial_shape().is_dynamic for port in model.inputs):
+        model.reshape(shapes)  # static shapes: the CPU plugin picks better kernels
+    hint = str(protocol.get("ov_hint") or protocol.get("mode") or "latency").upper()
+    if hint not in ("LATENCY", "THROUGHPUT"):
+        raise ValueError(f"openvino performance hint must be latency or throughput, not {hint!r}")
+    config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": "f32"}
+    threads = int(protocol.get("threads", 0))
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+    n_out = len(compiled.outputs)
+
+    def run(feeds: dict) -> list[np.ndarray]:
+        request.infer(feeds)
+        return [request.get_output_tensor(i).data.copy() for i in range(n_out)]
+
+    used = {k: _text(compiled.get_property(k)) for k in
+            ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS",
+             "INFERENCE_PRECISION_HINT", "ENABLE_CPU_PINNING")}
+    facts = {"engine": "openvino", "version": ov.get_version(), "device": "CPU",
+             "cpu": core.get_property("CPU", "FULL_DEVICE_NAME"), "variant": variant,
+             "requested": {k: str(v) for k, v in config.items()}, "compiled": used}
+    return Loaded(run=run, inputs=inputs, facts=facts,
+                  kernels=lambda: kernels_of(compiled.get_runtime_model()))

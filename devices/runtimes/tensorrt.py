@@ -1,0 +1,261 @@
+"""TensorRT (10.x API): builds an engine from the ONNX Q/DQ file and runs it on the GPU.
+
+- Integer variants (`w8a8`, `w4a16`: INT4 weight-only block quantization on MatMul/Gemm) and
+  `fp32` build a *strongly typed* network: precisions come from the ONNX (Q/DQ and tensor
+  types), not from builder flags. TensorRT 10 deprecated and 11 removed implicit INT8
+  calibration, so there is no INT8 flag path here.
+- `fp16` builds a weakly typed network with `BuilderFlag.FP16` from the FP32 ONNX (the
+  baseline the integer variants are compared with), unless the ONNX is already FP16.
+- Engines are cached under `protocol["engine_cache"]` (default `$HILQ_CACHE/trt-engines`, else
+  `~/.cache/hilq/trt-engines`) by `engine_cache_key`: ONNX sha256 + TensorRT version + GPU +
+  compute capability + builder settings. An engine is only valid for that exact combination.
+- Buffers are torch CUDA tensors (`set_tensor_address`), execution is `execute_async_v3` on
+  a torch stream; `protocol["cuda_graph"]` captures that call once into a CUDA graph.
+- Builder settings and the TensorRT version are recorded in `facts`: defaults changed between
+  TensorRT 10 and 11, so numbers from the two are not comparable without them.
+- Kernels come from the engine inspector (`ProfilingVerbosity.DETAILED`, JSON): a compute
+  layer whose tensors are INT8/INT4 is integer, FP32/FP16/BF16 float. Limit: Myelin may fuse
+  many ONNX nodes into one foreign node; it is classified as one layer.
+
+Written against TensorRT 10's documented Python API; not run on the machines hilq was
+developed on (no TensorRT wheel there), see tests/test_runtimes.py for what is tested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+COMPUTE = re.compile(r"convolution|conv|matrixmultiply|matmul|gemm|fullyconnected", re.I)
+INTEGER = re.compile(r"int8|int4", re.I)
+FLOAT = re.compile(r"fp32|fp16|half|float|bf16", re.I)
+
+
+def version() -> str:
+    import tensorrt as trt
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ImportError(f"tensorrt {trt.__version__} is installed but torch sees no CUDA GPU")
+    return trt.__version__
+
+
+def precisions() -> dict[str, list[str]]:
+    return {"conv": ["fp32", "fp16", "w8a8"], "linear": ["fp32", "fp16", "w8a8", "w4a16"]}
+
+
+def _manifest(path: str) -> dict:
+    mpath = path + ".manifest.json"
+    if os.path.isfile(mpath):
+        with open(mpath) as f:
+            return json.load(f)
+    return {}
+
+
+def check_variant(variant: str) -> None:
+    supported = sorted({p for ps in precisions().values() for p in ps})
+    if variant not in supported:
+        raise ValueError(f"tensorrt runtime does not run {variant!r} (supported: "
+                         f"{', '.join(supported)}); refusing to fall back to float")
+
+
+def engine_cache_key(onnx_sha256: str, trt_version: str, gpu: str, capability: str,
+                     settings: dict) -> str:
+    """Name of a cached engine: any change of file, TensorRT, GPU or builder settings is a
+    different engine."""
+    blob = json.dumps({"onnx": onnx_sha256, "trt": trt_version, "gpu": gpu,
+                       "sm": capability, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def builder_settings(variant: str, protocol: dict, onnx_is_fp16: bool = False) -> dict:
+    """The settings the engine is built with (all of them go into the cache key and facts).
+    `trt_fp16_rest` (protocol): build an integer variant weakly typed with the INT8 and FP16
+    flags, so layers the Q/DQ file leaves in FP32 may run in FP16 (TensorRT's choice)."""
+    weak = variant == "fp16" and not onnx_is_fp16 or \
+        bool(protocol.get("trt_fp16_rest")) and variant not in ("fp32", "fp16")
+    return {"strongly_typed": not weak, "fp16_flag": weak,
+            "int8_flag": weak and variant not in ("fp32", "fp16"),
+            "workspace_mb": int(protocol.get("trt_workspace_mb", 4096)),
+            "optimization_level": int(protocol.get("trt_optimization_level", 3)),
+            "batch": int(protocol.get("batch", 1))}
+
+
+def classify_layers(info: dict) -> dict:
+    """Engine-inspector JSON -> {"integer", "float", "unverified"} compute-layer names."""
+    out = {"integer": [], "float": [], "unverified": []}
+    for layer in info.get("Layers", []):
+        if isinstance(layer, str):  # inspector without DETAILED verbosity: names only
+            if COMPUTE.search(layer):
+                out["unverified"].append(layer)
+            continue
+        name, ltype = str(layer.get("Name", "")), str(layer.get("LayerType", ""))
+        if not (COMPUTE.search(ltype) or COMPUTE.search(name)) or "reformat" in ltype.lower():
+            continue
+        formats = " ".join(str(t.get("Format/Datatype", "")) for key in ("Inputs", "Outputs")
+                           for t in layer.get(key, []) if isinstance(t, dict))
+        if INTEGER.search(formats):
+            out["integer"].append(name)
+        elif FLOAT.search(formats):
+            out["float"].append(name)
+        else:
+            out["unverified"].append(name)
+    return out
+
+
+def _cache_dir(protocol: dict) -> Path:
+    if protocol.get("engine_cache"):
+        return Path(protocol["engine_cache"])
+    base = os.environ.get("HILQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hilq")
+    return Path(base) / "trt-engines"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _build(trt, logger, path: str, settings: dict) -> bytes:
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) \
+        if settings["strongly_typed"] else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(path):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        if "MatMulNBits" in errors:
+            errors += (" (MatMulNBits is an ONNX Runtime contrib op: TensorRT's INT4 weight-only"
+                       " path needs DequantizeLinear with INT4 weights and block_size, opset 21)")
+        raise RuntimeError(f"TensorRT could not parse {path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings["workspace_mb"] << 20)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    config.builder_optimization_level = settings["optimization_level"]
+    if settings["fp16_flag"]:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if settings["int8_flag"]:  # explicit Q/DQ in a weakly typed network
+        config.set_flag(trt.BuilderFlag.INT8)
+    dynamic = [network.get_input(i) for i in range(network.num_inputs)
+               if any(d < 0 for d in network.get_input(i).shape)]
+    if dynamic:
+        profile = builder.create_optimization_profile()
+        for t in dynamic:
+            shape = tuple(settings["batch"] if d < 0 else d for d in t.shape)
+            profile.set_shape(t.name, shape, shape, shape)
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("TensorRT failed to build the engine (see its log on stderr)")
+    return bytes(serialized)
+
+
+def load(path: str, protocol: dict):
+    import tensorrt as trt
+    import torch
+
+    from . import Loaded
+
+    version()
+    manifest = _manifest(path)
+    variant = manifest.get("variant") or protocol.get("variant") or "fp32"
+    check_variant(variant)
+    onnx_is_fp16 = manifest.get("settings", {}).get("float_dtype") == "float16"
+    settings = builder_settings(variant, protocol, onnx_is_fp16)
+    props = torch.cuda.get_device_properties(0)
+    capability = f"{props.major}.{props.minor}"
+    key = engine_cache_key(_sha256(path), trt.__version__, props.name, capability, settings)
+    cache = _cache_dir(protocol)
+    engine_path = cache / f"{key}.engine"
+    logger = trt.Logger(trt.Logger.WARNING)
+    t0 = time.perf_counter()
+    if engine_path.is_file():
+        blob, cached = engine_path.read_bytes(), True
+    else:
+        blob, cached = _build(trt, logger, path, settings), False
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = engine_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(blob)
+        os.replace(tmp, engine_path)
+    build_s = time.perf_counter() - t0
+    engine = trt.Runtime(logger).deserialize_cuda_engine(blob)
+    if engine is None:
+        raise RuntimeError(f"TensorRT could not deserialize {engine_path}")
+    context = engine.create_execution_context()
+    torch_dtype = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
+                   trt.DataType.BF16: torch.bfloat16, trt.DataType.INT8: torch.int8,
+                   trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64,
+                   trt.DataType.BOOL: torch.bool, trt.DataType.UINT8: torch.uint8}
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    in_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    out_names = [n for n in names if n not in in_names]
+    batch = settings["batch"]
+    buffers, inputs = {}, []
+    for n in in_names:
+        shape = tuple(batch if d < 0 else d for d in engine.get_tensor_shape(n))
+        context.set_input_shape(n, shape)
+        dt = torch_dtype[engine.get_tensor_dtype(n)]
+        buffers[n] = torch.empty(shape, dtype=dt, device="cuda")
+        inputs.append((n, shape, str(dt).replace("torch.", "")))
+    for n in out_names:
+        shape = tuple(context.get_tensor_shape(n))
+        buffers[n] = torch.empty(shape, dtype=torch_dtype[engine.get_tensor_dtype(n)],
+                                 device="cuda")
+    for n, t in buffers.items():
+        context.set_tensor_address(n, t.data_ptr())
+    stream = torch.cuda.Stream()
+    if not context.execute_async_v3(stream.cuda_stream):  # one run before any graph capture
+        raise RuntimeError("TensorRT execute_async_v3 failed")
+    stream.synchronize()
+    graph = None
+    if protocol.get("cuda_graph"):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            context.execute_async_v3(stream.cuda_stream)
+
+    def run(feeds: dict) -> list[np.ndarray]:
+        with torch.cuda.stream(stream):
+            for n in in_names:
+                buffers[n].copy_(torch.from_numpy(np.ascontiguousarray(feeds[n])),
+                                 non_blocking=False)
+            if graph is not None:
+                graph.replay()
+            elif not context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed")
+            outs = [buffers[n].float().cpu().numpy() for n in out_names]
+        stream.synchronize()
+        return outs
+
+    class Timer:
+        """CUDA events on the engine's stream (device time of one `run`, copies included)."""
+
+        def __init__(self):
+            self.a = torch.cuda.Event(enable_timing=True)
+            self.b = torch.cuda.Event(enable_timing=True)
+
+        def start(self):
+            self.a.record(stream)
+
+        def stop(self) -> float:
+            self.b.record(stream)
+            self.b.synchronize()
+            return float(self.a.elapsed_time(self.b))
+
+    def kernels() -> dict:
+        inspector = engine.create_engine_inspector()
+        info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+        return classify_layers(info)
+
+    facts = {"engine": "tensorrt", "version": trt.__version__, "gpu": props.name,
+             "capability": capability, "variant": variant, "builder": settings,
+             "cuda_graph": bool(graph), "engine_cache": str(engine_path),
+             "engine_cached": cached, "build_or_read_s": round(build_s, 3)}
+    return Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels, device_timer=Timer())

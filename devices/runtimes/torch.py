@@ -1,0 +1,206 @@
+"""PyTorch CPU: runs a `torch.export` program (`.pt2`) eagerly or through `torch.compile`.
+
+Protocol keys: `threads` (torch.set_num_threads; inter-op threads 1), `batch`, `torch_mode`
+("eager" | "compile"; default "compile" for every variant, so FP32 and INT8 are compared
+under the same compiler). Compiling uses inductor with `freezing = True`: weights become
+constants, which is what lets inductor prepack them and, for a PT2E W8A8 program, fuse the
+Q/DQ patterns into oneDNN `qconv`/`qlinear` kernels (the passes are registered by importing
+torchao's x86 quantizer module, done here before compiling).
+
+Kernels are read from the FX graph that actually runs:
+- eager: the program's own graph. A PT2E program run eagerly computes every conv/linear in
+  float on dequantized tensors, so an eager `w8a8` run reports float layers (degraded).
+- compile: the post-grad graph inductor lowers (captured with `post_grad_custom_post_pass`):
+  `qconv*`/`qlinear*` nodes are integer; `aten.convolution`, `mm`/`addmm`, mkldnn/mkl float
+  kernels, and any op decomposed from a linear/conv (inductor turns tiny linears into
+  mul+sum) are float. Limits: an integer kernel is named by its graph node (`qconv_3`), not by
+  the source layer (the fused node loses that link); `source_layers` gives the program's conv
+  and linear count so a missing kernel shows up as a count mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+
+_INT_KERNEL = re.compile(r"(^|\.)q(conv|linear)(?!.*prepack)")
+_FLOAT_KERNEL = re.compile(r"(^|\.)(convolution|conv\d?d|_convolution_pointwise|addmm|mm|bmm|"
+                           r"linear|_linear_pointwise|_mkl_linear|baddbmm)(\.|$)")
+_SOURCE = re.compile(r"^(conv\d?d|convolution|linear|addmm|mm|matmul)(_\d+)?(_default)?$")
+
+
+def version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def precisions() -> dict[str, list[str]]:
+    return {"conv": ["fp32", "w8a8"], "linear": ["fp32", "w8a8"]}
+
+
+def _variant(path: str, protocol: dict) -> str:
+    """The manifest's variant (else the protocol's). A file whose variant is applied at load
+    time by torch-cuda is a float program here: running it would mislabel float as INT8."""
+    mpath = path + ".manifest.json"
+    if os.path.isfile(mpath):
+        with open(mpath) as f:
+            manifest = json.load(f)
+        if manifest.get("settings", {}).get("quantized_at_load"):
+            raise ValueError(f"{os.path.basename(path)} is a float program whose "
+                             f"{manifest.get('variant')} is applied by the torch-cuda runtime "
+                             "at load; the torch CPU runtime needs a PT2E program")
+        if manifest.get("variant"):
+            return manifest["variant"]
+    return protocol.get("variant") or "fp32"
+
+
+def check_variant(variant: str) -> None:
+    supported = sorted({p for ps in precisions().values() for p in ps})
+    if variant not in supported:
+        raise ValueError(f"torch runtime does not run {variant!r} (supported: "
+                         f"{', '.join(supported)}); refusing to fall back to float")
+
+
+def _target_name(target) -> str:
+    """Readable op name: `aten.convolution.default`, or a lowering's function name (`qconv`)."""
+    func = getattr(target, "func", None)  # functools.partial from inductor's pattern matcher
+    if func is not None:  # a fusion lowering: the kernel it emits is an op in its closure
+        ops = [c.cell_contents for c in (getattr(func, "__closure__", None) or ())
+               if type(c.cell_contents).__name__.startswith("OpOverload")]
+        return str(ops[0]) if ops else getattr(func, "__qualname__", str(func))
+    return str(target) if not callable(target) or hasattr(target, "_schema") else \
+        getattr(target, "__name__", str(target))
+
+
+def _layer(node) -> str:
+    """The source module path of a node (from nn_module_stack), else the node's name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    return path or node.name
+
+
+def classify(graph) -> dict:
+    """Integer vs float compute kernels in an FX graph (see the module docstring)."""
+    integer, floats = [], []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = _target_name(node.target)
+        original = str(node.meta.get("original_aten") or "")
+        if _INT_KERNEL.search(name):
+            integer.append(node.name)
+        elif _FLOAT_KERNEL.search(name) or _FLOAT_KERNEL.search(original):
+            layer = _layer(node)
+            if layer not in floats:
+                floats.append(layer)
+    return {"integer": integer, "float": floats}
+
+
+def source_layers(graph) -> dict:
+    """conv/linear counts of the exported program (what should appear as kernels)."""
+    counts = {"conv": 0, "linear": 0}
+    for node in graph.nodes:
+        if node.op == "call_function":
+            name = _target_name(node.target)
+            if re.search(r"(^|\.)conv\d?d\.|convolution\.", name):
+                counts["conv"] += 1
+            elif re.search(r"(^|\.)(linear|addmm|mm|matmul)\.", name):
+                counts["linear"] += 1
+    return counts
+
+
+def _register_quantized_decomposed_ops() -> None:
+    """`quantized_decomposed::*` (the Q/DQ ops of a PT2E program) are defined by a torch.ao
+    module that nothing imports by default; `torch.export.load` fails without them."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
+
+
+def _register_x86_int8_passes() -> bool:
+    """Importing torchao's x86 quantizer registers inductor's Q/DQ -> oneDNN fusion passes."""
+    try:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load(path: str, protocol: dict):
+    import torch
+
+    from . import Loaded
+
+    variant = _variant(path, protocol)
+    check_variant(variant)
+    mode = protocol.get("torch_mode") or "compile"
+    if mode not in ("eager", "compile"):
+        raise ValueError(f"torch_mode must be eager or compile, not {mode!r}")
+    threads = int(protocol.get("threads", 0))
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set in this process (only allowed once)
+    batch = int(protocol.get("batch", 1))
+    _register_quantized_decomposed_ops()  # a PT2E program's Q/DQ ops, before deserialising
+    ep = torch.export.load(path)
+    module = ep.module()
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    user_inputs = ep.graph_signature.user_inputs
+    inputs = []
+    for node in placeholders:
+        if node.name not in user_inputs:
+            continue
+        val = node.meta["val"]
+        shape = (batch, *(int(d) for d in val.shape[1:]))
+        inputs.append((node.name, shape, str(val.dtype).replace("torch.", "")))
+    facts = {"engine": "torch", "version": torch.__version__, "mode": mode, "variant": variant,
+             "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
+    captured = {}
+    if mode == "compile":
+        import torch._inductor.config as ic
+
+        facts["torchao_passes"] = _register_x86_int8_passes()
+        ic.freezing = True
+        ic.post_grad_custom_post_pass = lambda g: captured.__setitem__("graph", g)
+        facts["inductor"] = {"freezing": True, "cpp_wrapper": ic.cpp_wrapper,
+                             "max_autotune": ic.max_autotune}
+        runner = torch.compile(module, dynamic=False)
+    else:
+        runner = module
+        captured["graph"] = module.graph
+    names = [name for name, _, _ in inputs]
+
+    def run(feeds: dict) -> list[np.ndarray]:
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names]
+        with torch.no_grad():
+            out = runner(*args)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        return [o.numpy() for o in outs]
+
+    # compile now (first call), so loading, not the timed warm-up, pays for it
+    rng = np.random.default_rng(0)
+    run({n: rng.standard_normal(s).astype(d) for n, s, d in inputs})
+    if mode == "compile":
+        ic.post_grad_custom_post_pass = None
+
+    def kernels() -> dict:
+        graph, source = captured.get("graph"), source_layers(ep.graph)
+        if graph is None:  # e.g. compiled code from a cache that skipped the passes
+            unverified = ["unverified: inductor's post-grad graph was not captured"]
+            return {"integer": [], "float": [] if variant == "fp32" else unverified,
+                    "source_layers": source}
+        out = {**classify(graph), "source_layers": source}
+        if variant != "fp32":  # a layer with no kernel found at all is not integer either
+            for kind in ("conv", "linear"):
+                found = sum(f"q{kind}" in n for n in out["integer"])
+                if found < source[kind]:
+                    out["float"].append(f"{source[kind] - found} of {source[kind]} {kind} "
+                                        "layers have no integer kernel")
+        return out
+
+    return Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels)

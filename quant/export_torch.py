@@ -1,0 +1,128 @@
+"""PyTorch artifacts: a `torch.export` program saved with `torch.export.save` (`.pt2`).
+
+- `fp32`: the BN-folded float model, exported.
+- `w8a8` (x86 CPU): torchao's PT2E flow with `X86InductorQuantizer`'s default config
+  (u8 activations per-tensor affine, s8 weights per-channel symmetric), calibrated on the
+  model's calibration data, converted, and exported again. The saved program is the
+  *reference* Q/DQ graph (quantize/dequantize around float aten ops); the integer oneDNN
+  kernels appear only when the `torch` runtime compiles it with inductor freezing.
+- `device="cuda"` (for the `torch-cuda` runtime): the float program, with the variant
+  (`fp16`, `bf16`, `w8a8`, `w4a16`) applied by the runtime at load time (weights quantized
+  there: no x86-specific ops in the file). The manifest says so (`quantized_at_load`).
+
+The batch dimension is exported dynamic when the model allows it (recorded in the manifest).
+torchao is imported lazily: only `w8a8` for CPU needs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .artifact import Artifact
+
+CPU_VARIANTS = ("fp32", "w8a8")
+CUDA_VARIANTS = ("fp32", "fp16", "bf16", "w8a8", "w4a16")
+FORMAT = "torch-export"
+
+
+def _export(model: nn.Module, sample: torch.Tensor) -> tuple[torch.export.ExportedProgram, dict]:
+    """Export with a dynamic batch (example batch 2: export specialises batch 1), tracing
+    strictly (TorchDynamo) first: strict export names each call of a reused module apart
+    (`source_fn_stack`), which PT2E's pattern annotation needs; non-strict export groups the
+    two calls of e.g. a shared `self.relu` into one partition and the quantizer fails. Falls
+    back to non-strict, then to a static batch of 1; the manifest records which."""
+    x = sample[:1].expand(2, *sample.shape[1:]).contiguous()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    errors = []
+    for strict, dynamic in ((True, True), (False, True), (False, False)):
+        try:
+            ep = torch.export.export(model, (x if dynamic else sample[:1],), strict=strict,
+                                     dynamic_shapes=({0: batch},) if dynamic else None)
+            return ep, {"strict_export": strict, "dynamic_batch": dynamic}
+        except Exception as e:  # noqa: BLE001 — try the next, more permissive, export
+            errors.append(f"{type(e).__name__}: {e}")
+    raise RuntimeError("torch.export failed: " + " | ".join(errors))
+
+
+def quantize_pt2e_x86(model: nn.Module, calib: torch.Tensor, batch_size: int = 32):
+    """PT2E W8A8 for x86 inductor: prepare, calibrate, convert. Returns the converted
+    GraphModule and how it was exported (strict, dynamic batch)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    quantizer = xiq.X86InductorQuantizer().set_global(
+        xiq.get_default_x86_inductor_quantization_config())
+    ep, how = _export(model, calib)
+    prepared = prepare_pt2e(ep.module(), quantizer)
+    step = batch_size if how["dynamic_batch"] else 1
+    with torch.no_grad():
+        for i in range(0, len(calib), step):
+            prepared(calib[i: i + step])
+    return convert_pt2e(prepared), how
+
+
+def export_module(model: nn.Module, variant: str, calib: torch.Tensor, path: str | Path,
+                  device: str = "cpu") -> dict:
+    """Write `model` as a `.pt2` for `variant`; returns the settings for the manifest.
+    `calib`: calibration inputs with a batch dimension (used by CPU `w8a8` only)."""
+    from .transform import fold_bn
+
+    allowed = CUDA_VARIANTS if device == "cuda" else CPU_VARIANTS
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, not {device!r}")
+    if variant not in allowed:
+        raise ValueError(f"torch export for {device} supports {', '.join(allowed)}, "
+                         f"not {variant!r}")
+    model = fold_bn(model.eval())
+    settings = {"bn_folded": True, "device": device}
+    if device == "cpu" and variant == "w8a8":
+        converted, how = quantize_pt2e_x86(model, calib)
+        dynamic = how["dynamic_batch"]
+        x = calib[:1].expand(2, *calib.shape[1:]).contiguous() if dynamic else calib[:1]
+        dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
+        ep = torch.export.export(converted, (x,), dynamic_shapes=dyn)
+        settings.update(quantizer="torchao X86InductorQuantizer (default config: u8 "
+                        "activations per-tensor affine, s8 weights per-channel symmetric)",
+                        calib_samples=len(calib), quantized_at_load=False)
+    else:
+        ep, how = _export(model, calib)
+        settings["quantized_at_load"] = variant != "fp32"
+    settings.update(how)
+    torch.export.save(ep, str(path))
+    return settings
+
+
+def _versions() -> dict:
+    out = {"torch": torch.__version__}
+    try:
+        import torchao
+
+        out["torchao"] = torchao.__version__
+    except ImportError:
+        out["torchao"] = None
+    return out
+
+
+def build(model: str, variant: str, out_dir: str | Path, seed: int = 0,
+          device: str = "cpu", calib_samples: int = 128) -> Artifact:
+    """Build the `.pt2` artifact of a named model (see `quant.models.load_model`)."""
+    from .models import load_model
+
+    entry = load_model(model)
+    torch.manual_seed(seed)
+    net = entry.build().eval()
+    calib = entry.data().calib_x[:calib_samples].float()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "" if device == "cpu" else f"-{device}"
+    path = out_dir / f"{model.replace(':', '_').replace('/', '_')}-{variant}{suffix}.pt2"
+    settings = export_module(net, variant, calib, path, device=device)
+    settings.update(seed=seed)
+    runtime = "torch-cuda" if device == "cuda" else "torch"
+    return Artifact.create(path, model=model, variant=variant, target=runtime,
+                           input_shape=[1, *entry.input_shape], input_dtype="float32",
+                           format=FORMAT, runtimes=[runtime], versions=_versions(),
+                           settings=settings)
