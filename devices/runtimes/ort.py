@@ -36,12 +36,14 @@ FLOAT_OPS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul"
 
 def classify(ops) -> dict:
     """{"integer": [names], "float": [names], "detail": [{name, op, domain}]} over
-    (name, op_type, domain) triples of the nodes ORT ran."""
+    (name, op_type, domain, has_weight) tuples of the nodes ORT ran. A float MatMul of two
+    activations (attention scores) is no layer: it is left out, as it has no weights to
+    quantize; `has_weight` None (unknown, profiling fallback) counts it as a layer."""
     out = {"integer": [], "float": [], "detail": []}
-    for name, op, domain in ops:
+    for name, op, domain, has_weight in ops:
         if op in INTEGER_OPS:
             out["integer"].append(name)
-        elif op in FLOAT_OPS:
+        elif op in FLOAT_OPS and has_weight is not False:
             out["float"].append(name)
         else:
             continue
@@ -54,7 +56,10 @@ def _optimized_ops(path: str) -> list:
     import onnx
 
     graph = onnx.load(path, load_external_data=False).graph
-    return [(n.name, n.op_type, n.domain) for n in graph.node]
+    consts = {i.name for i in graph.initializer}
+    consts |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return [(n.name, n.op_type, n.domain, any(t in consts for t in n.input[1:]))
+            for n in graph.node]
 
 
 def _profiled_ops(model_path: str, providers, inputs) -> list:
@@ -81,7 +86,7 @@ def _profiled_ops(model_path: str, providers, inputs) -> list:
             name = e["name"][: -len("_kernel_time")]
             if name not in seen:
                 seen.add(name)
-                ops.append((name, args["op_name"], None))   # the profile has no domain
+                ops.append((name, args["op_name"], None, None))   # no domain, no weights
     return ops
 
 
@@ -107,11 +112,21 @@ def load(path: str, protocol: dict):
     so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                 "optimized.onnx.data")   # large models: weights beside it
     so.log_severity_level = 3   # the "hardware-specific optimized model" notice is expected
+    # x86 without VNNI: ORT's default U8S8 kernels (vpmaddubsw) saturate int16 pair sums;
+    # "1" selects exact (slower) kernels. Off by default, as deployed; recorded in facts.
+    precise = bool(protocol.get("ort_x64_quant_precision", False))
+    so.add_session_config_entry("session.x64quantprecision", "1" if precise else "0")
     try:
         sess = ort.InferenceSession(path, so, providers=providers)
     except Exception:
-        _remove(tmp)
-        raise
+        # EPs that compile subgraphs (TensorRT, OpenVINO EP) cannot save the optimized
+        # model: open it without, and let kernels() profile instead
+        so.optimized_model_filepath = ""
+        try:
+            sess = ort.InferenceSession(path, so, providers=providers)
+        except Exception:
+            _remove(tmp)
+            raise
     batch = int(protocol.get("batch", 1))
     inputs = []
     for i in sess.get_inputs():
@@ -124,13 +139,15 @@ def load(path: str, protocol: dict):
 
     facts = {"engine": "onnxruntime", "version": ort.__version__,
              "providers": sess.get_providers(), "intra_op_threads": threads,
-             "graph_optimization_level": "ORT_ENABLE_ALL"}
+             "graph_optimization_level": "ORT_ENABLE_ALL", "x64_quant_precision": precise}
+
     def kernels() -> dict:
-        try:
-            ops = _optimized_ops(optimized)
-        except ImportError:
-            ops = _profiled_ops(path, providers, inputs)
-        return classify(ops)
+        if os.path.isfile(optimized):
+            try:
+                return classify(_optimized_ops(optimized))
+            except ImportError:   # no onnx package on this device
+                pass
+        return classify(_profiled_ops(path, providers, inputs))
 
     return Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels,
                   close=lambda: _remove(tmp))

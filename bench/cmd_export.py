@@ -1,0 +1,67 @@
+"""`hilq export`: write a deployable artifact (ONNX Q/DQ) for a model and variant.
+
+    hilq export --model digits-cnn --variant w8a8 [--format onnx-qdq] [--target cpu|tensorrt]
+                [--calib minmax] [--granularity channel] [--group-size 128] [--repair R,...]
+                [--seed 0] --out DIR [--json OUT]
+
+Prints the file's path, size and sha256 and each layer's precision and expected kernel.
+Artifacts are cached in DIR by their settings: a second identical call reuses the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .cli import UserError
+
+FORMATS = ("onnx-qdq",)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="built-in model name (hilq models)")
+    parser.add_argument("--variant", required=True,
+                        help="fp32, w8a8, w4a8, w4a16, w8a16, ... or config:PATH.json")
+    parser.add_argument("--format", default="onnx-qdq", choices=FORMATS,
+                        help="artifact format (default onnx-qdq; fp32 variants are plain ONNX)")
+    parser.add_argument("--target", default="cpu", choices=("cpu", "tensorrt"),
+                        help="cpu: UINT8 asymmetric activations, ORT's QDQ placement; "
+                             "tensorrt: INT8 symmetric activations, narrow-range weights")
+    parser.add_argument("--calib", default="minmax", help="activation calibration method")
+    parser.add_argument("--granularity", default="channel", choices=("channel", "tensor", "group"),
+                        help="weight granularity (group: blocks of --group-size along K)")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--repair", default="", help="comma-separated PTQ repairs (bias, adaround, ...)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--json", metavar="PATH", help="write the artifact's manifest as JSON")
+
+
+def run(args) -> int:
+    from quant.export import build_artifact
+
+    if args.group_size < 1:
+        raise UserError(f"--group-size must be positive, got {args.group_size}")
+    repairs = tuple(r.strip() for r in args.repair.split(",") if r.strip())
+    art = build_artifact(args.model, args.variant, args.out, args.target, calib=args.calib,
+                         granularity=args.granularity, group_size=args.group_size,
+                         repairs=repairs, seed=args.seed)
+    m = art.manifest
+    print(f"artifact  {art.path}")
+    print(f"format    {m.get('format')}  target {m.get('target')}  "
+          f"input {m.get('input_name')} {m.get('input_shape')} {m.get('input_dtype')}")
+    print(f"size      {m['size_bytes']:,} bytes")
+    print(f"sha256    {m['sha256']}")
+    layers = m.get("layer_map") or {}
+    if layers:
+        width = max(len(v["layer"]) for v in layers.values())
+        print("layers:")
+        for node, v in layers.items():
+            print(f"  {v['layer']:<{width}}  {v['precision']:<6}  {v['kernel']:<11}  "
+                  f"{v['op']} {node}")
+    for note in (m.get("settings") or {}).get("notes") or []:
+        print(f"note: {note}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"path": art.path, **m}, indent=2) + "\n")
+    return 0
