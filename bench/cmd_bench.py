@@ -1,0 +1,108 @@
+"""`hilq bench`: variants of a model on one device and runtime, measured in alternating
+rounds by the on-device agent; prints a table and writes `--json OUT` with `measurements`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+from bench.cli import UserError
+from bench.runner import bench_variants
+from devices import inventory
+from devices.measurement import Protocol
+from devices.runtimes import NAMES
+from quant.artifact import Artifact
+
+# Protocol fields settable from the command line: --min-iters, --min-duration-s, ...
+_PROTOCOL_FLAGS = ("warmup_iters", "warmup_s", "min_iters", "min_duration_s", "max_iters",
+                   "max_duration_s", "batch", "threads", "mode", "power", "idle_s", "seed")
+_REPORTED = ("variant", "device", "runtime", "status", "failure", "reason", "latency_ms",
+             "throughput", "energy_j_per_inference", "facts", "model", "power", "load",
+             "rounds", "protocol", "artifact_sha256", "harness_overhead_ms", "kernels",
+             "device_latency_ms", "outputs_check", "timing")
+
+
+def add_arguments(p):
+    p.add_argument("--model", help="model name (built by quant.export)")
+    p.add_argument("--variants", default="fp32", help="comma-separated: fp32,w8a8,...")
+    p.add_argument("--artifact", action="append", default=[], metavar="FILE",
+                   help="a prebuilt artifact (FILE + FILE.manifest.json); repeatable")
+    p.add_argument("--device", default="local")
+    p.add_argument("--runtime", default="ort", choices=NAMES)
+    p.add_argument("--inventory", help="devices.toml (not needed for --device local)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    p.add_argument("--reference", help=".npz of input:/output: arrays for the answer check")
+    p.add_argument("--affinity", help="CPU ids to pin the agent to, e.g. 0,1")
+    defaults = Protocol()
+    for name in _PROTOCOL_FLAGS:
+        kind = type(getattr(defaults, name))
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help=f"protocol {name} (default {getattr(defaults, name)})")
+    p.add_argument("--store", metavar="URL", help="also store into this results store "
+                   "(SQLite path or database URL)")
+    p.add_argument("--json", dest="json_out", metavar="OUT", help="write measurements as JSON")
+
+
+def _protocol(args) -> Protocol:
+    values = {n: getattr(args, n) for n in _PROTOCOL_FLAGS if getattr(args, n) is not None}
+    if args.affinity:
+        values["affinity"] = [int(c) for c in args.affinity.split(",")]
+    if values.get("mode", "latency") not in ("latency", "throughput"):
+        raise UserError("--mode must be latency or throughput")
+    assert {f.name for f in fields(Protocol)} >= set(values)
+    return Protocol.from_dict(values)
+
+
+def run(args) -> int:
+    if not args.model and not args.artifact:
+        raise UserError("give --model (with --variants) or --artifact FILE")
+    if args.rounds < 1:
+        raise UserError("--rounds must be at least 1")
+    devs = inventory.load(args.inventory)
+    device = inventory.open_device(args.device, devs)
+    variants = [Artifact.load(a) for a in args.artifact] if args.artifact else \
+        [v.strip() for v in args.variants.split(",") if v.strip()]
+    protocol = _protocol(args)
+    store = run_id = None
+    if args.store:
+        from bench.store import Store, resolve_url
+
+        store = Store(resolve_url(args.store))
+        run_id = store.begin_run({"command": "bench", "model": args.model, "variants": args.variants,
+                                  "device": args.device, "runtime": args.runtime,
+                                  "protocol": protocol.to_dict()}, resume=False)
+    try:
+        ms = bench_variants(args.model or "", variants, device, args.runtime, protocol,
+                            rounds=args.rounds, reference=args.reference, store=store,
+                            run_id=run_id)
+        if store is not None:
+            store.finish_run(run_id, "ok" if all(m.ok for m in ms) else "failed")
+    except ModuleNotFoundError as e:
+        if e.name == "quant.export":
+            raise UserError("building variants needs quant.export (not available yet); "
+                            "pass prebuilt artifacts with --artifact") from e
+        raise
+    finally:
+        device.close()
+        if store is not None:
+            store.close()
+    print(f"{'variant':10} {'status':8} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
+          f"{'cv(p50)':>8} {'samples/s':>10} {'J/inf':>9}")
+    for m in ms:
+        lat = m.latency_ms or {}
+        cv = (m.rounds or {}).get("cv_p50")
+
+        def f(x, fmt="9.3f"):
+            return format(x, fmt) if isinstance(x, (int, float)) else "-".rjust(int(fmt.split(".")[0]))
+
+        print(f"{m.variant:10} {m.status:8} {f(lat.get('p50'))} {f(lat.get('p90'))} "
+              f"{f(lat.get('p99'))} {f(cv, '8.2%')} {f(m.throughput, '10.1f')} "
+              f"{f(m.energy_j_per_inference, '9.4f')}" + (f"  {m.failure}: {m.reason}"
+                                                          if not m.ok else ""))
+        if m.ok and m.reason:
+            print(f"{'':10} note: {m.reason}")
+    if args.json_out:
+        out = {"measurements": [{k: m.to_dict()[k] for k in _REPORTED} for m in ms]}
+        with open(args.json_out, "w") as fh:
+            json.dump(out, fh, indent=2, default=str)
+    return 0 if all(m.ok for m in ms) else 1

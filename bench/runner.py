@@ -1,0 +1,109 @@
+"""Measure variants on one device and runtime, in alternating rounds.
+
+Each round runs every variant once (A B A B ...), each run a fresh agent process, so drift
+on a shared machine falls on all variants alike. Per variant the samples of all rounds are
+pooled into one `Measurement`, and the spread of p50 across rounds is stored in `rounds`.
+A variant whose round fails is stored as that typed failure; the other variants go on.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from devices import stats
+from devices.measurement import Measurement, Protocol
+from quant.artifact import Artifact
+
+
+def target_for(runtime: str) -> str:
+    return {"tensorrt": "tensorrt", "torch": "torch", "torch-cuda": "torch"}.get(runtime, "cpu")
+
+
+def artifact_for(model: str, variant, out_dir, runtime: str = "ort", seed: int = 0) -> Artifact:
+    """A variant name built by quant.export for `runtime`'s target; an Artifact passes through."""
+    if isinstance(variant, Artifact):
+        return variant
+    from quant.export import build_artifact
+
+    return build_artifact(model, variant, out_dir, target=target_for(runtime), seed=seed)
+
+
+def reference_for(art: Artifact) -> tuple[str | None, float, float]:
+    """(reference .npz beside the artifact, rtol, atol) for the agent's wrong-answer check.
+    The tolerance allows 4x the deviation ONNX Runtime showed at export (rounding ties of
+    integer kernels) and never less than 1e-3: it catches broken engines, not ulps."""
+    name = art.manifest.get("reference")
+    path = Path(art.path).parent / name if name else None
+    if path is None or not path.is_file():
+        return None, 1e-3, 1e-4
+    dev = art.manifest.get("reference_ort_max_abs_diff") or 0.0
+    return str(path), 1e-2, max(1e-3, 4 * float(dev))
+
+
+def measure_artifacts(device, runtime: str, model: str, arts: dict[str, Artifact],
+                      protocol: Protocol, rounds: int = 3, store=None, run_id: str | None = None,
+                      kind: str = "bench", reference: str | None = None
+                      ) -> dict[str, list[Measurement]]:
+    """name -> its per-round Measurements (variant = name), measured A B A B ...; each one
+    stored as it arrives when a results store is given. A variant that failed with a
+    failure another round cannot fix (wrong answer, missing runtime) is not retried."""
+    out: dict[str, list[Measurement]] = {name: [] for name in arts}
+    for r in range(rounds):
+        for name, art in arts.items():
+            done = out[name]
+            if done and done[-1].failure not in (None, "timeout", "busy"):
+                continue
+            ref, rtol, atol = (reference, 1e-3, 1e-4) if reference else reference_for(art)
+            m = device.run(art, protocol, runtime, reference=ref, rtol=rtol, atol=atol)
+            m = replace(m, model=model or m.model, variant=name)
+            done.append(m)
+            if store is not None:
+                store.add_measurement(run_id, m, kind=kind, round=r,
+                                      bit_config=art.manifest.get("bit_config"))
+    return out
+
+
+def combine(runs: list[Measurement], seed: int = 0) -> Measurement:
+    """One Measurement from a variant's rounds: pooled samples, spread of p50 across rounds."""
+    first = runs[0]
+    failed = [m for m in runs if not m.ok]
+    p50s = [m.latency_ms["p50"] for m in runs if m.ok and m.latency_ms]
+    spread = {"n": len(runs), "ok": len(runs) - len(failed), "p50_ms": p50s,
+              "cv_p50": (statistics.stdev(p50s) / statistics.mean(p50s)) if len(p50s) > 1 else None,
+              "range_p50_ms": (max(p50s) - min(p50s)) if p50s else None}
+    if failed:
+        return replace(failed[0], rounds=spread)
+    samples = [s for m in runs for s in m.samples_ms]
+    energies = [m.energy_j_per_inference for m in runs]
+    busy = any(m.load.get("busy") for m in runs)
+    reasons = sorted({part for m in runs for part in (m.reason or "").split("; ")
+                      if part and not part.startswith("busy machine")})
+    if busy:
+        reasons.append(f"busy machine in {sum(bool(m.load.get('busy')) for m in runs)} of "
+                       f"{len(runs)} rounds (others' CPU use above the protocol's busy_load)")
+    return replace(
+        first, latency_ms=stats.summarize(samples, seed), samples_ms=samples,
+        throughput=statistics.mean(m.throughput for m in runs if m.throughput),
+        energy_j_per_inference=(statistics.mean(energies) if None not in energies else None),
+        status="degraded" if any(m.status == "degraded" for m in runs) else "ok",
+        reason="; ".join(reasons) or None, rounds=spread,
+        load={"busy": busy, "rounds": [m.load for m in runs]})
+
+
+def bench_variants(model: str, variants, device, runtime: str, protocol: Protocol | None = None,
+                   rounds: int = 3, out_dir: str | None = None, reference: str | None = None,
+                   store=None, run_id: str | None = None) -> list[Measurement]:
+    """Build (or take prebuilt) artifacts, measure them in `rounds` alternating rounds, and
+    return one combined Measurement per variant, in the order given."""
+    protocol = protocol or Protocol()
+    out_dir = out_dir or tempfile.mkdtemp(prefix="hilq-artifacts-")
+    arts = {}
+    for v in variants:
+        art = artifact_for(model, v, out_dir, runtime, seed=protocol.seed)
+        arts[art.manifest.get("variant", "?") if isinstance(v, Artifact) else v] = art
+    per = measure_artifacts(device, runtime, model, arts, protocol, rounds, store, run_id,
+                            reference=reference)
+    return [combine(runs, protocol.seed) for runs in per.values()]

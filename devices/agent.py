@@ -1,0 +1,412 @@
+"""The on-device agent: times one artifact with one runtime and prints one JSON result.
+
+It is copied to the device with its siblings (`stats.py`, `timing.py`, `power.py`,
+`runtimes/`) and imports nothing from hilq: only the standard library, numpy and the engine.
+One artifact per agent process (two engines in one process slow each other down).
+
+    python agent.py --artifact FILE --protocol protocol.json --runtime ort
+                    [--reference ref.npz --rtol 1e-3 --atol 1e-4]
+    python agent.py --facts [--runtimes ort,openvino]
+
+The artifact's manifest (`FILE.manifest.json`) is read if present and its sha256 checked.
+The reference `.npz` holds `input:<name>` arrays and `output:<k>` arrays; the outputs the
+engine gives for those inputs must match within the tolerance, else `wrong_answer`.
+
+stdout carries exactly one JSON object (the engine's own prints are sent to stderr): the
+Measurement fields the agent knows, or `{"status": "failed", "failure": KIND, "reason": ...}`.
+Exit codes (typed, so the host can tell failures apart even without the JSON):
+
+    0  ok (the run may still be flagged busy or degraded in the JSON)
+    1  agent_crash   — an unexpected exception (a bug, or the interpreter died)
+    2  bad_input     — bad arguments, protocol, missing artifact, sha256 mismatch
+    3  unsupported   — the runtime is not installed on this device
+    4  runtime_error — the engine failed to load or run the artifact
+    5  wrong_answer  — outputs differ from the reference beyond tolerance
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+
+if __package__:  # imported as devices.agent (host-side tools, tests)
+    from . import power, stats, timing
+else:  # run as a script, here or on a device: siblings are top-level modules
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import power
+    import stats
+    import timing
+
+EXIT_CODES = {"ok": 0, "agent_crash": 1, "bad_input": 2, "unsupported": 3,
+              "runtime_error": 4, "wrong_answer": 5}
+FAILURE_OF_EXIT = {v: k for k, v in EXIT_CODES.items()}
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "amx_tile",
+             "fma", "f16c", "asimd", "asimddp", "i8mm", "sve")
+FLOAT_VARIANTS = ("fp32", "fp16", "bf16")
+
+
+class Failure(Exception):
+    def __init__(self, kind: str, reason: str, **extra):
+        super().__init__(reason)
+        self.kind, self.reason, self.extra = kind, reason, extra
+
+
+def _runtime_module(name: str):
+    mod = name.replace("-", "_")
+    if __package__:
+        return importlib.import_module(f".runtimes.{mod}", __package__)
+    return importlib.import_module(f"runtimes.{mod}")
+
+
+# --- device facts --------------------------------------------------------------------------
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def cpu_facts() -> dict:
+    info = _read("/proc/cpuinfo")
+    model, flags, cores = None, set(), set()
+    phys = None
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key in ("model name", "Model", "Hardware") and model is None:
+            model = value
+        elif key in ("flags", "Features"):
+            flags.update(value.split())
+        elif key == "physical id":
+            phys = value
+        elif key == "core id":
+            cores.add((phys, value))
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {"model": model or platform.processor() or platform.machine(),
+            "arch": platform.machine(), "logical_cores": os.cpu_count(),
+            "physical_cores": len(cores) or None, "usable_cores": usable,
+            "flags": {f: f in flags for f in CPU_FLAGS}}
+
+
+def _gpu_facts_nvml() -> list[dict]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 — no library or no driver: no NVIDIA GPU to report
+        return []
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h).total
+            gpus.append({"name": pynvml.nvmlDeviceGetName(h), "driver": driver,
+                         "memory": f"{mem // 2**20} MiB"})
+        return gpus
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def gpu_facts() -> list[dict]:
+    """NVIDIA GPUs from nvidia-smi, else from NVML (pynvml); [] when there are none."""
+    if not shutil.which("nvidia-smi"):
+        return _gpu_facts_nvml()
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3:
+            gpus.append({"name": parts[0], "driver": parts[1], "memory": parts[2]})
+    return gpus
+
+
+def runtime_versions(names) -> dict:
+    out = {}
+    for name in names:
+        try:
+            out[name] = _runtime_module(name).version()
+        except ImportError as e:
+            out[name] = None if "No module named" in str(e) else f"error: {e}"
+        except Exception as e:  # noqa: BLE001 — a broken engine is a fact, not a crash
+            out[name] = f"error: {e}"
+    return out
+
+
+def device_facts(runtimes=()) -> dict:
+    mem_kb = next((int(line.split()[1]) for line in _read("/proc/meminfo").splitlines()
+                   if line.startswith("MemTotal:")), None)
+    return {"hostname": platform.node(), "os": platform.platform(),
+            "kernel": platform.release(), "cpu": cpu_facts(),
+            "memory_gb": round(mem_kb / 2**20, 2) if mem_kb else None,
+            "gpus": gpu_facts(), "jetson": _read("/etc/nv_tegra_release").strip() or None,
+            "python": platform.python_version(), "python_executable": sys.executable,
+            "runtimes": runtime_versions(runtimes)}
+
+
+# --- load: CPU busy by others while we time ---------------------------------------------
+
+def _cpu_times():
+    """(busy, total) jiffies of the whole machine from /proc/stat; None off Linux."""
+    line = _read("/proc/stat").split("\n", 1)[0].split()
+    if not line or line[0] != "cpu":
+        return None
+    v = [int(x) for x in line[1:9]]
+    idle = v[3] + v[4]
+    return sum(v) - idle, sum(v)
+
+
+class LoadProbe:
+    """CPU share used by *other* processes over a window: machine busy time minus our own
+    process's CPU time, per usable core. The 1-min load average lags (it still counts the
+    previous round), so the flag uses this; the load average is recorded too."""
+
+    def __init__(self):
+        self.m0, self.p0 = _cpu_times(), os.times()
+
+    def others(self) -> float | None:
+        m1, p1 = _cpu_times(), os.times()
+        if self.m0 is None or m1 is None or m1[1] <= self.m0[1]:
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        ours = ((p1.user - self.p0.user) + (p1.system - self.p0.system)) * hz
+        busy = max(0.0, (m1[0] - self.m0[0]) - ours)
+        return round(busy / (m1[1] - self.m0[1]), 4)  # share of all cores' time
+
+
+def _loadavg():
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+# --- the run ---------------------------------------------------------------------------
+
+def _inputs(loaded, seed: int) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, shape, dtype in loaded.inputs:
+        if np.issubdtype(np.dtype(dtype), np.floating):
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[name] = rng.integers(0, 8, size=shape).astype(dtype)
+    return feeds
+
+
+def check_outputs(loaded, reference: str, rtol: float, atol: float) -> dict:
+    import numpy as np
+
+    with np.load(reference) as ref:
+        feeds = {k[len("input:"):]: ref[k] for k in ref.files if k.startswith("input:")}
+        want = [ref[f"output:{k}"] for k in range(sum(f.startswith("output:") for f in ref.files))]
+    got = loaded.run(feeds)
+    worst_abs, worst_rel, ok = 0.0, 0.0, len(got) >= len(want)
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, dtype=np.float64), np.asarray(w, dtype=np.float64)
+        if g.shape != w.shape:
+            ok = False
+            continue
+        diff = np.abs(g - w)
+        worst_abs = max(worst_abs, float(diff.max(initial=0)))
+        worst_rel = max(worst_rel, float((diff / (np.abs(w) + 1e-12)).max(initial=0)))
+        ok = ok and bool(np.all(diff <= atol + rtol * np.abs(w)))
+    return {"ok": ok, "max_abs_diff": worst_abs, "max_rel_diff": worst_rel,
+            "rtol": rtol, "atol": atol, "outputs": len(want)}
+
+
+def run(args) -> dict:
+    try:
+        with open(args.protocol) as f:
+            protocol = json.load(f)
+    except (OSError, ValueError) as e:
+        raise Failure("bad_input", f"protocol: {e}") from e
+    if not os.path.isfile(args.artifact):
+        raise Failure("bad_input", f"artifact not found: {args.artifact}")
+    manifest = {}
+    mpath = args.artifact + ".manifest.json"
+    if os.path.isfile(mpath):
+        with open(mpath) as f:
+            manifest = json.load(f)
+        h = hashlib.sha256()
+        with open(args.artifact, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if manifest.get("sha256") and h.hexdigest() != manifest["sha256"]:
+            raise Failure("bad_input", "artifact does not match its manifest sha256")
+    if protocol.get("affinity"):
+        try:
+            os.sched_setaffinity(0, protocol["affinity"])
+        except (OSError, ValueError, TypeError) as e:
+            raise Failure("bad_input", f"cannot pin to CPUs {protocol['affinity']}: {e}") from e
+
+    try:
+        rt = _runtime_module(args.runtime)
+        rt_version = rt.version()
+    except ImportError as e:
+        raise Failure("unsupported", f"runtime {args.runtime} not available here: {e}") from e
+    facts = device_facts([args.runtime])
+    try:
+        loaded = rt.load(args.artifact, protocol)
+    except Exception as e:  # noqa: BLE001 — the engine's own error, typed
+        raise Failure("runtime_error", f"{args.runtime} could not load the artifact: "
+                      f"{type(e).__name__}: {e}") from e
+    facts["engine"] = {"version": rt_version, **loaded.facts}
+    result = {"status": "ok", "reason": None, "facts": facts, "protocol": protocol,
+              "artifact_sha256": manifest.get("sha256"), "failure": None}
+    try:
+        if args.reference:
+            check = check_outputs(loaded, args.reference, args.rtol, args.atol)
+            result["outputs_check"] = check
+            if not check["ok"]:
+                raise Failure("wrong_answer", f"outputs differ from the reference (max abs "
+                              f"{check['max_abs_diff']:.3g}, rtol {args.rtol}, atol {args.atol})",
+                              outputs_check=check, facts=facts)
+        feeds = _inputs(loaded, int(protocol.get("seed", 0)))
+        result.update(_timed_run(lambda: loaded.run(feeds), loaded, protocol))
+        if loaded.kernels is not None:
+            result["kernels"] = loaded.kernels()
+            floats = result["kernels"].get("float") or []
+            if floats and manifest.get("variant") not in (None, *FLOAT_VARIANTS):
+                result["status"] = "degraded"
+                result["reason"] = f"layers ran in float kernels: {', '.join(floats[:10])}"
+    except Failure:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise Failure("runtime_error", f"{args.runtime} failed while running: "
+                      f"{type(e).__name__}: {e}", facts=facts) from e
+    finally:
+        loaded.close()
+    return result
+
+
+def _timed_run(fn, loaded, protocol: dict) -> dict:
+    batch = int(protocol.get("batch", 1))
+    load = {"loadavg1_before": _loadavg(), "cores": len(os.sched_getaffinity(0))}
+    meter_spec = protocol.get("power", "none") or "none"
+    meter, sampler, power_out = None, None, None
+    interval = float(protocol.get("power_interval_s", 0.05))
+    idle_probe = LoadProbe()
+    try:
+        meter = power.open_meter(meter_spec, interval)
+    except power.MeterError as e:
+        power_out = {"meter": meter_spec, "avg_w": None, "j_per_inference": None,
+                     "reason": str(e)}
+    idle_s = float(protocol.get("idle_s", 1.0)) if meter else 0.2
+    t_idle0 = time.perf_counter()
+    if meter:
+        sampler = power.Sampler(meter[0], interval).start()
+    time.sleep(idle_s)  # idle baseline (power) and others' CPU use while we are idle
+    t_idle1 = time.perf_counter()
+    load["others_busy_before"] = idle_probe.others()
+    run_probe = LoadProbe()
+    try:
+        # a meter reading exactly at each edge of the timing window (after warm-up)
+        timed = timing.measure(fn, protocol, loaded.device_timer,
+                               mark=sampler.sample if sampler else None)
+    finally:
+        if sampler:
+            sampler.stop()
+        if meter:
+            meter[1]()
+    load["others_busy_during"] = run_probe.others()
+    load["loadavg1_after"] = _loadavg()
+    limit = float(protocol.get("busy_load", 0.5))
+    shares = [x for x in (load["others_busy_before"], load["others_busy_during"]) if x is not None]
+    # others' share of the machine's CPU time vs the per-core load limit (0.5: half the cores)
+    load["busy"] = bool(shares) and max(shares) >= limit
+    inferences = len(timed.samples_ms) * batch
+    if sampler:
+        if sampler.error:
+            power_out = {"meter": meter_spec, "avg_w": None, "j_per_inference": None,
+                         "reason": sampler.error}
+        else:
+            power_out = power.summarize(sampler.trace, (t_idle0, t_idle1),
+                                        (timed.t_start, timed.t_end), inferences, meter_spec)
+    if power_out is None:
+        power_out = {"meter": "none", "avg_w": None, "j_per_inference": None,
+                     "reason": "no power meter configured"}
+    seed = int(protocol.get("seed", 0))
+    epoch = time.time() - time.perf_counter()  # perf_counter -> wall clock, to align runs
+    out = {"latency_ms": stats.summarize(timed.samples_ms, seed), "samples_ms": timed.samples_ms,
+           "throughput": inferences / timed.wall_s if timed.wall_s > 0 else None,
+           "energy_j_per_inference": power_out.get("j_per_inference"), "power": power_out,
+           "load": load, "harness_overhead_ms": timing.harness_overhead_ms(500),
+           "timing": {"warmup_iters": timed.warmup_iters, "wall_s": timed.wall_s,
+                      "t_start_epoch": timed.t_start + epoch, "t_end_epoch": timed.t_end + epoch,
+                      "capped": timed.capped, "mode": protocol.get("mode", "latency"),
+                      "batch": batch}}
+    if timed.device_samples_ms:
+        out["device_latency_ms"] = stats.summarize(timed.device_samples_ms, seed)
+    notes = []
+    if timed.capped:
+        notes.append(f"stopped by {timed.capped} before the minimums were met")
+    if load["busy"]:
+        notes.append(f"busy machine: other processes used {max(shares):.0%} of the CPU "
+                     f"(limit {limit:.0%})")
+    if notes:
+        out["reason"] = "; ".join(notes)
+    return out
+
+
+def main(argv=None) -> int:
+    stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything the engine prints goes to stderr; stdout is ours alone
+    sys.stdout = sys.stderr
+    p = argparse.ArgumentParser(prog="agent.py", description=__doc__.split("\n")[0])
+    p.add_argument("--facts", action="store_true", help="print device facts and exit")
+    p.add_argument("--runtimes", default="ort", help="runtimes to report with --facts")
+    p.add_argument("--artifact")
+    p.add_argument("--protocol")
+    p.add_argument("--runtime", default="ort")
+    p.add_argument("--reference")
+    p.add_argument("--rtol", type=float, default=1e-3)
+    p.add_argument("--atol", type=float, default=1e-4)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit:
+        return EXIT_CODES["bad_input"]
+    code = 0
+    try:
+        if args.facts:
+            result = device_facts([r for r in args.runtimes.split(",") if r])
+        elif not (args.artifact and args.protocol):
+            raise Failure("bad_input", "--artifact and --protocol are required")
+        else:
+            result = run(args)
+    except Failure as f:
+        result = {"status": "failed", "failure": f.kind, "reason": f.reason, **f.extra}
+        code = EXIT_CODES[f.kind]
+    except Exception as e:  # noqa: BLE001 — reported as a crash with its traceback
+        traceback.print_exc()
+        result = {"status": "failed", "failure": "agent_crash",
+                  "reason": f"agent crashed: {type(e).__name__}: {e}"}
+        code = EXIT_CODES["agent_crash"]
+    stdout.write(json.dumps(result, default=str) + "\n")
+    stdout.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

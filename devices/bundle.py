@@ -1,0 +1,63 @@
+"""The agent bundle as the host sees it: which files travel to the device, the agent's
+command line, how long a run may take, and how the agent's answer becomes a `Measurement`.
+Local and SSH devices share this, so a local run takes the same path as a remote one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .measurement import Measurement, Protocol
+
+HERE = Path(__file__).resolve().parent
+EXIT_FAILURES = {1: "agent_crash", 2: "bad_input", 3: "unsupported", 4: "runtime_error",
+                 5: "wrong_answer"}  # devices/agent.py's documented exit codes
+
+
+def files() -> list[tuple[Path, str]]:
+    """(local file, path relative to the bundle dir on the device)."""
+    out = [(HERE / n, n) for n in ("agent.py", "stats.py", "timing.py", "power.py")]
+    out += [(p, f"runtimes/{p.name}") for p in sorted((HERE / "runtimes").glob("*.py"))]
+    return out
+
+
+def agent_args(artifact: str, protocol: str, runtime: str, reference: str | None = None,
+               rtol: float = 1e-3, atol: float = 1e-4) -> list[str]:
+    args = ["agent.py", "--artifact", artifact, "--protocol", protocol, "--runtime", runtime]
+    if reference:
+        args += ["--reference", reference, "--rtol", repr(rtol), "--atol", repr(atol)]
+    return args
+
+
+def run_timeout(protocol: Protocol, margin_s: float = 120.0) -> float:
+    """Longest a healthy run can take: warm-up, idle baseline, the measuring cap, plus
+    margin for loading the engine (and warm-up counts on slow models)."""
+    return protocol.warmup_s + protocol.idle_s + protocol.max_duration_s + margin_s
+
+
+def to_measurement(rc: int | None, stdout: str, stderr: str, *, model: str, variant: str,
+                   device: str, runtime: str, protocol: Protocol) -> Measurement:
+    """The agent's JSON line (or the lack of one) -> a Measurement, typed on failure."""
+    ident = {"model": model, "variant": variant, "device": device, "runtime": runtime}
+    result = None
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            result = json.loads(line)
+            break
+        except ValueError:
+            continue
+    if not isinstance(result, dict):
+        tail = " | ".join(stderr.strip().splitlines()[-3:]) or "no output"
+        how = f"killed by signal {-rc}" if rc is not None and rc < 0 else f"exit {rc}"
+        return Measurement.failed(**ident, failure=EXIT_FAILURES.get(rc, "agent_crash"),
+                                  reason=f"agent gave no result ({how}): {tail}",
+                                  protocol=protocol.to_dict())
+    result.setdefault("protocol", protocol.to_dict())
+    if result.get("status") == "failed" or rc != 0:
+        failure = result.get("failure") or EXIT_FAILURES.get(rc, "agent_crash")
+        extra = {k: v for k, v in result.items()
+                 if k in ("facts", "outputs_check", "protocol")}
+        return Measurement.failed(**ident, failure=failure,
+                                  reason=result.get("reason") or f"agent exit {rc}", **extra)
+    return Measurement.from_dict({**result, **ident})
