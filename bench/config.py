@@ -42,6 +42,8 @@ class Search:
     budgets: dict = field(default_factory=dict)
     sensitivity: str = "kl"
     calib_data: str = "real"
+    samples: int = 8              # calibration/sensitivity batch (distilled: ZeroQ batch size)
+    distill_iters: int = 100      # ZeroQ iterations (its paper uses 500; fewer keep nightly short)
     sweep: str | None = None
     points: int = 0
 

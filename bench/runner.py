@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,17 +44,52 @@ def reference_for(art: Artifact) -> tuple[str | None, float, float]:
     return str(path), 1e-2, max(1e-3, 4 * float(dev))
 
 
+def _stored(store, run_id: str, kind: str, model: str, device: str, runtime: str
+            ) -> dict[tuple[str, int], Measurement]:
+    """(variant, round) -> Measurement already stored in this run: what a resumed run skips."""
+    out = {}
+    for r in store.measurements(run_id, kind=kind):
+        if (r["model"], r["device"], r["runtime"]) != (model, device, runtime):
+            continue
+        out[(r["variant"], r["round"])] = Measurement(
+            model=r["model"], variant=r["variant"], device=r["device"], runtime=r["runtime"],
+            status=r["status"], reason=r["reason"], failure=r["failure"],
+            latency_ms=r["latency"] or {}, samples_ms=r["samples_ms"] or [],
+            device_latency_ms=r["device_latency"], throughput=r["throughput"],
+            energy_j_per_inference=r["energy_j"], power=r["power"] or {},
+            kernels=r["kernels"] or {}, protocol=r["protocol"] or {}, load=r["load"] or {},
+            artifact_sha256=r["artifact_sha256"], outputs_check=r["outputs_check"],
+            harness_overhead_ms=r["harness_overhead_ms"], timing=r["timing"] or {},
+            rounds=r["rounds"] or {})
+    return out
+
+
+def _line(m: Measurement, r: int) -> str:
+    if not m.ok:
+        return f"{m.model} {m.variant} on {m.device}/{m.runtime} round {r + 1}: {m.failure}: {m.reason}"
+    busy = " (busy machine)" if (m.load or {}).get("busy") else ""
+    return (f"{m.model} {m.variant} on {m.device}/{m.runtime} round {r + 1}: "
+            f"p50 {m.latency_ms.get('p50', float('nan')):.3f} ms, {m.status}{busy}")
+
+
 def measure_artifacts(device, runtime: str, model: str, arts: dict[str, Artifact],
                       protocol: Protocol, rounds: int = 3, store=None, run_id: str | None = None,
-                      kind: str = "bench", reference: str | None = None
+                      kind: str = "bench", reference: str | None = None,
+                      on_result: Callable[[str], None] | None = None
                       ) -> dict[str, list[Measurement]]:
     """name -> its per-round Measurements (variant = name), measured A B A B ...; each one
-    stored as it arrives when a results store is given. A variant that failed with a
-    failure another round cannot fix (wrong answer, missing runtime) is not retried."""
+    stored as it arrives when a results store is given, and rounds already stored in this run
+    are taken from the store instead of measured again (a killed run resumes). A variant that
+    failed with a failure another round cannot fix (wrong answer, missing runtime) is not
+    retried."""
+    stored = _stored(store, run_id, kind, model, device.name, runtime) if store is not None else {}
     out: dict[str, list[Measurement]] = {name: [] for name in arts}
     for r in range(rounds):
         for name, art in arts.items():
             done = out[name]
+            if (name, r) in stored:
+                done.append(stored[(name, r)])
+                continue
             if done and done[-1].failure not in (None, "timeout", "busy"):
                 continue
             ref, rtol, atol = (reference, 1e-3, 1e-4) if reference else reference_for(art)
@@ -63,6 +99,8 @@ def measure_artifacts(device, runtime: str, model: str, arts: dict[str, Artifact
             if store is not None:
                 store.add_measurement(run_id, m, kind=kind, round=r,
                                       bit_config=art.manifest.get("bit_config"))
+            if on_result is not None:
+                on_result(_line(m, r))
     return out
 
 

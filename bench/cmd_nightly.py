@@ -1,0 +1,70 @@
+"""`hilq nightly`: the whole loop from a config (default `configs/nightly-local.toml`: local
+CPU, ONNX Runtime, SQLite, built-in models). Exit 1 on failures, 3 on regressions with
+`--fail-on-regression`; a killed run started again resumes without duplicates."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+
+def add_arguments(p):
+    p.add_argument("--config", help="nightly TOML (default: configs/nightly-local.toml)")
+    p.add_argument("--fail-on-regression", action="store_true",
+                   help="exit 3 when a regression is flagged")
+    p.add_argument("--db", help="results store (SQLite path or database URL); overrides the config")
+    p.add_argument("--reports", help="report root directory; overrides the config")
+    p.add_argument("--inventory", help="devices.toml; overrides the config")
+    p.add_argument("--no-report", action="store_true", help="skip rendering the report")
+    p.add_argument("--json", dest="json_out", metavar="OUT", help="write the summary as JSON")
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bench import config
+    from bench.nightly import run_nightly
+
+    cfg = config.load(args.config)
+    overrides = {k: v for k, v in (("db", args.db), ("reports", args.reports),
+                                   ("inventory", args.inventory)) if v}
+    cfg = replace(cfg, **overrides)
+    console = Console(stderr=False, highlight=False)
+
+    def say(msg: str) -> None:
+        console.print(f"[dim]{msg}[/dim]" if not msg.startswith("run ") else msg)
+
+    res = run_nightly(cfg, say=say, report=not args.no_report)
+    t = Table(title=f"hilq nightly {res.run_id}")
+    for col in ("model", "variant", "device", "runtime", "status", "p50 ms", "cv(p50)"):
+        t.add_column(col, justify="right" if col in ("p50 ms", "cv(p50)") else "left")
+    for r in res.measurements:
+        t.add_row(r["model"], r["variant"], r["device"], r["runtime"], r["status"],
+                  f"{r['p50_ms']:.3f}" if r["p50_ms"] is not None else "-",
+                  f"{r['cv_p50']:.1%}" if r["cv_p50"] is not None else "-")
+    console.print(t)
+    for s in res.searches:
+        if s.get("status") in ("optimal", "resumed"):
+            p, m = s.get("predicted", {}), s.get("measured", {})
+            console.print(f"search {s['model']} on {s['device']}/{s['runtime']}: "
+                          f"budget {s.get('resolved_budgets') or s.get('budgets', '')}, "
+                          f"predicted {p.get('latency_ms', float('nan')):.3f} ms, "
+                          f"measured {m.get('latency_ms', float('nan')):.3f} ms")
+    for what, why in res.failures:
+        console.print(f"[red]failed[/red] {what}: {why}")
+    for r in res.regressions:
+        console.print(f"[yellow]regression[/yellow] {r.get('model')} {r.get('variant')} "
+                      f"{r.get('device')}/{r.get('runtime')} {r.get('metric')}: "
+                      f"{r.get('change', 0):+.1%}")
+    if res.report:
+        console.print(f"report: {res.report}")
+    console.print(f"{res.status} in {res.seconds:.0f} s")
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump(res.to_dict(), fh, indent=2, default=str)
+    if res.failures:
+        return 1
+    if res.regressions and args.fail_on_regression:
+        return 3
+    return 0

@@ -1,0 +1,214 @@
+"""The nightly loop: bench matrix and searches from a config, into the store, compared with
+history, rendered as a report.
+
+Resumable: the run id comes from the config's hash, so a killed run started again with the
+same config continues where it stopped — every stored measurement, accuracy, cost row and
+allocation has a natural key and is skipped, never duplicated. Devices run in parallel, each
+exclusively (the device lock); a device that fails is recorded and the others go on.
+Artifacts for the bench matrix are built before any timing starts, so that host work never
+overlaps a local measurement (design.md, "Measurement rules").
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from devices import inventory
+from devices.errors import DeviceError
+
+from . import runner
+from .config import Bench, Config, Search
+
+
+@dataclass
+class NightlyResult:
+    run_id: str
+    status: str = "ok"
+    measurements: list = field(default_factory=list)    # one summary row per bench variant
+    searches: list = field(default_factory=list)
+    failures: list = field(default_factory=list)        # (what, reason)
+    regressions: list = field(default_factory=list)     # flagged rows
+    report: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _accuracy(store, run_id: str, model: str, variants, seed: int, say) -> None:
+    """Top-1 of each variant on the model's labelled test split (fake-quant model; the ONNX
+    artifact agrees within 0.3 pt, see tests/test_export.py). Stored once per run."""
+    from quant.models import load_model
+    from quant.pipeline import quantize_model, variant_bit_config
+    from quant.transform import fold_bn
+
+    stored = {(r["model"], r["variant"]) for r in store.rows("accuracy", run_id)}
+    entry = load_model(model)
+    data = entry.data()
+    if data.test_y is None:
+        return
+    folded = fold_bn(entry.build().eval())
+    for v in variants:
+        if (model, v) in stored:
+            continue
+        res = quantize_model(entry, variant_bit_config(folded, v), seed=seed)
+        top1 = res.quant_top1 if res.bit_config.layers else res.fp32_top1
+        store.add_accuracy(run_id, model, v, top1, len(data.test_y), data.name or model)
+        say(f"accuracy {model} {v}: top-1 {top1:.2%}")
+
+
+def _bench_device(cfg: Config, store, run_id: str, device, tasks: list[tuple[Bench, str, dict]],
+                  say) -> tuple[list, list]:
+    rows, failures = [], []
+    for b, runtime, arts in tasks:
+        try:
+            per = runner.measure_artifacts(device, runtime, b.model, arts, cfg.protocol,
+                                           rounds=cfg.rounds, store=store, run_id=run_id,
+                                           kind="bench", on_result=say)
+        except DeviceError as e:
+            failures.append((f"{b.model} on {device.name}/{runtime}", f"{e.kind}: {e}"))
+            continue
+        for name, ms in per.items():
+            m = runner.combine(ms, cfg.seed)
+            rows.append({"model": b.model, "variant": name, "device": device.name,
+                         "runtime": runtime, "status": m.status, "failure": m.failure,
+                         "p50_ms": (m.latency_ms or {}).get("p50"),
+                         "cv_p50": (m.rounds or {}).get("cv_p50"), "reason": m.reason})
+            if not m.ok:
+                failures.append((f"{b.model} {name} on {device.name}/{runtime}",
+                                 f"{m.failure}: {m.reason}"))
+    return rows, failures
+
+
+def run_nightly(cfg: Config, *, say: Callable[[str], None] = print,
+                report: bool = True) -> NightlyResult:
+    from . import regress
+    from .report import render
+    from .search import run_search
+    from .store import open_store
+
+    t0 = time.perf_counter()
+    store = open_store(cfg.db)
+    try:
+        run_id = store.begin_run({**cfg.to_dict(), "config_hash": cfg.hash}, seed=cfg.seed,
+                                 resume=True)
+        result = NightlyResult(run_id)
+        say(f"run {run_id} ({cfg.source or 'embedded config'}) -> {store.name}")
+        devs = inventory.load(cfg.inventory)
+        artifacts_dir = Path(cfg.db).parent / "artifacts" if "://" not in cfg.db \
+            else Path("results") / "artifacts"
+
+        # 1. build every bench artifact first, on the host, before any timing
+        per_device: dict[str, list] = {}
+        for b in cfg.bench:
+            for runtime in b.runtimes:
+                try:
+                    arts = {v: runner.artifact_for(b.model, v, artifacts_dir, runtime, seed=cfg.seed)
+                            for v in b.variants}
+                except Exception as e:  # noqa: BLE001 — a model that will not build is a failure
+                    result.failures.append((f"build {b.model} for {runtime}", _one_line(e)))
+                    continue
+                for d in b.devices:
+                    per_device.setdefault(d, []).append((b, runtime, arts))
+            say(f"built {b.model}: {', '.join(b.variants)}")
+
+        # 2. measure: devices in parallel, each exclusively
+        def one_device(name: str):
+            try:
+                device = inventory.open_device(name, devs)
+            except DeviceError as e:
+                return [], [(f"device {name}", f"{e.kind}: {e}")]
+            try:
+                return _bench_device(cfg, store, run_id, device, per_device[name], say)
+            except Exception as e:  # noqa: BLE001 — one device failing must not stop the others
+                return [], [(f"device {name}", _one_line(e))]
+            finally:
+                device.close()
+
+        with ThreadPoolExecutor(max_workers=max(1, len(per_device))) as pool:
+            for rows, failures in pool.map(one_device, list(per_device)):
+                result.measurements += rows
+                result.failures += failures
+
+        # 3. accuracy of the bench variants (host work: after timing)
+        for b in cfg.bench:
+            if b.accuracy:
+                try:
+                    _accuracy(store, run_id, b.model, b.variants, cfg.seed, say)
+                except Exception as e:  # noqa: BLE001
+                    result.failures.append((f"accuracy {b.model}", _one_line(e)))
+
+        # 4. searches, one at a time (they build and measure)
+        for s in cfg.search:
+            result.searches.append(_search(cfg, store, run_id, devs, s, artifacts_dir, say,
+                                           result.failures, run_search))
+
+        # 5. regressions against history, then the report
+        rows = regress.detect(store, run_id, threshold=cfg.regression_threshold,
+                              lookback=cfg.lookback)
+        result.regressions = [r for r in rows if r.get("flagged")]
+        result.status = "failed" if result.failures else (
+            "regressed" if result.regressions else "ok")
+        store.finish_run(run_id, result.status)
+        if report:
+            rep = render(store, run=run_id, out_dir=Path(cfg.reports) / run_id)
+            result.report = str(rep.html)
+        result.seconds = time.perf_counter() - t0
+        return result
+    finally:
+        store.close()
+
+
+def _search(cfg: Config, store, run_id: str, devs, s: Search, artifacts_dir: Path, say,
+            failures: list, run_search) -> dict:
+    name = f"search {s.model} on {s.device}/{s.runtime}"
+    done = [r for r in store.rows("allocations", run_id) if r["model"] == s.model
+            and r["device"] == s.device and r["runtime"] == s.runtime and r["name"] == "chosen"]
+    if done and done[0].get("measured"):
+        say(f"{name}: already done in this run")
+        return {"model": s.model, "device": s.device, "runtime": s.runtime, "status": "resumed",
+                "config": done[0]["config"], "predicted": done[0]["predicted"],
+                "measured": done[0]["measured"]}
+    try:
+        device = inventory.open_device(s.device, devs)
+    except DeviceError as e:
+        failures.append((name, f"{e.kind}: {e}"))
+        return {"model": s.model, "device": s.device, "runtime": s.runtime, "status": "failed"}
+    try:
+        res = run_search(s.model, device, s.runtime, s.budgets, protocol=cfg.protocol,
+                         work_dir=artifacts_dir / "search", store=store, run_id=run_id,
+                         sensitivity=s.sensitivity, calib_data=s.calib_data, samples=s.samples,
+                         distill_iters=s.distill_iters, rounds=cfg.rounds,
+                         sweep=s.sweep, points=s.points, seed=cfg.seed, progress=say)
+        if res.status != "optimal":
+            failures.append((name, f"{res.status}: {res.message}"))
+        else:
+            say(f"{name}: predicted {res.predicted.get('latency_ms', float('nan')):.3f} ms, "
+                f"measured {res.measured.get('latency_ms', float('nan')):.3f} ms")
+        d = res.to_dict()
+        d.pop("cost_table", None)
+        return d
+    except Exception as e:  # noqa: BLE001 — recorded, the nightly goes on
+        failures.append((name, _one_line(e)))
+        say(f"{name}: failed: {_one_line(e)}")
+        traceback.print_exc()
+        return {"model": s.model, "device": s.device, "runtime": s.runtime, "status": "failed"}
+    finally:
+        device.close()
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None

@@ -1,0 +1,261 @@
+"""Hardware-aware search: costs measured on the device, sensitivity, ILP, re-benchmark.
+
+The per-layer latency (and energy) table is measured *in context*: starting from the fastest
+uniform configuration the runtime offers (all layers at its integer precision), each layer in
+turn is switched to float and the whole network is timed end to end on the device, so the
+Q/DQ boundaries and fusions a switch brings or breaks are inside its cost. A configuration is
+then predicted as `baseline + Σ Δ(layer)` over its float layers; the ILP picks the most
+accurate configuration (least total sensitivity) under the budgets; the pick is built,
+re-measured on the same device beside the uniform baselines, and predicted vs measured is
+stored. Prediction ignores interactions between neighbouring float layers (one Q/DQ pair
+less when two are adjacent); the stored error shows how much that costs on each device.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from devices.measurement import Measurement, Protocol
+from quant.spec import BitConfig, SpecError
+
+from . import runner
+
+FLOAT, INT8 = "fp32", "w8a8"
+
+
+@dataclass
+class SearchResult:
+    model: str
+    device: str
+    runtime: str
+    status: str                                   # optimal | infeasible | failed
+    budgets: dict                                 # as given (may be relative, "50%")
+    resolved_budgets: dict = field(default_factory=dict)   # absolute values used by the ILP
+    config: dict = field(default_factory=dict)    # layer -> precision
+    predicted: dict = field(default_factory=dict)
+    measured: dict = field(default_factory=dict)
+    accuracy: dict = field(default_factory=dict)
+    baseline: dict = field(default_factory=dict)  # fastest and most accurate uniform variants
+    message: str = ""
+    cost_table: list = field(default_factory=list)
+    frontier: list = field(default_factory=list)
+    variant: str | None = None                    # config:PATH of the chosen BitConfig
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def median_p50(ms: list[Measurement]) -> float | None:
+    vals = [m.latency_ms.get("p50") for m in ms if m.ok and m.latency_ms.get("p50") is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _energy_mj(ms: list[Measurement]) -> float | None:
+    vals = [m.energy_j_per_inference for m in ms if m.ok and m.energy_j_per_inference is not None]
+    return statistics.median(vals) * 1e3 if vals else None
+
+
+def _write_config(work: Path, name: str, config: BitConfig) -> str:
+    path = work / f"{name}.json"
+    path.write_text(json.dumps(config.to_dict(), indent=1, sort_keys=True))
+    return f"config:{path}"
+
+
+def resolve_budgets(budgets: dict, table) -> dict[str, float]:
+    """Relative budgets ("50%") -> absolute: 0% is the smallest achievable total of that
+    column, 100% the total of the configuration that ignores it (all most-accurate choices)."""
+    out = {}
+    for col, v in budgets.items():
+        if col not in table.columns:
+            raise SpecError(f"budget {col!r}: the cost table has no such column "
+                            f"(has: {', '.join(table.columns)})")
+        if isinstance(v, str):
+            lo = sum(min(table.costs[col][(lay, p)] for p in table.options[lay]) for lay in table.layers)
+            hi = sum(max(table.costs[col][(lay, p)] for p in table.options[lay]) for lay in table.layers)
+            out[col] = lo + float(v.rstrip("%")) / 100.0 * (hi - lo)
+        else:
+            out[col] = float(v)
+    return out
+
+
+def _accuracy(entry, config: BitConfig, fp32_logits=None) -> dict:
+    """Top-1 on labelled data through the fake-quant model (ONNX Runtime agrees with it within
+    0.3 pt: see the export tests), else top-1 agreement with the float model."""
+    import torch
+
+    from quant.pipeline import quantize_model
+
+    res = quantize_model(entry, config)
+    if res.quant_top1 is not None:
+        return {"top1": res.quant_top1, "fp32_top1": res.fp32_top1}
+    data = entry.data()
+    with torch.no_grad():
+        q = res.qmodel(data.test_x).argmax(-1)
+        f = res.fmodel(data.test_x).argmax(-1)
+    return {"agreement_fp32": float((q == f).float().mean())}
+
+
+def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Protocol,
+               work_dir: str | Path, store=None, run_id: str | None = None,
+               sensitivity: str = "kl", calib_data: str = "real", samples: int = 16,
+               distill_iters: int = 100, rounds: int = 2, sweep: str | None = None,
+               points: int = 0, reuse_costs: bool = True, seed: int = 0,
+               progress: Callable[[str], None] = lambda s: None) -> SearchResult:
+    """The whole search for one (model, device, runtime). See the module docstring."""
+    from quant.allocate import CostTable, frontier, solve_ilp
+    from quant.models import load_model
+    from quant.sensitivity import config_from_allocation, sensitivity_table
+    from quant.transform import fold_bn, quantizable_layers
+    from quant.zeroq import calibration_data
+
+    entry = load_model(model)
+    net = entry.build().eval()
+    folded = fold_bn(net)
+    layers = quantizable_layers(folded)
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    _check_runtime(runtime)
+    from quant.pipeline import variant_bit_config
+
+    int8_cfg = variant_bit_config(folded, INT8)
+    result = SearchResult(model, device.name, runtime, "failed", dict(budgets))
+
+    # (a) cost table, measured on the device, cached in the store
+    rows = _cached_costs(store, model, device.name, runtime) if reuse_costs and store else None
+    if rows is None:
+        progress(f"{model}: measuring per-layer costs on {device.name}/{runtime} "
+                 f"({len(layers) + 2} configurations)")
+        variants = {"uniform-" + INT8: INT8, "uniform-" + FLOAT: FLOAT}
+        for lay in layers:
+            cfg = BitConfig({k: v for k, v in int8_cfg.layers.items() if k != lay})
+            variants[f"float-{lay}"] = _write_config(work, f"{model}-float-{lay}", cfg)
+        arts = {name: runner.artifact_for(model, v, work, runtime, seed=seed)
+                for name, v in variants.items()}
+        ms = runner.measure_artifacts(device, runtime, model, arts, protocol, rounds=1,
+                                      store=store, run_id=run_id, kind="cost")
+        base = median_p50(ms["uniform-" + INT8])
+        if base is None:
+            result.message = "the all-INT8 baseline failed on the device: " + \
+                "; ".join(m.reason or "" for m in ms["uniform-" + INT8])
+            return result
+        rows = []
+        for lay in layers:
+            lat = median_p50(ms[f"float-{lay}"])
+            rows.append({"layer": lay, "precision": INT8, "latency_ms": base / len(layers)})
+            rows.append({"layer": lay, "precision": FLOAT,
+                         "latency_ms": base / len(layers) + ((lat - base) if lat else float("nan"))})
+    # (b) sensitivity on distilled or real data
+    progress(f"{model}: {sensitivity} sensitivity on {calib_data} data")
+    data = entry.data()
+    extra = {"iters": distill_iters} if calib_data == "distilled" else {}
+    x = calibration_data(calib_data, net, real=data.calib_x, n=samples,
+                         input_shape=entry.input_shape, seed=seed, name=model, **extra)
+    sens = sensitivity_table(net, x, bits=(8,), method=sensitivity, act_bits=8)
+    sens_by = {(r.layer, r.precision): r for r in sens.itertuples()}
+    full = []
+    for r in rows:
+        s = sens_by.get((r["layer"], r["precision"]))
+        full.append({**r, "sensitivity": float(s.sensitivity) if s is not None else 0.0,
+                     "size_bits": float(s.size_bits) if s is not None else
+                     float(_float_size(folded, r["layer"]))})
+    result.cost_table = full
+    if store is not None:
+        store.add_cost_rows(run_id, [{**r, "model": model, "device": device.name, "runtime": runtime,
+                                      "method": f"switch-one/{sensitivity}"} for r in full])
+    table = CostTable.from_rows(full)
+    # (c) the ILP under the budgets
+    resolved = resolve_budgets(budgets, table)
+    result.resolved_budgets = resolved
+    alloc = solve_ilp(table, resolved)
+    result.status, result.message = alloc.status, alloc.message
+    if not alloc.ok:
+        return result
+    picks = [("chosen", alloc)]
+    if sweep and points:
+        picks += [(f"sweep-{i}", a) for i, a in enumerate(frontier(table, sweep, points)) if a.ok]
+    # (d) build and re-measure beside the uniform baselines; (e) predicted vs measured
+    arts = {"uniform-" + INT8: runner.artifact_for(model, INT8, work, runtime, seed=seed),
+            "uniform-" + FLOAT: runner.artifact_for(model, FLOAT, work, runtime, seed=seed)}
+    cfgs = {}
+    for name, a in picks:
+        cfg = config_from_allocation(folded, a.config, act_bits=8)
+        cfgs[name] = (cfg, a, _write_config(work, f"{model}-{device.name}-{runtime}-{name}", cfg))
+        arts[name] = runner.artifact_for(model, cfgs[name][2], work, runtime, seed=seed)
+    progress(f"{model}: re-measuring {len(picks)} chosen configuration(s) beside the baselines")
+    ms = runner.measure_artifacts(device, runtime, model, arts, protocol, rounds=rounds,
+                                  store=store, run_id=run_id, kind="search")
+    acc = {n: _accuracy(entry, c[0]) for n, c in cfgs.items()}
+    base_acc = {u: _accuracy(entry, variant_bit_config(folded, u.split("-")[1]))
+                for u in ("uniform-" + INT8, "uniform-" + FLOAT)}
+    result.baseline = _baselines({u: (median_p50(ms[f"uniform-{u}"]), base_acc[f"uniform-{u}"])
+                                  for u in (INT8, FLOAT)})
+    points_out = []
+    for name, (cfg, a, variant) in cfgs.items():
+        predicted = {k: a.totals[k] for k in a.totals if k in ("latency_ms", "energy_mj", "size_bits")}
+        measured = {"latency_ms": median_p50(ms[name]), "energy_mj": _energy_mj(ms[name]),
+                    "size_bits": a.totals.get("size_bits")}
+        measured = {k: v for k, v in measured.items() if v is not None}
+        if predicted.get("latency_ms") and measured.get("latency_ms"):
+            measured["latency_error"] = (predicted["latency_ms"] - measured["latency_ms"]) \
+                / measured["latency_ms"]
+        point = {"name": name, "config": a.config, "predicted": predicted, "measured": measured,
+                 "accuracy": acc[name], "variant": variant, "objective": a.objective}
+        points_out.append(point)
+        if store is not None:
+            store.add_allocation(run_id, model, device.name, runtime, name, budgets=resolved,
+                                 config=cfg.to_dict(), predicted=predicted, measured=measured,
+                                 accuracy=acc[name].get("top1", acc[name].get("agreement_fp32")),
+                                 variant=variant)
+    chosen = points_out[0]
+    result.config, result.predicted = chosen["config"], chosen["predicted"]
+    result.measured, result.accuracy, result.variant = chosen["measured"], chosen["accuracy"], chosen["variant"]
+    result.frontier = points_out[1:]
+    return result
+
+
+def _baselines(uniform: dict[str, tuple[float | None, dict]]) -> dict:
+    """The fastest and the most accurate uniform variants, as measured (on a tiny model the
+    float one can be the faster: Q/DQ overhead outweighs the integer kernels)."""
+    def acc(a: dict) -> float:
+        return a.get("top1", a.get("agreement_fp32", 0.0))
+
+    rows = {v: {"variant": v, "latency_ms": lat, "accuracy": a} for v, (lat, a) in uniform.items()}
+    timed = [v for v in rows if rows[v]["latency_ms"] is not None]
+    fastest = min(timed, key=lambda v: rows[v]["latency_ms"]) if timed else INT8
+    best = max(rows, key=lambda v: (acc(rows[v]["accuracy"]), v == FLOAT))
+    return {"fastest": rows[fastest], "most_accurate": rows[best]}
+
+
+def _check_runtime(runtime: str) -> None:
+    """The search chooses between float and the runtime's INT8 kernels per layer; a runtime
+    without INT8 kernels for convolutions and linear layers has nothing to choose from."""
+    import importlib
+
+    from devices.runtimes import module_name
+
+    offered = importlib.import_module(f"devices.runtimes.{module_name(runtime)}").precisions()
+    missing = [kind for kind in ("conv", "linear") if INT8 not in offered.get(kind, ())]
+    if missing:
+        raise SpecError(f"runtime {runtime} has no {INT8} kernels for {', '.join(missing)} "
+                        "layers: nothing to search over")
+
+
+def _float_size(model, layer: str) -> int:
+    m = model.get_submodule(layer)
+    return sum(p.numel() for p in m.parameters()) * 32
+
+
+def _cached_costs(store, model: str, device: str, runtime: str) -> list[dict] | None:
+    """The newest measured cost table for this (model, device, runtime), if any."""
+    rows = [r for r in store.rows("cost_tables") if r.get("model") == model
+            and r.get("device") == device and r.get("runtime") == runtime
+            and str(r.get("method", "")).startswith("switch-one")]
+    if not rows:
+        return None
+    newest = max(r["run_id"] for r in rows)
+    return [{"layer": r["layer"], "precision": r["precision"], "latency_ms": r["latency_ms"]}
+            for r in rows if r["run_id"] == newest]

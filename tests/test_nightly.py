@@ -1,0 +1,137 @@
+"""The loop end to end on the real pieces: config -> artifacts -> local agent processes ->
+SQLite file -> regressions -> report; a real `kill -9` mid-run, then a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import config
+from bench.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+QUICK = """
+name = "quick"
+rounds = 2
+[protocol]
+warmup_iters = 3
+warmup_s = 0.05
+min_iters = 10
+min_duration_s = 0.1
+threads = 1
+[[bench]]
+model = "digits-cnn"
+variants = ["fp32", "w8a8"]
+"""
+
+SEARCH = QUICK + """
+[[search]]
+model = "digits-cnn"
+budgets = { latency_ms = "50%" }
+calib_data = "real"
+"""
+
+
+def _env(tmp_path: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("HILQ_CACHE", str(ROOT / ".cache"))
+    return env
+
+
+def test_config_rejects_unknown_keys_with_the_key_named(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(QUICK + "\n[protocol.extra]\n")
+    with pytest.raises(config.ConfigError, match="protocol: unknown key 'extra'"):
+        config.load(bad)
+    bad.write_text(QUICK.replace('variants = ["fp32", "w8a8"]', 'variants = ["w9a8"]'))
+    with pytest.raises(Exception, match="w9a8"):
+        config.load(bad)
+    bad.write_text(QUICK + '\n[[search]]\nmodel = "digits-cnn"\nbudgets = { speed = 3 }\n')
+    with pytest.raises(config.ConfigError, match="unknown budget 'speed'"):
+        config.load(bad)
+
+
+def test_default_config_loads_and_names_the_readme_models():
+    cfg = config.load()
+    assert {b.model for b in cfg.bench} >= {"digits-cnn", "resnet18"}
+    assert all(r == "ort" for b in cfg.bench for r in b.runtimes)
+    assert cfg.db == "results/hilq.sqlite"
+
+
+def test_nightly_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
+    rc = main(["nightly", "--config", str(tmp_path / "missing.toml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "config file not found" in err[0]
+
+
+@pytest.mark.slow
+def test_nightly_with_search_stores_everything_and_reports(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "n.toml").write_text(SEARCH)
+    rc = main(["nightly", "--config", "n.toml", "--json", "out.json"])
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert rc == 0, out["failures"]
+    assert {m["variant"] for m in out["measurements"]} == {"fp32", "w8a8"}
+    search = out["searches"][0]
+    assert search["status"] == "optimal"
+    assert set(search["config"]) == {"stem.0", "block.conv1", "block.conv2", "down.0", "conv.0", "fc"}
+    assert search["predicted"]["latency_ms"] > 0 and search["measured"]["latency_ms"] > 0
+    assert search["predicted"]["latency_ms"] <= search["resolved_budgets"]["latency_ms"] + 1e-9
+    assert {"fastest", "most_accurate"} == set(search["baseline"])
+    db = sqlite3.connect(tmp_path / "results" / "hilq.sqlite")
+    kinds = dict(db.execute("select kind, count(*) from measurements group by kind").fetchall())
+    assert kinds["bench"] == 4                       # 2 variants x 2 rounds
+    assert kinds["cost"] == 6 + 2                    # one per layer + two uniform baselines
+    assert db.execute("select count(*) from cost_tables").fetchone()[0] == 12
+    assert db.execute("select count(*) from accuracy").fetchone()[0] == 2
+    assert db.execute("select measured from allocations where name='chosen'").fetchone()[0]
+    html = Path(out["report"]).read_text()
+    assert "data:image/png;base64," in html and "Predicted vs measured" in html
+
+
+@pytest.mark.slow
+def test_kill_9_mid_nightly_then_rerun_resumes_without_duplicates(tmp_path):
+    (tmp_path / "n.toml").write_text(QUICK.replace("rounds = 2", "rounds = 3"))
+    cmd = [sys.executable, "-m", "bench", "nightly", "--config", "n.toml", "--no-report"]
+    db_path = tmp_path / "results" / "hilq.sqlite"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    stored = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db_path.exists():
+            try:
+                with sqlite3.connect(db_path, timeout=1) as db:
+                    stored = db.execute("select count(*) from measurements").fetchone()[0]
+            except sqlite3.OperationalError:
+                stored = 0
+            if stored >= 2:
+                break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the nightly finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with sqlite3.connect(db_path) as db:
+        before = db.execute("select count(*) from measurements").fetchone()[0]
+        (run_id, status), = db.execute("select id, status from runs").fetchall()
+    assert status == "running" and 2 <= before < 6
+    done = subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+        runs = db.execute("select id, status from runs").fetchall()
+        assert runs == [(run_id, "ok")]                # the same run, finished
+        rows = db.execute("select variant, round, count(*) from measurements "
+                          "group by variant, round").fetchall()
+    assert len(rows) == 6 and all(n == 1 for _, _, n in rows)   # 2 variants x 3 rounds, once each
