@@ -17,7 +17,7 @@ from pathlib import Path
 from devices.measurement import Protocol
 from quant.spec import SpecError, parse_variant
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "nightly-local.toml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "nightly-local.toml"  # -> configs/, shipped in the wheel
 BUDGET_COLUMNS = ("latency_ms", "energy_mj", "size_bits", "bops")
 
 
