@@ -18,15 +18,6 @@ from quant.codebook import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box is small and shared: one intra-op thread avoids spin-wait slowdowns."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _w(shape=(16, 8, 3, 3), seed=0):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 

@@ -22,15 +22,6 @@ from quant.spec import QuantSpec, SpecError
 from quant.transform import QuantLayer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box is small and shared: one intra-op thread avoids spin-wait slowdowns."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _laplace(n=200_000, seed=0):
     g = torch.Generator().manual_seed(seed)
     u = torch.rand(n, generator=g) - 0.5

@@ -10,15 +10,6 @@ from quant.spec import SpecError, parse_variant, variant_config
 from quant.transform import prepare, quantizable_layers, quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; spinning threads crawl on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def task(n: int = 512, seed: int = 0):
     """Four classes, each a fixed 1×6×6 pattern under heavy noise: learnable, not trivial."""
     g = torch.Generator().manual_seed(seed)

@@ -11,14 +11,6 @@ from quant.spec import QuantSpec, SpecError
 BITS = range(2, 9)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box is small and shared: one intra-op thread avoids spin-wait slowdowns."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _data(shape=(4, 3, 5, 5), seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -19,15 +19,6 @@ from quant.spec import BitConfig, QuantSpec, act_spec, weight_spec
 from quant.transform import fold_bn, prepare, quant_layers, quantizable_layers, quantize
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box is small and shared: one intra-op thread avoids spin-wait slowdowns."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class SmallCNN(nn.Module):
     def __init__(self):
         super().__init__()

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from devices.runtimes import NAMES
+from devices.runtimes import NAMES, check_variant
 from devices.runtimes import openvino as ov_rt
 from devices.runtimes import ort as ort_rt
 from devices.runtimes import tensorrt as trt_rt
@@ -345,7 +345,7 @@ def test_builder_settings_fp16_baseline_and_strong_typing():
     mixed = trt_rt.builder_settings("w8a8", {"trt_fp16_rest": True})
     assert not mixed["strongly_typed"] and mixed["fp16_flag"] and mixed["int8_flag"]
     with pytest.raises(ValueError, match="does not run 'w4a4'"):
-        trt_rt.check_variant("w4a4")
+        check_variant("tensorrt", "w4a4", trt_rt.precisions())
 
 
 def test_inspector_json_classification():

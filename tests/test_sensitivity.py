@@ -19,14 +19,6 @@ from quant.transform import quantize
 SHAPE = (3, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; spinning threads crawl on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def bn_cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)

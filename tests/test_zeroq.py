@@ -10,15 +10,6 @@ from quant.spec import SpecError
 SHAPE = (3, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and on a shared 2-core machine several
-    spinning threads make each step many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def bn_cnn(seed: int = 0) -> nn.Module:
     """A small CNN whose BatchNorm running statistics come from shifted, scaled inputs, so

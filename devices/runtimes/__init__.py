@@ -41,3 +41,29 @@ def module_name(runtime: str) -> str:
     if runtime not in NAMES:
         raise ValueError(f"unknown runtime {runtime!r} (use {', '.join(NAMES)})")
     return runtime.replace("-", "_")
+
+
+def manifest_variant(path: str, protocol: dict) -> str:
+    """The variant the artifact's manifest claims, else the protocol's; fp32 if neither."""
+    import json
+    import os
+
+    mpath = path + ".manifest.json"
+    if os.path.isfile(mpath):
+        with open(mpath) as f:
+            v = json.load(f).get("variant")
+        if v:
+            return v
+    return protocol.get("variant") or "fp32"
+
+
+def check_variant(runtime: str, variant: str, precisions: dict[str, list[str]],
+                  mixes: bool = False) -> None:
+    """Unsupported precision = an error, never a float run under an integer name. Per-layer
+    mixes (`config:...`) pass where the runtime verifies each layer through `kernels()`."""
+    if mixes and variant.startswith("config:"):
+        return
+    supported = sorted({p for ps in precisions.values() for p in ps})
+    if variant not in supported:
+        raise ValueError(f"{runtime} runtime does not run {variant!r} (supported: "
+                         f"{', '.join(supported)}); refusing to fall back to float")

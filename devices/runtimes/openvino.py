@@ -10,9 +10,6 @@ node's `layerType` and `runtimePrecision` (i8/u8 = integer kernel) as the CPU pl
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 
 COMPUTE = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul",
@@ -30,27 +27,6 @@ def precisions() -> dict[str, list[str]]:
     # w4a16: ONNX Runtime's MatMulNBits, which OpenVINO reads as a FullyConnected with u4
     # compressed weights (decompressed in the kernel; activations stay f32)
     return {"conv": ["fp32", "w8a8"], "linear": ["fp32", "w8a8", "w4a16"]}
-
-
-def _variant(path: str, protocol: dict) -> str:
-    """The variant the file claims (its manifest), else the protocol's; fp32 if neither."""
-    mpath = path + ".manifest.json"
-    if os.path.isfile(mpath):
-        with open(mpath) as f:
-            v = json.load(f).get("variant")
-        if v:
-            return v
-    return protocol.get("variant") or "fp32"
-
-
-def check_variant(variant: str) -> None:
-    """Unsupported precision = an error, never a float run under an integer name."""
-    if variant.startswith("config:"):
-        return  # per-layer mix: each layer is verified through kernels()
-    supported = sorted({p for ps in precisions().values() for p in ps})
-    if variant not in supported:
-        raise ValueError(f"openvino runtime does not run {variant!r} (supported: "
-                         f"{', '.join(supported)}); refusing to fall back to float")
 
 
 def kernels_of(runtime_model) -> dict:
@@ -82,10 +58,10 @@ def _text(value) -> str:
 def load(path: str, protocol: dict):
     import openvino as ov
 
-    from . import Loaded
+    from . import Loaded, check_variant, manifest_variant
 
-    variant = _variant(path, protocol)
-    check_variant(variant)
+    variant = manifest_variant(path, protocol)
+    check_variant("openvino", variant, precisions(), mixes=True)
     core = ov.Core()
     model = core.read_model(path)
     batch = int(protocol.get("batch", 1))

@@ -58,13 +58,6 @@ def _manifest(path: str) -> dict:
     return {}
 
 
-def check_variant(variant: str) -> None:
-    supported = sorted({p for ps in precisions().values() for p in ps})
-    if variant not in supported:
-        raise ValueError(f"tensorrt runtime does not run {variant!r} (supported: "
-                         f"{', '.join(supported)}); refusing to fall back to float")
-
-
 def engine_cache_key(onnx_sha256: str, trt_version: str, gpu: str, capability: str,
                      settings: dict) -> str:
     """Name of a cached engine: any change of file, TensorRT, GPU or builder settings is a
@@ -162,12 +155,12 @@ def load(path: str, protocol: dict):
     import tensorrt as trt
     import torch
 
-    from . import Loaded
+    from . import Loaded, check_variant
 
     version()
     manifest = _manifest(path)
     variant = manifest.get("variant") or protocol.get("variant") or "fp32"
-    check_variant(variant)
+    check_variant("tensorrt", variant, precisions())
     onnx_is_fp16 = manifest.get("settings", {}).get("float_dtype") == "float16"
     settings = builder_settings(variant, protocol, onnx_is_fp16)
     props = torch.cuda.get_device_properties(0)

@@ -58,13 +58,6 @@ def _variant(path: str, protocol: dict) -> str:
     return protocol.get("variant") or "fp32"
 
 
-def check_variant(variant: str) -> None:
-    supported = sorted({p for ps in precisions().values() for p in ps})
-    if variant not in supported:
-        raise ValueError(f"torch runtime does not run {variant!r} (supported: "
-                         f"{', '.join(supported)}); refusing to fall back to float")
-
-
 def _target_name(target) -> str:
     """Readable op name: `aten.convolution.default`, or a lowering's function name (`qconv`)."""
     func = getattr(target, "func", None)  # functools.partial from inductor's pattern matcher
@@ -131,10 +124,10 @@ def _register_x86_int8_passes() -> bool:
 def load(path: str, protocol: dict):
     import torch
 
-    from . import Loaded
+    from . import Loaded, check_variant
 
     variant = _variant(path, protocol)
-    check_variant(variant)
+    check_variant("torch", variant, precisions())
     mode = protocol.get("torch_mode") or "compile"
     if mode not in ("eager", "compile"):
         raise ValueError(f"torch_mode must be eager or compile, not {mode!r}")

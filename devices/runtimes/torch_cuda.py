@@ -24,9 +24,6 @@ tinygemm ops), which is how they are tested on machines without a GPU.
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 
 GROUP = 128          # int4 group size along K (also tinygemm's K tile with inner_k_tiles=8)
@@ -45,23 +42,6 @@ def version() -> str:
 def precisions() -> dict[str, list[str]]:
     return {"conv": ["fp32", "fp16", "bf16", "w8a8", "w4a16"],
             "linear": ["fp32", "fp16", "bf16", "w8a8", "w4a16"]}
-
-
-def _variant(path: str, protocol: dict) -> str:
-    mpath = path + ".manifest.json"
-    if os.path.isfile(mpath):
-        with open(mpath) as f:
-            v = json.load(f).get("variant")
-        if v:
-            return v
-    return protocol.get("variant") or "fp32"
-
-
-def check_variant(variant: str) -> None:
-    supported = sorted({p for ps in precisions().values() for p in ps})
-    if variant not in supported:
-        raise ValueError(f"torch-cuda runtime does not run {variant!r} (supported: "
-                         f"{', '.join(supported)}); refusing to fall back to float")
 
 
 # ------------------------------------------------------------------ pure kernels (CPU-testable)
@@ -330,11 +310,11 @@ class CudaEventTimer:
 def load(path: str, protocol: dict):
     import torch
 
-    from . import Loaded
+    from . import Loaded, check_variant, manifest_variant
 
     version()  # ImportError with the reason when there is no GPU
-    variant = _variant(path, protocol)
-    check_variant(variant)
+    variant = manifest_variant(path, protocol)
+    check_variant("torch-cuda", variant, precisions())
     ep = torch.export.load(path)
     if any(str(n.target).startswith("quantized_decomposed.") for n in ep.graph.nodes):
         raise ValueError("this .pt2 is a PT2E x86 INT8 program (for the `torch` CPU runtime); "
