@@ -136,7 +136,7 @@ def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Pro
         arts = {name: runner.artifact_for(model, v, work, runtime, seed=seed)
                 for name, v in variants.items()}
         ms = runner.measure_artifacts(device, runtime, model, arts, protocol, rounds=1,
-                                      store=store, run_id=run_id, kind="cost")
+                                      store=store, run_id=run_id, kind="cost", on_result=progress)
         base = median_p50(ms["uniform-" + INT8])
         if base is None:
             result.message = "the all-INT8 baseline failed on the device: " + \
@@ -187,7 +187,7 @@ def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Pro
         arts[name] = runner.artifact_for(model, cfgs[name][2], work, runtime, seed=seed)
     progress(f"{model}: re-measuring {len(picks)} chosen configuration(s) beside the baselines")
     ms = runner.measure_artifacts(device, runtime, model, arts, protocol, rounds=rounds,
-                                  store=store, run_id=run_id, kind="search")
+                                  store=store, run_id=run_id, kind="search", on_result=progress)
     acc = {n: _accuracy(entry, c[0]) for n, c in cfgs.items()}
     base_acc = {u: _accuracy(entry, variant_bit_config(folded, u.split("-")[1]))
                 for u in ("uniform-" + INT8, "uniform-" + FLOAT)}
@@ -199,6 +199,8 @@ def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Pro
         measured = {"latency_ms": median_p50(ms[name]), "energy_mj": _energy_mj(ms[name]),
                     "size_bits": a.totals.get("size_bits")}
         measured = {k: v for k, v in measured.items() if v is not None}
+        if "agreement_fp32" in acc[name]:       # no labels: agreement is kept, not called top-1
+            measured["agreement_fp32"] = acc[name]["agreement_fp32"]
         if predicted.get("latency_ms") and measured.get("latency_ms"):
             measured["latency_error"] = (predicted["latency_ms"] - measured["latency_ms"]) \
                 / measured["latency_ms"]
@@ -208,7 +210,7 @@ def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Pro
         if store is not None:
             store.add_allocation(run_id, model, device.name, runtime, name, budgets=resolved,
                                  config=cfg.to_dict(), predicted=predicted, measured=measured,
-                                 accuracy=acc[name].get("top1", acc[name].get("agreement_fp32")),
+                                 accuracy=acc[name].get("top1"),  # labelled top-1 only
                                  variant=variant)
     chosen = points_out[0]
     result.config, result.predicted = chosen["config"], chosen["predicted"]
