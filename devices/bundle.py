@@ -61,3 +61,15 @@ def to_measurement(rc: int | None, stdout: str, stderr: str, *, model: str, vari
         return Measurement.failed(**ident, failure=failure,
                                   reason=result.get("reason") or f"agent exit {rc}", **extra)
     return Measurement.from_dict({**result, **ident})
+
+
+def prepare(artifact, device: str, runtime: str, protocol: Protocol, device_power: str,
+            command_timeout_s: float | None) -> tuple[dict, Protocol, float]:
+    """What every device does before a run: the identity a failure is stored under, the
+    protocol with the device's own meter when the protocol names none, and the timeout."""
+    m = artifact.manifest
+    ident = {"model": m.get("model", "?"), "variant": m.get("variant", "?"),
+             "device": device, "runtime": runtime}
+    if protocol.power == "none" and device_power != "none":
+        protocol = Protocol.from_dict({**protocol.to_dict(), "power": device_power})
+    return ident, protocol, command_timeout_s or run_timeout(protocol)

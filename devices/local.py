@@ -76,12 +76,8 @@ class LocalDevice:
             rtol: float = 1e-3, atol: float = 1e-4) -> Measurement:
         """Time `artifact` (a quant.artifact.Artifact) here; typed failures come back as a
         failed Measurement, never as an exception."""
-        m = artifact.manifest
-        ident = {"model": m.get("model", "?"), "variant": m.get("variant", "?"),
-                 "device": self.name, "runtime": runtime}
-        if protocol.power == "none" and self.power != "none":
-            protocol = Protocol.from_dict({**protocol.to_dict(), "power": self.power})
-        timeout = self.command_timeout_s or bundle.run_timeout(protocol)
+        ident, protocol, timeout = bundle.prepare(artifact, self.name, runtime, protocol,
+                                                  self.power, self.command_timeout_s)
         try:
             with self._lock():
                 args = bundle.agent_args(os.path.abspath(artifact.path), "protocol.json", runtime,

@@ -325,12 +325,8 @@ class SSHDevice:
     def run(self, artifact, protocol: Protocol, runtime: str = "ort", reference: str | None = None,
             rtol: float = 1e-3, atol: float = 1e-4) -> Measurement:
         """Time `artifact` on the device; typed failures come back as a failed Measurement."""
-        m = artifact.manifest
-        ident = {"model": m.get("model", "?"), "variant": m.get("variant", "?"),
-                 "device": self.name, "runtime": runtime}
-        if protocol.power == "none" and self.power != "none":
-            protocol = Protocol.from_dict({**protocol.to_dict(), "power": self.power})
-        timeout = self.command_timeout_s or bundle.run_timeout(protocol)
+        ident, protocol, timeout = bundle.prepare(artifact, self.name, runtime, protocol,
+                                                  self.power, self.command_timeout_s)
         try:
             with self.connect().open_sftp() as sftp:
                 sftp.get_channel().settimeout(max(30.0, 3 * self.connect_timeout_s))  # no hangs
