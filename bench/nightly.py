@@ -187,6 +187,7 @@ def _search(cfg: Config, store, run_id: str, devs, s: Search, artifacts_dir: Pat
                          work_dir=artifacts_dir / "search", store=store, run_id=run_id,
                          sensitivity=s.sensitivity, calib_data=s.calib_data, samples=s.samples,
                          distill_iters=s.distill_iters, rounds=cfg.rounds,
+                         reuse_costs=False,  # re-measured every night; a resumed run reuses its own
                          sweep=s.sweep, points=s.points, seed=cfg.seed, progress=say)
         if res.status != "optimal":
             failures.append((name, f"{res.status}: {res.message}"))
