@@ -134,6 +134,9 @@ def quantize_model(entry: ModelEntry, config: BitConfig, *, repairs: Iterable[st
     torch.manual_seed(seed)
     model = (model if model is not None else entry.build()).eval()
     data = entry.data()
+    if qat_epochs and (data.train_x is None or data.train_y is None):
+        raise SpecError(f"model {entry.name!r} has no labelled training data: QAT "
+                        "(--qat-epochs) needs train_x and train_y from its data factory")
     notes: list[str] = []
 
     fmodel = fold_bn(model)

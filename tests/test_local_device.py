@@ -150,3 +150,26 @@ def test_cli_bench_stores_every_round(tmp_path):
         rows = store.measurements(store.latest_run())
     assert sorted(r["round"] for r in rows) == [0, 1]
     assert all(r["status"] == "ok" and r["p50_ms"] > 0 for r in rows)
+
+
+def test_a_layer_left_float_on_purpose_is_not_a_degraded_run(tmp_path):
+    """A per-layer mix keeps some layers float by design; only float kernels beyond those make
+    an integer run `degraded`."""
+    from quant.export import build_artifact
+    from quant.models import load_model
+    from quant.pipeline import variant_bit_config
+    from quant.spec import BitConfig
+    from quant.transform import fold_bn
+
+    folded = fold_bn(load_model("digits-cnn").build())
+    int8 = variant_bit_config(folded, "w8a8")
+    mix = BitConfig({k: v for k, v in int8.layers.items() if k != "fc"})   # fc stays float
+    path = tmp_path / "mix.json"
+    path.write_text(json.dumps(mix.to_dict()))
+    proto = Protocol(warmup_iters=2, warmup_s=0.0, min_iters=5, min_duration_s=0.0, threads=1)
+    dev = LocalDevice(workdir=str(tmp_path / "work"))
+    for variant, want in ((f"config:{path}", "ok"), ("w8a8", "ok")):
+        art = build_artifact("digits-cnn", variant, tmp_path / "art")
+        m = dev.run(art, proto, "ort")
+        assert m.status == want, m.reason
+        assert len(m.kernels["float"]) == (1 if variant.startswith("config:") else 0)

@@ -159,3 +159,12 @@ def test_noise_calibration_is_recorded(tmp_path):
                  "--calib-data", "noise", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["calib_data"] == "noise" and any("noise" in n for n in res["notes"])
+
+
+def test_qat_without_training_labels_is_a_one_line_error(capsys):
+    from bench.cli import main
+
+    rc = main(["quantize", "--model", "resnet18", "--w-bits", "8", "--a-bits", "8",
+               "--qat-epochs", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no labelled training data" in err[0]
