@@ -3,17 +3,20 @@
 The per-layer latency (and energy) table is measured *in context*: starting from the fastest
 uniform configuration the runtime offers (all layers at its integer precision), each layer in
 turn is switched to float and the whole network is timed end to end on the device, so the
-Q/DQ boundaries and fusions a switch brings or breaks are inside its cost. A configuration is
-then predicted as `baseline + Σ Δ(layer)` over its float layers; the ILP picks the most
+Q/DQ boundaries and fusions a switch brings or breaks are inside its cost. A layer switched
+alone pays for the boundaries around it, but two float neighbours share none, so each
+float-float edge of the graph gives back one β, fitted so that the table reproduces the
+measured all-float latency (pair terms in the ILP, exact by linearisation). A configuration is
+predicted as `baseline + Σ Δ(float layer) − β·#(float-float edges)`; the ILP picks the most
 accurate configuration (least total sensitivity) under the budgets; the pick is built,
 re-measured on the same device beside the uniform baselines, and predicted vs measured is
-stored. Prediction ignores interactions between neighbouring float layers (one Q/DQ pair
-less when two are adjacent); the stored error shows how much that costs on each device.
+stored.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +28,7 @@ from quant.spec import BitConfig, SpecError
 from . import runner
 
 FLOAT, INT8 = "fp32", "w8a8"
+ALL_FLOAT = "*"   # cost-table row holding the measured all-float latency
 
 
 @dataclass
@@ -44,6 +48,7 @@ class SearchResult:
     cost_table: list = field(default_factory=list)
     frontier: list = field(default_factory=list)
     variant: str | None = None                    # config:PATH of the chosen BitConfig
+    boundary_ms: float | None = None              # latency one float-float edge gives back
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,20 +71,58 @@ def _write_config(work: Path, name: str, config: BitConfig) -> str:
 
 
 def resolve_budgets(budgets: dict, table) -> dict[str, float]:
-    """Relative budgets ("50%") -> absolute: 0% is the smallest achievable total of that
-    column, 100% the total of the configuration that ignores it (all most-accurate choices)."""
+    """Relative budgets ("50%") -> absolute: 0% is the smallest total of that column among the
+    uniform configurations and the per-layer cheapest one, 100% the largest (pair terms in)."""
     out = {}
     for col, v in budgets.items():
         if col not in table.columns:
             raise SpecError(f"budget {col!r}: the cost table has no such column "
                             f"(has: {', '.join(table.columns)})")
         if isinstance(v, str):
-            lo = sum(min(table.costs[col][(lay, p)] for p in table.options[lay]) for lay in table.layers)
-            hi = sum(max(table.costs[col][(lay, p)] for p in table.options[lay]) for lay in table.layers)
+            cheap = {lay: min(table.options[lay], key=lambda p: table.costs[col][(lay, p)])
+                     for lay in table.layers}
+            dear = {lay: max(table.options[lay], key=lambda p: table.costs[col][(lay, p)])
+                    for lay in table.layers}
+            totals = [table.total(cfg, col) for cfg in
+                      (cheap, dear, dict.fromkeys(table.layers, FLOAT), dict.fromkeys(table.layers, INT8))
+                      if all(cfg[lay] in table.options[lay] for lay in table.layers)]
+            lo, hi = min(totals), max(totals)
             out[col] = lo + float(v.rstrip("%")) / 100.0 * (hi - lo)
         else:
             out[col] = float(v)
     return out
+
+
+def float_edges(model, layers: list[str]) -> list[tuple[str, str]]:
+    """(producer, consumer) pairs of quantizable layers joined by a tensor path through
+    non-quantizable ops only (ReLU, pooling, residual adds, flatten): where a Q/DQ pair sits
+    between two INT8 layers and none between two float ones."""
+    import torch.fx as fx
+
+    graph = fx.symbolic_trace(model).graph
+    wanted = set(layers)
+    producers: dict[fx.Node, set[str]] = {}
+    edges = []
+    for node in graph.nodes:
+        ins = {p for a in node.all_input_nodes for p in producers.get(a, ())}
+        if node.op == "call_module" and node.target in wanted:
+            edges += [(p, node.target) for p in sorted(ins)]
+            producers[node] = {node.target}
+        else:
+            producers[node] = ins
+    return edges
+
+
+def _boundary_pairs(table, edges, all_float_ms: float | None):
+    """Pair terms so that the table reproduces the measured all-float latency: switching one
+    layer to float alone pays for the Q/DQ boundaries around it, two float neighbours share
+    theirs, so each float-float edge gives back beta = (Σ Δ − measured gap) / #edges."""
+    if not edges or all_float_ms is None or math.isnan(all_float_ms) or \
+            "latency_ms" not in table.columns:
+        return table, None
+    additive = table.total(dict.fromkeys(table.layers, FLOAT), "latency_ms")
+    beta = (additive - all_float_ms) / len(edges)
+    return table.with_pairs([(a, FLOAT, b, FLOAT, {"latency_ms": -beta}) for a, b in edges]), beta
 
 
 def _accuracy(entry, config: BitConfig, fp32_logits=None) -> dict:
@@ -142,7 +185,8 @@ def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Pro
             result.message = "the all-INT8 baseline failed on the device: " + \
                 "; ".join(m.reason or "" for m in ms["uniform-" + INT8])
             return result
-        rows = []
+        rows = [{"layer": ALL_FLOAT, "precision": FLOAT,
+                 "latency_ms": median_p50(ms["uniform-" + FLOAT]) or float("nan")}]
         for lay in layers:
             lat = median_p50(ms[f"float-{lay}"])
             rows.append({"layer": lay, "precision": INT8, "latency_ms": base / len(layers)})
@@ -154,6 +198,8 @@ def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Pro
     extra = {"iters": distill_iters} if calib_data == "distilled" else {}
     x = calibration_data(calib_data, net, real=data.calib_x, n=samples,
                          input_shape=entry.input_shape, seed=seed, name=model, **extra)
+    all_float = next((r["latency_ms"] for r in rows if r["layer"] == ALL_FLOAT), None)
+    rows = [r for r in rows if r["layer"] != ALL_FLOAT]
     sens = sensitivity_table(net, x, bits=(8,), method=sensitivity, act_bits=8)
     sens_by = {(r.layer, r.precision): r for r in sens.itertuples()}
     full = []
@@ -165,8 +211,12 @@ def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Pro
     result.cost_table = full
     if store is not None:
         store.add_cost_rows(run_id, [{**r, "model": model, "device": device.name, "runtime": runtime,
-                                      "method": f"switch-one/{sensitivity}"} for r in full])
+                                      "method": f"switch-one/{sensitivity}"} for r in full] +
+                            ([{"layer": ALL_FLOAT, "precision": FLOAT, "latency_ms": all_float,
+                               "model": model, "device": device.name, "runtime": runtime,
+                               "method": "uniform"}] if all_float is not None else []))
     table = CostTable.from_rows(full)
+    table, result.boundary_ms = _boundary_pairs(table, float_edges(folded, layers), all_float)
     # (c) the ILP under the budgets
     resolved = resolve_budgets(budgets, table)
     result.resolved_budgets = resolved
@@ -255,9 +305,10 @@ def _cached_costs(store, model: str, device: str, runtime: str) -> list[dict] | 
     """The newest measured cost table for this (model, device, runtime), if any."""
     rows = [r for r in store.rows("cost_tables") if r.get("model") == model
             and r.get("device") == device and r.get("runtime") == runtime
-            and str(r.get("method", "")).startswith("switch-one")]
+            and str(r.get("method", "")).startswith("switch-one")]  # a measured table
     if not rows:
         return None
     newest = max(r["run_id"] for r in rows)
     return [{"layer": r["layer"], "precision": r["precision"], "latency_ms": r["latency_ms"]}
-            for r in rows if r["run_id"] == newest]
+            for r in store.rows("cost_tables") if r["run_id"] == newest and r["model"] == model
+            and r["device"] == device and r["runtime"] == runtime]

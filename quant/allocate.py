@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import reduce
 
 import numpy as np
@@ -42,6 +42,9 @@ class CostTable:
     options: dict[str, tuple[str, ...]]
     sensitivity: dict[tuple[str, str], float]
     costs: dict[str, dict[tuple[str, str], float]]  # column -> (layer, precision) -> value
+    # Interaction terms: (layer_a, prec_a, layer_b, prec_b, {column: value}) adds `value` to
+    # `column` when both choices are made (e.g. the Q/DQ boundary two float neighbours share).
+    pairs: tuple[tuple[str, str, str, str, dict], ...] = ()
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -86,10 +89,26 @@ class CostTable:
         """From a pandas DataFrame with the table's columns."""
         return cls.from_rows(df.to_dict("records"))
 
+    def with_pairs(self, pairs: Iterable[tuple[str, str, str, str, Mapping]]) -> CostTable:
+        """This table plus interaction terms on cost columns (validated: one ValueError line)."""
+        out = []
+        for a, pa, b, pb, values in pairs:
+            for layer, prec in ((a, pa), (b, pb)):
+                if prec not in self.options.get(layer, ()):
+                    raise ValueError(f"pair term names {layer!r} {prec!r}, not in the table")
+            unknown = set(values) - set(self.columns)
+            if unknown:
+                raise ValueError(f"pair term on unknown column(s): {', '.join(sorted(unknown))}")
+            out.append((a, pa, b, pb, {c: float(v) for c, v in values.items()}))
+        return replace(self, pairs=tuple(out))
+
     def total(self, config: Mapping[str, str], column: str) -> float:
-        """Sum of `column` ('sensitivity' or a cost column) over the layers of `config`."""
+        """Sum of `column` ('sensitivity' or a cost column) over the layers of `config`,
+        plus the pair terms whose two choices `config` makes."""
         values = self.sensitivity if column == "sensitivity" else self.costs[column]
-        return math.fsum(values[(layer, config[layer])] for layer in self.layers)
+        return math.fsum([values[(layer, config[layer])] for layer in self.layers] +
+                         [v.get(column, 0.0) for a, pa, b, pb, v in self.pairs
+                          if config.get(a) == pa and config.get(b) == pb])
 
 
 def _is_nan(v) -> bool:
@@ -242,7 +261,8 @@ def _min_alone(groups: list[_Group], j: int) -> float:
 
 
 def _ilp(groups: list[_Group], objective: list[np.ndarray],
-         rows: list[tuple[list[np.ndarray], float]]) -> list[int] | None:
+         rows: list[tuple[list[np.ndarray], float]],
+         pairs: Sequence[tuple[int, int, Sequence[float]]] = ()) -> list[int] | None:
     """min sum objective.x  s.t. one option per group, each row sum coef.x <= bound; binary x.
 
     Returns the chosen option index per group, or None if infeasible. The objective and each
@@ -268,8 +288,20 @@ def _ilp(groups: list[_Group], objective: list[np.ndarray],
     # one precision per group: sum_p x[g, p] = 1
     g_count = len(groups)
     h.addRows(g_count, np.ones(g_count), np.ones(g_count), n, starts[:-1], idx, np.ones(n))
-    for coefs, bound in rows:
-        c = np.concatenate(coefs).astype(float)
+    # pair k: y_k = x_a AND x_b, exactly: y <= x_a, y <= x_b, y >= x_a + x_b - 1, 0 <= y <= 1
+    for k, (a, b, _) in enumerate(pairs):
+        y = n + k
+        h.addVars(1, np.zeros(1), np.ones(1))
+        for lo, hi, cols, vals in ((-highspy.kHighsInf, 0.0, [y, a], [1.0, -1.0]),
+                                   (-highspy.kHighsInf, 0.0, [y, b], [1.0, -1.0]),
+                                   (-highspy.kHighsInf, 1.0, [a, b, y], [1.0, 1.0, -1.0])):
+            if a == b and len(cols) == 3:        # one variable twice: HiGHS wants it once
+                cols, vals = [a, y], [2.0, -1.0]
+            h.addRows(1, np.array([lo]), np.array([hi]), len(cols), np.array([0], dtype=np.int32),
+                      np.array(cols, dtype=np.int32), np.array(vals))
+    for r, (coefs, bound) in enumerate(rows):
+        c = np.concatenate([np.concatenate(coefs).astype(float),
+                            np.array([p[2][r] for p in pairs], dtype=float)])
         s = max(abs(bound), float(np.abs(c).max())) or 1.0
         nz = np.flatnonzero(c).astype(np.int32)
         h.addRows(1, np.array([-highspy.kHighsInf]), np.array([bound / s]), len(nz),
@@ -280,8 +312,21 @@ def _ilp(groups: list[_Group], objective: list[np.ndarray],
         return None
     if status != highspy.HighsModelStatus.kOptimal:
         raise RuntimeError(f"HiGHS stopped without an answer: {h.modelStatusToString(status)}")
-    x = np.asarray(h.getSolution().col_value)
+    x = np.asarray(h.getSolution().col_value)[:n]
     return [int(np.argmax(x[a:b])) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _pair_terms(table: CostTable, groups: list[_Group], budgets: Mapping[str, float]):
+    """The table's pair terms as (x index a, x index b, coefficient per budget row); a pair
+    whose choice a pin ruled out can never be active and is dropped."""
+    where, start = {}, 0
+    for g in groups:
+        for layer in g.layers:
+            for k, p in enumerate(g.options):
+                where[(layer, p)] = start + k
+        start += len(g.options)
+    return [(where[(a, pa)], where[(b, pb)], [v.get(c, 0.0) for c in budgets])
+            for a, pa, b, pb, v in table.pairs if (a, pa) in where and (b, pb) in where]
 
 
 def _budget_rows(table: CostTable, groups: list[_Group], budgets: Mapping[str, float]):
@@ -299,7 +344,8 @@ def solve_ilp(table: CostTable, budgets: Mapping[str, float], ties: Iterable[Seq
     """
     budgets = _check_budgets(table, budgets)
     groups = _groups(table, ties, pinned)
-    choice = _ilp(groups, [g.sens for g in groups], _budget_rows(table, groups, budgets))
+    choice = _ilp(groups, [g.sens for g in groups], _budget_rows(table, groups, budgets),
+                  _pair_terms(table, groups, budgets))
     if choice is not None:
         return _allocation(table, groups, choice, budgets)
     smallest, alone, fallback = {}, set(), {}

@@ -297,3 +297,51 @@ def test_cli_missing_column(tmp_path, capsys):
     path.write_text("layer,precision,size_bits\na,w8a8,8\n")
     assert main(["allocate", "--table", str(path), "--budget", "size_bits=8"]) == 2
     assert "missing column(s): sensitivity" in capsys.readouterr().err
+
+
+def _brute_with_pairs(table, budgets):
+    """Plain enumeration with `table.total` (pair terms included): the oracle for pairs."""
+    import itertools
+
+    best = None
+    for combo in itertools.product(*[table.options[lay] for lay in table.layers]):
+        cfg = dict(zip(table.layers, combo))
+        if all(table.total(cfg, c) <= b + 1e-9 * max(1.0, abs(b)) for c, b in budgets.items()):
+            s = table.total(cfg, "sensitivity")
+            best = s if best is None or s < best else best
+    return best
+
+
+def test_ilp_with_pair_terms_equals_enumeration():
+    """Interaction terms (both choices made -> a cost added, of either sign) are exact in the
+    ILP: y = x_a AND x_b by three linear rows."""
+    import random
+
+    for seed in range(60):
+        r = random.Random(seed)
+        n_layers, n_prec = r.randint(2, 6), r.randint(2, 3)
+        rows = [{"layer": f"l{i}", "precision": f"p{j}", "sensitivity": r.random() * (j > 0),
+                 "latency_ms": r.uniform(-1, 3), "size_bits": r.randint(1, 9)}
+                for i in range(n_layers) for j in range(n_prec)]
+        pairs = [(f"l{a}", f"p{r.randrange(n_prec)}", f"l{b}", f"p{r.randrange(n_prec)}",
+                  {"latency_ms": r.uniform(-2, 1)})
+                 for a in range(n_layers) for b in range(a + 1, n_layers) if r.random() < 0.5]
+        table = CostTable.from_rows(rows).with_pairs(pairs)
+        budgets = {"latency_ms": r.uniform(0, 2 * n_layers)}
+        if r.random() < 0.4:
+            budgets["size_bits"] = r.uniform(n_layers, 5 * n_layers)
+        got, want = solve_ilp(table, budgets), _brute_with_pairs(table, budgets)
+        assert (want is None) == (got.status == "infeasible"), seed
+        if want is not None:
+            assert got.objective == pytest.approx(want, rel=1e-7, abs=1e-9), seed
+            for c, b in budgets.items():
+                assert got.totals[c] <= b + 1e-6 * max(1.0, abs(b)), (seed, c)
+
+
+def test_pair_terms_are_validated():
+    table = CostTable.from_rows([{"layer": "a", "precision": "p", "sensitivity": 0.0,
+                                  "latency_ms": 1.0}])
+    with pytest.raises(ValueError, match="not in the table"):
+        table.with_pairs([("a", "p", "b", "p", {"latency_ms": 1.0})])
+    with pytest.raises(ValueError, match="unknown column"):
+        table.with_pairs([("a", "p", "a", "p", {"energy_mj": 1.0})])

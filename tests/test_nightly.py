@@ -88,11 +88,13 @@ def test_nightly_with_search_stores_everything_and_reports(tmp_path, monkeypatch
     assert search["predicted"]["latency_ms"] > 0 and search["measured"]["latency_ms"] > 0
     assert search["predicted"]["latency_ms"] <= search["resolved_budgets"]["latency_ms"] + 1e-9
     assert {"fastest", "most_accurate"} == set(search["baseline"])
+    assert search["boundary_ms"] is not None      # float-float edges priced from the measurements
     db = sqlite3.connect(tmp_path / "results" / "hilq.sqlite")
     kinds = dict(db.execute("select kind, count(*) from measurements group by kind").fetchall())
     assert kinds["bench"] == 4                       # 2 variants x 2 rounds
     assert kinds["cost"] == 6 + 2                    # one per layer + two uniform baselines
-    assert db.execute("select count(*) from cost_tables").fetchone()[0] == 12
+    # 6 layers x 2 precisions, plus the measured all-float latency the boundary terms are fitted to
+    assert db.execute("select count(*) from cost_tables").fetchone()[0] == 12 + 1
     assert db.execute("select count(*) from accuracy").fetchone()[0] == 2
     assert db.execute("select measured from allocations where name='chosen'").fetchone()[0]
     html = Path(out["report"]).read_text()
