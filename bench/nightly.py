@@ -11,7 +11,6 @@ overlaps a local measurement (design.md, "Measurement rules").
 
 from __future__ import annotations
 
-import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -208,8 +207,3 @@ def _search(cfg: Config, store, run_id: str, devs, s: Search, artifacts_dir: Pat
 
 def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None

@@ -125,7 +125,7 @@ def _boundary_pairs(table, edges, all_float_ms: float | None):
     return table.with_pairs([(a, FLOAT, b, FLOAT, {"latency_ms": -beta}) for a, b in edges]), beta
 
 
-def _accuracy(entry, config: BitConfig, fp32_logits=None) -> dict:
+def _accuracy(entry, config: BitConfig) -> dict:
     """Top-1 on labelled data through the fake-quant model (ONNX Runtime agrees with it within
     0.3 pt: see the export tests), else top-1 agreement with the float model."""
     import torch
