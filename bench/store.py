@@ -2,7 +2,8 @@
 accuracy and regression verdict, behind one module.
 
 SQLAlchemy Core against SQLite by default (`results/hilq.sqlite`); a database URL
-(`postgresql://...`) goes through the same code, so a team can share nightly history.
+(`postgresql://...`, driven by psycopg 3: `pip install 'hilq[postgres]'`) goes through the
+same code, so a team can share nightly history; the tests run it against a real server.
 Writes happen in transactions (`with store.transaction():`), and every row that a run
 produces has a natural key, so a run killed half-way can be re-run: what is already stored is
 skipped (`done_keys`) and a repeated insert is a no-op, never a duplicate.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -251,11 +253,14 @@ def library_versions() -> dict:
 
 
 def resolve_url(url_or_path: str | Path | None = None) -> str:
-    """`None` -> $HILQ_DB or results/hilq.sqlite; a plain path -> SQLite; a URL as given."""
+    """`None` -> $HILQ_DB or results/hilq.sqlite; a plain path -> SQLite; a URL as given,
+    except that a bare `postgresql://` (or `postgres://`) gets the psycopg 3 driver hilq ships
+    with instead of SQLAlchemy's default psycopg2."""
     target = url_or_path if url_or_path not in (None, "") else os.environ.get("HILQ_DB")
     target = str(target) if target else str(DEFAULT_PATH)
     if "://" in target:
-        return target
+        scheme, rest = target.split("://", 1)
+        return f"postgresql+psycopg://{rest}" if scheme in ("postgresql", "postgres") else target
     path = Path(target).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path.resolve()}"
@@ -462,7 +467,7 @@ class Store:
                 return False
             did = self._ensure_device(c, m.device, m.facts)
             vid = self._ensure_variant(c, m.model, m.variant, m.artifact_sha256, bit_config)
-            c.execute(measurements.insert().values(
+            return _insert_ignore(c, measurements, dict(
                 **key, device_id=did, variant_id=vid, status=m.status, failure=m.failure,
                 reason=m.reason, busy=bool((m.load or {}).get("busy", False)),
                 **{f"{s}_ms": _num(lat.get(s)) for s in ("p50", "p90", "p99", "mean", "std",
@@ -478,21 +483,20 @@ class Store:
                 harness_overhead_ms=_num(getattr(m, "harness_overhead_ms", None)),
                 extra=dumps(_extra_fields(m)), artifact_sha256=m.artifact_sha256,
                 created=now()))
-        return True
 
     def _ensure_device(self, c: sa.Connection, name: str, facts: dict) -> str:
         did = device_id(name, facts)
         if not c.execute(sa.select(devices.c.id).where(devices.c.id == did)).first():
-            c.execute(devices.insert().values(id=did, name=name, facts=dumps(facts or {}),
-                                              first_seen=now()))
+            _insert_ignore(c, devices, dict(id=did, name=name, facts=dumps(facts or {}),
+                                            first_seen=now()))
         return did
 
     def _ensure_variant(self, c, model, name, artifact_sha256, bit_config) -> str:
         vid = variant_id(model, name, artifact_sha256, bit_config)
         if not c.execute(sa.select(variants.c.id).where(variants.c.id == vid)).first():
-            c.execute(variants.insert().values(id=vid, model=model, name=name,
-                                               artifact_sha256=artifact_sha256,
-                                               bit_config=dumps(bit_config)))
+            _insert_ignore(c, variants, dict(id=vid, model=model, name=name,
+                                             artifact_sha256=artifact_sha256,
+                                             bit_config=dumps(bit_config)))
         return vid
 
     def done_keys(self, run_id: str, *, kind: str | None = None,
@@ -542,8 +546,8 @@ class Store:
                 if k not in have:
                     have.add(k)
                     new.append({**{c_: None for c_ in cols}, **row, "run_id": run_id})
-            if new:
-                c.execute(cost_tables.insert(), new)
+            for row in new:
+                _insert_ignore(c, cost_tables, row)
         return len(new)
 
     def add_allocation(self, run_id: str, model: str, device: str, runtime: str, name: str,
@@ -573,8 +577,7 @@ class Store:
             if c.execute(sa.select(table.c.id).where(
                     *[table.c[k] == v for k, v in key.items()])).first():
                 return False
-            c.execute(table.insert().values(**key, **values))
-        return True
+            return _insert_ignore(c, table, {**key, **values})
 
     # ---------------------------------------------------------------- history & regressions
     def history(self, model: str, variant: str, device: str, runtime: str,
@@ -752,7 +755,28 @@ def open_store(url_or_path: str | Path | None = None) -> Store:
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, sa.exc.OperationalError,
             ModuleNotFoundError) as e:
         why = str(getattr(e, "orig", None) or e).splitlines()[0]
+        if isinstance(e, ModuleNotFoundError) and "psycopg" in why:
+            why += " (pip install 'hilq[postgres]')"
         raise StoreError(f"cannot open store {_redact(url)}: {why}") from None
+
+
+def _insert_ignore(c: sa.Connection, table: Table, values: dict) -> bool:
+    """Insert one row unless a unique key already holds it; True if it was inserted. Two
+    writers racing for the same row (say the same device, registered by both) both succeed:
+    ON CONFLICT DO NOTHING waits for the other's commit instead of raising a key violation.
+    Other databases get a savepoint around a plain insert."""
+    name = c.dialect.name
+    if name in ("sqlite", "postgresql"):
+        dialect = importlib.import_module(f"sqlalchemy.dialects.{name}")
+        stmt = (dialect.insert(table).values(**values).on_conflict_do_nothing()
+                .returning(*table.primary_key.columns))
+        return c.execute(stmt).first() is not None
+    try:
+        with c.begin_nested():
+            c.execute(table.insert().values(**values))
+        return True
+    except sa.exc.IntegrityError:
+        return False
 
 
 def _redact(url: str) -> str:

@@ -137,3 +137,27 @@ def test_kill_9_mid_nightly_then_rerun_resumes_without_duplicates(tmp_path):
         rows = db.execute("select variant, round, count(*) from measurements "
                           "group by variant, round").fetchall()
     assert len(rows) == 6 and all(n == 1 for _, _, n in rows)   # 2 variants x 3 rounds, once each
+
+
+@pytest.mark.slow
+def test_two_nights_on_a_postgresql_server(tmp_path, monkeypatch, pg_url):
+    """The shared-history set-up: two nightlies write one real PostgreSQL database; the report
+    and the results CLI read it back by URL."""
+    from bench.store import open_store
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "n.toml").write_text(QUICK)
+    for night in range(2):
+        assert main(["nightly", "--config", "n.toml", "--db", pg_url,
+                     "--json", f"night{night}.json"]) == 0
+    with open_store(pg_url) as s:
+        runs = [r["id"] for r in s.runs()]
+        assert len(runs) == 2 and all(s.run(r)["status"] == "ok" for r in runs)
+        assert {len(s.measurements(r)) for r in runs} == {4}
+        assert len(s.rows("devices")) == 1                  # one machine, seen twice
+        hist = s.history("digits-cnn", "w8a8", "local", "ort", "p50")
+        assert [h["run_id"] for h in hist] == sorted(runs)
+    report = json.loads((tmp_path / "night1.json").read_text())["report"]
+    assert "data:image/png;base64," in Path(report).read_text()
+    assert main(["results", "runs", "--db", pg_url, "--json", "runs.json"]) == 0
+    assert {r["id"] for r in json.loads((tmp_path / "runs.json").read_text())["runs"]} == set(runs)

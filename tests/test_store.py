@@ -32,9 +32,18 @@ def measurement(variant="fp32", median=20.0, n=50, seed=0, device="local", **kw)
                        artifact_sha256="ab" * 32, **kw)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, tmp_path):
+    """A store URL: a real SQLite file, or a fresh database on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "hilq.sqlite")
+    else:
+        yield request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = open_store(tmp_path / "hilq.sqlite")
+def store(backend):
+    s = open_store(backend)
     yield s
     s.close()
 
@@ -50,16 +59,20 @@ def test_default_path_and_env(tmp_path, monkeypatch):
     assert st.resolve_url(None).endswith(str(tmp_path / "results" / "hilq.sqlite"))
     monkeypatch.setenv("HILQ_DB", str(tmp_path / "other.db"))
     assert st.resolve_url(None).endswith("other.db")
-    assert st.resolve_url("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert st.resolve_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert st.resolve_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert st.resolve_url("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"
 
 
-def test_pragmas_and_schema(store):
+def test_pragmas_and_schema(tmp_path):
+    store = open_store(tmp_path / "hilq.sqlite")
     with store.engine.connect() as c:
         assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert c.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
     assert store.schema_version() == st.SCHEMA_VERSION
     assert set(st.TABLES) <= set(sa.inspect(store.engine).get_table_names())
+    store.close()
 
 
 def test_run_records_provenance_and_resumes(store):
@@ -191,9 +204,8 @@ def _v1_database(path):
     return run
 
 
-def test_migration_from_older_version(tmp_path, monkeypatch):
-    path = tmp_path / "old.sqlite"
-    run = _v1_database(path)
+def test_migration_from_older_version(backend, monkeypatch):
+    run = _v1_database(backend)
     calls = []
 
     def add_note(conn):
@@ -202,18 +214,19 @@ def test_migration_from_older_version(tmp_path, monkeypatch):
 
     monkeypatch.setattr(st, "SCHEMA_VERSION", 2)
     monkeypatch.setattr(st, "MIGRATIONS", [(2, "runs.note", add_note)])
-    s = open_store(path)
+    s = open_store(backend)
     assert calls == [1] and s.schema_version() == 2
     assert "note" in {c["name"] for c in sa.inspect(s.engine).get_columns("runs")}
     assert s.run(run) is not None and count(s, "measurements") == 1
     s.close()
-    open_store(path).close()                                 # applied once only
+    open_store(backend).close()                              # applied once only
     assert calls == [1]
 
 
-def test_failed_migration_rolls_back(tmp_path, monkeypatch):
-    path = tmp_path / "old.sqlite"
-    _v1_database(path)
+def test_failed_migration_rolls_back(backend, monkeypatch):
+    """DDL and the version row go in one transaction (SQLite and PostgreSQL both have
+    transactional DDL): a migration that fails half-way leaves the old schema intact."""
+    _v1_database(backend)
 
     def half(conn):
         conn.execute(sa.text("ALTER TABLE runs ADD COLUMN note TEXT"))
@@ -222,19 +235,18 @@ def test_failed_migration_rolls_back(tmp_path, monkeypatch):
     monkeypatch.setattr(st, "SCHEMA_VERSION", 2)
     monkeypatch.setattr(st, "MIGRATIONS", [(2, "runs.note", half)])
     with pytest.raises(RuntimeError):
-        open_store(path)
-    with sqlite3.connect(path) as raw:
-        cols = {r[1] for r in raw.execute("PRAGMA table_info(runs)")}
-        assert "note" not in cols
-        assert raw.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 1
+        open_store(backend)
+    monkeypatch.setattr(st, "SCHEMA_VERSION", 1)
+    with open_store(backend) as s:
+        assert "note" not in {c["name"] for c in sa.inspect(s.engine).get_columns("runs")}
+        assert s.schema_version() == 1
 
 
-def test_newer_schema_refused(tmp_path, monkeypatch):
-    path = tmp_path / "new.sqlite"
-    _v1_database(path)
+def test_newer_schema_refused(backend, monkeypatch):
+    _v1_database(backend)
     monkeypatch.setattr(st, "SCHEMA_VERSION", 0)
     with pytest.raises(st.StoreError, match="newer"):
-        open_store(path)
+        open_store(backend)
 
 
 def test_export_and_loader(store, tmp_path):
@@ -359,6 +371,10 @@ def test_cli_results_runs_and_export(tmp_path, capsys):
     assert "unknown table" in capsys.readouterr().err
     assert main(["results", "runs", "--db", "bogus://nowhere"]) == 2
     assert "cannot open store" in capsys.readouterr().err
+    # an unreachable server (nothing listens on port 1): one line naming it, no traceback
+    assert main(["results", "runs", "--db", "postgresql://hilq:secret@127.0.0.1:1/x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot open store postgresql+psycopg://hilq:***@127.0.0.1:1/x" in err[0]
 
 
 def test_schema_compiles_for_postgresql():
@@ -388,12 +404,13 @@ def test_newer_measurement_fields_are_kept(store):
     assert row["extra"] is None
 
 
-def test_two_writers_at_once(tmp_path):
-    """Two connections writing the same file concurrently wait for each other (WAL, busy
-    timeout, BEGIN IMMEDIATE) instead of failing with 'database is locked'."""
+def test_two_writers_at_once(backend):
+    """Two connections writing the same store concurrently, both registering the same device
+    and variants first, neither fails: on SQLite they wait for each other (WAL, busy timeout,
+    BEGIN IMMEDIATE), on PostgreSQL the loser of an insert race reuses the winner's row."""
     import threading
 
-    path = tmp_path / "hilq.sqlite"
+    path = backend
     run = open_store(path).begin_run({"shared": True})
     errors = []
 
@@ -417,5 +434,6 @@ def test_two_writers_at_once(tmp_path):
     assert errors == []
     s = open_store(path)
     assert count(s, "measurements") == 30 and count(s, "accuracy") == 30
-    assert s.integrity_check() == "ok"
+    assert count(s, "devices") == 1 and count(s, "variants") == 2
+    assert s.integrity_check() in ("ok", "n/a")
     s.close()
