@@ -8,6 +8,7 @@ A variant whose round fails is stored as that typed failure; the other variants 
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -135,13 +136,16 @@ def bench_variants(model: str, variants, device, runtime: str, protocol: Protoco
                    rounds: int = 3, out_dir: str | None = None, reference: str | None = None,
                    store=None, run_id: str | None = None) -> list[Measurement]:
     """Build (or take prebuilt) artifacts, measure them in `rounds` alternating rounds, and
-    return one combined Measurement per variant, in the order given."""
+    return one combined Measurement per variant, in the order given. Artifacts built without
+    an `out_dir` go to a temporary folder that is removed afterwards."""
     protocol = protocol or Protocol()
-    out_dir = out_dir or tempfile.mkdtemp(prefix="hilq-artifacts-")
-    arts = {}
-    for v in variants:
-        art = artifact_for(model, v, out_dir, runtime, seed=protocol.seed)
-        arts[art.manifest.get("variant", "?") if isinstance(v, Artifact) else v] = art
-    per = measure_artifacts(device, runtime, model, arts, protocol, rounds, store, run_id,
-                            reference=reference)
+    with contextlib.ExitStack() as stack:
+        if out_dir is None:
+            out_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="hilq-artifacts-"))
+        arts = {}
+        for v in variants:
+            art = artifact_for(model, v, out_dir, runtime, seed=protocol.seed)
+            arts[art.manifest.get("variant", "?") if isinstance(v, Artifact) else v] = art
+        per = measure_artifacts(device, runtime, model, arts, protocol, rounds, store, run_id,
+                                reference=reference)
     return [combine(runs, protocol.seed) for runs in per.values()]

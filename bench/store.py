@@ -586,8 +586,8 @@ class Store:
                 respect_resets: bool = True) -> list[dict]:
         """Per run (oldest first, the last `last_n`, none before the latest baseline reset
         unless `respect_resets` is False, started before `before_run` or up to and including
-        `through_run`): run_id, started, value (median over rounds of `metric`) and, if asked,
-        the raw samples of all its rounds. Failed runs and measurements are left out."""
+        `through_run`): run_id, started, value (median over rounds of `metric`), rounds (each
+        round's value, sorted) and, if asked, the raw samples of all its rounds. Failed runs and measurements are left out."""
         col = measurements.c[METRICS[metric]]
         m, r = measurements.c, runs.c
         where = [m.model == model, m.variant == variant, m.device == device,
@@ -622,8 +622,8 @@ class Store:
                 e["samples"].extend(json.loads(raw))
         out = []
         for e in per_run.values():
-            vals = sorted(e.pop("values"))
-            e["value"] = _median(vals)
+            e["rounds"] = sorted(e.pop("values"))
+            e["value"] = _median(e["rounds"])
             if not samples:
                 e.pop("samples")
             out.append(e)

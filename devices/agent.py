@@ -276,7 +276,8 @@ def run(args) -> dict:
         raise Failure("unsupported", f"runtime {args.runtime} not available here: {e}") from e
     facts = device_facts([args.runtime])
     try:
-        loaded = rt.load(args.artifact, protocol)
+        scratch = {"scratch_dir": os.path.abspath(args.scratch)} if args.scratch else {}
+        loaded = rt.load(args.artifact, {**protocol, **scratch})
     except Exception as e:  # noqa: BLE001 — the engine's own error, typed
         raise Failure("runtime_error", f"{args.runtime} could not load the artifact: "
                       f"{type(e).__name__}: {e}") from e
@@ -392,6 +393,7 @@ def main(argv=None) -> int:
     p.add_argument("--reference")
     p.add_argument("--rtol", type=float, default=1e-3)
     p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--scratch", help="folder for the engine's scratch files (default: $TMPDIR)")
     try:
         args = p.parse_args(argv)
     except SystemExit:

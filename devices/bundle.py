@@ -24,7 +24,10 @@ def files() -> list[tuple[Path, str]]:
 
 def agent_args(artifact: str, protocol: str, runtime: str, reference: str | None = None,
                rtol: float = 1e-3, atol: float = 1e-4) -> list[str]:
-    args = ["agent.py", "--artifact", artifact, "--protocol", protocol, "--runtime", runtime]
+    # --scratch .: engine scratch files live in the session folder the device removes, so
+    # even an agent killed at a timeout leaves nothing behind
+    args = ["agent.py", "--artifact", artifact, "--protocol", protocol, "--runtime", runtime,
+            "--scratch", "."]
     if reference:
         args += ["--reference", reference, "--rtol", repr(rtol), "--atol", repr(atol)]
     return args

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import weakref
 
 import numpy as np
 
@@ -106,7 +108,7 @@ def load(path: str, protocol: dict):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     providers = protocol.get("providers") or ["CPUExecutionProvider"]
-    tmp = tempfile.mkdtemp(prefix="hilq-ort-")
+    tmp = tempfile.mkdtemp(prefix="hilq-ort-", dir=protocol.get("scratch_dir"))
     optimized = os.path.join(tmp, "optimized.onnx")
     so.optimized_model_filepath = optimized
     so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
@@ -125,7 +127,7 @@ def load(path: str, protocol: dict):
         try:
             sess = ort.InferenceSession(path, so, providers=providers)
         except Exception:
-            _remove(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
     batch = int(protocol.get("batch", 1))
     inputs = []
@@ -149,11 +151,7 @@ def load(path: str, protocol: dict):
                 pass
         return classify(_profiled_ops(path, providers, inputs))
 
-    return Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels,
-                  close=lambda: _remove(tmp))
-
-
-def _remove(folder: str) -> None:
-    for name in os.listdir(folder):
-        os.unlink(os.path.join(folder, name))
-    os.rmdir(folder)
+    loaded = Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels)
+    # the optimized-model folder goes on close(), or when the session is dropped, or at exit
+    loaded.close = weakref.finalize(loaded, shutil.rmtree, tmp, True)
+    return loaded
