@@ -228,6 +228,7 @@ class LayerInfo:
     params: int        # weight elements
     bias: int          # bias elements (kept in 32 bits)
     macs: int          # multiply-accumulates per sample
+    shape: tuple[int, ...] = ()   # weight shape: how many scales a granularity needs
 
 
 @torch.no_grad()
@@ -247,7 +248,7 @@ def layer_infos(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Lay
             kind = "conv" if isinstance(layer, nn.Conv2d) else "linear"
             infos[name] = LayerInfo(name, kind, layer.weight.numel(),
                                     layer.bias.numel() if layer.bias is not None else 0,
-                                    per_out * outputs)
+                                    per_out * outputs, tuple(layer.weight.shape))
         hooks.append(m.register_forward_hook(hook))
     try:
         model(torch.zeros((1, *input_shape)))
@@ -257,13 +258,35 @@ def layer_infos(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Lay
     return infos
 
 
+SCALE_BITS = 32   # scales are float32 in the exported files (Q/DQ and MatMulNBits alike)
+
+
+def qparam_count(info: LayerInfo, spec) -> int:
+    """How many (scale, zero-point) pairs a weight spec stores for this layer: one, one per
+    output channel, or one per group of the flattened reduction axis (`_weight_view_spec`)."""
+    if spec.granularity == "tensor" or not info.shape:
+        return 1
+    out = info.shape[0]
+    if spec.granularity == "channel":
+        return out
+    return out * -(-(info.params // out) // spec.group_size)
+
+
 def size_bits(infos: dict[str, LayerInfo], config: BitConfig, float_bits: int = 32) -> int:
-    """Weight storage in bits: quantized weights at their precision, scales not counted
-    (they are per channel/group: small, and listed separately by export); biases 32 bits."""
+    """Weight storage in bits, as a deployment stores it: quantized weights at their
+    precision, plus a 32-bit scale per tensor/channel/group and, for asymmetric grids, a
+    zero-point at the weight precision (group-wise INT4 with group 32 pays 1 bit per weight
+    for its scales: not negligible); biases 32 bits."""
     total = 0
     for name, info in infos.items():
-        w = config.get(name).w_bits or float_bits
-        total += info.params * w + info.bias * 32
+        spec = config.get(name).weight
+        total += info.bias * 32
+        if spec is None:
+            total += info.params * float_bits
+            continue
+        qparams = qparam_count(info, spec)
+        total += info.params * spec.bits + qparams * (
+            SCALE_BITS + (0 if spec.symmetric else spec.bits))
     return total
 
 

@@ -134,7 +134,12 @@ def test_pipeline_weight_only_transformer_sizes_and_agreement():
     biases = sum(model.get_submodule(n).bias.numel() for n in cfg.layers)
     others = sum(p.numel() for p in model.parameters()) - linear - biases
     assert res.fp32_size_bytes == 4 * sum(p.numel() for p in model.parameters())
-    assert res.quant_size_bytes == linear // 2 + 4 * (biases + others)
+    # 4-bit codes + one float32 scale (and a 4-bit zero-point if asymmetric) per 128-group
+    qparam_bits = 0
+    for n, p in cfg.layers.items():
+        out_f, in_f = model.get_submodule(n).weight.shape
+        qparam_bits += out_f * -(-in_f // 128) * (32 + (0 if p.weight.symmetric else 4))
+    assert res.quant_size_bytes == (linear * 4 + qparam_bits) // 8 + 4 * (biases + others)
 
 
 def test_group_granularity_falls_back_per_layer_with_a_note():
@@ -168,3 +173,25 @@ def test_qat_without_training_labels_is_a_one_line_error(capsys):
                "--qat-epochs", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "no labelled training data" in err[0]
+
+
+def test_size_counts_scales_and_zero_points_by_granularity():
+    """Group-wise INT4 with group 32 stores a float32 scale per 32 weights: 5 bits/weight,
+    not 4; asymmetric grids add a zero-point per scale; float layers stay 32 bits."""
+    from torch import nn
+
+    from quant.spec import BitConfig, LayerPrecision, QuantSpec
+    from quant.transform import layer_infos, size_bits
+
+    model = nn.Sequential(nn.Linear(64, 16, bias=False), nn.ReLU(), nn.Linear(16, 4))
+    infos = layer_infos(model, (64,))
+    assert infos["0"].shape == (16, 64)
+
+    def bits(spec: QuantSpec) -> int:
+        return size_bits(infos, BitConfig({"0": LayerPrecision(spec)})) - 4 * 16 * 32 - 4 * 32
+
+    assert bits(QuantSpec(4, granularity="group", group_size=32)) == 16 * 64 * 4 + 16 * 2 * 32
+    assert bits(QuantSpec(4, granularity="group", group_size=32)) / (16 * 64) == 5.0
+    assert bits(QuantSpec(8, granularity="channel")) == 16 * 64 * 8 + 16 * 32
+    assert bits(QuantSpec(8, symmetric=False)) == 16 * 64 * 8 + 32 + 8
+    assert size_bits(infos, BitConfig({})) == (16 * 64 + 16 * 4 + 4) * 32
