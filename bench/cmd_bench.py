@@ -1,5 +1,7 @@
-"""`hilq bench`: variants of a model on one device and runtime, measured in alternating
-rounds by the on-device agent; prints a table and writes `--json OUT` with `measurements`."""
+"""`hilq bench`: variants of a model × devices, on one runtime, measured in alternating
+rounds by the on-device agent (devices one after another, each exclusive); the measurements
+go into the results store (`--db`, default `results/hilq.sqlite`; `--no-store` to skip);
+prints a table and writes `--json OUT` with `measurements`."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def add_arguments(p):
     p.add_argument("--variants", default="fp32", help="comma-separated: fp32,w8a8,...")
     p.add_argument("--artifact", action="append", default=[], metavar="FILE",
                    help="a prebuilt artifact (FILE + FILE.manifest.json); repeatable")
-    p.add_argument("--device", default="local")
+    p.add_argument("--device", default="local",
+                   help="device name(s) from the inventory, comma-separated (default local)")
     p.add_argument("--runtime", default="ort", choices=NAMES)
     p.add_argument("--inventory", help="devices.toml (not needed for --device local)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
@@ -38,8 +41,10 @@ def add_arguments(p):
         kind = type(getattr(defaults, name))
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help=f"protocol {name} (default {getattr(defaults, name)})")
-    p.add_argument("--store", metavar="URL", help="also store into this results store "
-                   "(SQLite path or database URL)")
+    p.add_argument("--db", "--store", dest="db", metavar="URL|PATH",
+                   help="results store (SQLite path or database URL; default $HILQ_DB or "
+                        "results/hilq.sqlite)")
+    p.add_argument("--no-store", action="store_true", help="measure without storing")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write measurements as JSON")
 
 
@@ -59,34 +64,34 @@ def run(args) -> int:
     if args.rounds < 1:
         raise UserError("--rounds must be at least 1")
     devs = inventory.load(args.inventory)
-    device = inventory.open_device(args.device, devs)
+    names = [d.strip() for d in args.device.split(",") if d.strip()]
+    devices = [inventory.open_device(n, devs) for n in names]   # all checked before any runs
     variants = [Artifact.load(a) for a in args.artifact] if args.artifact else \
         [v.strip() for v in args.variants.split(",") if v.strip()]
     protocol = _protocol(args)
     store = run_id = None
-    if args.store:
-        from bench.store import Store, resolve_url
+    if not args.no_store:
+        from bench.store import open_store
 
-        store = Store(resolve_url(args.store))
+        store = open_store(args.db)
         run_id = store.begin_run({"command": "bench", "model": args.model, "variants": args.variants,
-                                  "device": args.device, "runtime": args.runtime,
+                                  "devices": names, "runtime": args.runtime,
                                   "protocol": protocol.to_dict()}, resume=False)
+    ms = []
     try:
-        ms = bench_variants(args.model or "", variants, device, args.runtime, protocol,
-                            rounds=args.rounds, reference=args.reference, store=store,
-                            run_id=run_id)
+        for device in devices:
+            ms += bench_variants(args.model or "", variants, device, args.runtime, protocol,
+                                 rounds=args.rounds, reference=args.reference, store=store,
+                                 run_id=run_id)
         if store is not None:
             store.finish_run(run_id, "ok" if all(m.ok for m in ms) else "failed")
-    except ModuleNotFoundError as e:
-        if e.name == "quant.export":
-            raise UserError("building variants needs quant.export (not available yet); "
-                            "pass prebuilt artifacts with --artifact") from e
-        raise
+            print(f"stored as run {run_id} in {store.name}")
     finally:
-        device.close()
+        for device in devices:
+            device.close()
         if store is not None:
             store.close()
-    print(f"{'variant':10} {'status':8} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
+    print(f"{'device':10} {'variant':10} {'status':8} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
           f"{'cv(p50)':>8} {'samples/s':>10} {'J/inf':>9}")
     for m in ms:
         lat = m.latency_ms or {}
@@ -95,12 +100,12 @@ def run(args) -> int:
         def f(x, fmt="9.3f"):
             return format(x, fmt) if isinstance(x, (int, float)) else "-".rjust(int(fmt.split(".")[0]))
 
-        print(f"{m.variant:10} {m.status:8} {f(lat.get('p50'))} {f(lat.get('p90'))} "
+        print(f"{m.device:10} {m.variant:10} {m.status:8} {f(lat.get('p50'))} {f(lat.get('p90'))} "
               f"{f(lat.get('p99'))} {f(cv, '8.2%')} {f(m.throughput, '10.1f')} "
               f"{f(m.energy_j_per_inference, '9.4f')}" + (f"  {m.failure}: {m.reason}"
                                                           if not m.ok else ""))
         if m.ok and m.reason:
-            print(f"{'':10} note: {m.reason}")
+            print(f"{'':21} note: {m.reason}")
     if args.json_out:
         out = {"measurements": [{k: m.to_dict()[k] for k in _REPORTED} for m in ms]}
         with open(args.json_out, "w") as fh:

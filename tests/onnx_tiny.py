@@ -36,12 +36,13 @@ def tiny_artifact(dir: Path, variant: str = "fp32", **kw) -> Artifact:
     return Artifact.create(path, model="tiny", variant=variant, input_shape=[1, kw.get("width", 64)])
 
 
-def reference_npz(artifact: Artifact, path: Path, scale: float = 1.0) -> Path:
-    """Inputs and the outputs ONNX Runtime gives for them (times `scale`, to make a wrong one)."""
+def reference_npz(artifact: Artifact, path: Path, scale: float = 1.0, n: int = 2) -> Path:
+    """`n` inputs and the outputs ONNX Runtime gives for them (times `scale`, to make a wrong
+    one)."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(artifact.path, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(1).standard_normal((2, sess.get_inputs()[0].shape[1])).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((n, sess.get_inputs()[0].shape[1])).astype(np.float32)
     (y,) = sess.run(None, {"x": x})
     np.savez(path, **{"input:x": x, "output:0": y * scale})
     return Path(path)

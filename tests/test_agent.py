@@ -88,6 +88,22 @@ def test_reference_check_and_wrong_answer(bundle_dir, art, tmp_path):
     assert rc == 5 and out["failure"] == "wrong_answer" and not out["outputs_check"]["ok"]
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_reference_check_on_a_fixed_batch_engine(bundle_dir, art, tmp_path, batch):
+    """OpenVINO compiles the artifact for the protocol's batch (static shapes); the reference's
+    5 samples go through in slices of that batch (the last one padded), and a wrong answer is
+    still caught."""
+    pytest.importorskip("openvino")
+    good = reference_npz(art, tmp_path / "good.npz", n=5)
+    bad = reference_npz(art, tmp_path / "bad.npz", scale=1.1, n=5)
+    for ref, want_rc in ((good, 0), (bad, 5)):
+        rc, out = agent(bundle_dir, "--artifact", art.path, "--protocol", "p.json", "--runtime",
+                        "openvino", "--reference", str(ref), "--rtol", "1e-3", "--atol", "1e-4",
+                        protocol={**QUICK, "batch": batch}, tmp=tmp_path)
+        assert rc == want_rc, out
+        assert out["outputs_check"]["ok"] == (want_rc == 0)
+
+
 def test_typed_exit_codes(bundle_dir, art, tmp_path):
     rc, out = agent(bundle_dir, "--artifact", str(tmp_path / "missing.onnx"), "--protocol",
                     "p.json", protocol=QUICK, tmp=tmp_path)

@@ -108,7 +108,7 @@ def test_cli_bench_and_devices(tmp_path, capsys):
     out = tmp_path / "o.json"
     rc = cli.main(["bench", "--artifact", art.path, "--device", "local", "--runtime", "ort",
                    "--rounds", "2", "--min-iters", "20", "--min-duration-s", "0.05",
-                   "--warmup-s", "0", "--json", str(out)])
+                   "--warmup-s", "0", "--json", str(out), "--no-store"])
     assert rc == 0
     ms = json.loads(out.read_text())["measurements"]
     assert len(ms) == 1
@@ -144,11 +144,15 @@ def test_cli_bench_stores_every_round(tmp_path):
 
     art = tiny_artifact(tmp_path)
     db = tmp_path / "r.sqlite"
+    inv = tmp_path / "devices.toml"
+    inv.write_text('[devices.box]\nkind = "local"\n')
     assert cli.main(["bench", "--artifact", art.path, "--rounds", "2", "--min-iters", "10",
-                     "--min-duration-s", "0.02", "--warmup-s", "0", "--store", str(db)]) == 0
+                     "--min-duration-s", "0.02", "--warmup-s", "0", "--db", str(db),
+                     "--device", "local,box", "--inventory", str(inv)]) == 0
     with Store(resolve_url(str(db))) as store:
         rows = store.measurements(store.latest_run())
-    assert sorted(r["round"] for r in rows) == [0, 1]
+    assert sorted((r["device"], r["round"]) for r in rows) == [
+        ("box", 0), ("box", 1), ("local", 0), ("local", 1)]
     assert all(r["status"] == "ok" and r["p50_ms"] > 0 for r in rows)
 
 
