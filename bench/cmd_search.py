@@ -114,6 +114,10 @@ def run(args) -> int:
                       "-", ", ".join(f"{k} {v:.2%}" for k, v in b["accuracy"].items()))
         console.print(s)
         console.print(f"budgets: {res.resolved_budgets}; config file: {res.variant}")
+        if res.cost_noise_ms is not None:
+            console.print(f"cost table noise: the baseline's repeats spread ±{res.cost_noise_ms:.3f} "
+                          f"ms; per-layer differences below ~{2 * res.cost_noise_ms:.3f} ms are "
+                          "not resolved")
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump(res.to_dict(), fh, indent=2, default=str)

@@ -7,7 +7,15 @@ Q/DQ boundaries and fusions a switch brings or breaks are inside its cost. A lay
 alone pays for the boundaries around it, but two float neighbours share none, so each
 float-float edge of the graph gives back one β, fitted so that the table reproduces the
 measured all-float latency (pair terms in the ILP, exact by linearisation). A configuration is
-predicted as `baseline + Σ Δ(float layer) − β·#(float-float edges)`; the ILP picks the most
+predicted as `baseline + Σ Δ(float layer) − β·#(float-float edges)`.
+
+Every Δ is taken against the baseline, so an error in the baseline's one measurement would
+shift all Δ alike and add up over every float layer of a mix (a baseline read 0.3 ms high made
+a 10-float-layer mix look 3 ms fast). So the all-INT8 baseline is measured again every
+`BASELINE_EVERY` configurations and each Δ is taken against the baseline interpolated between
+the measurements around it: drift cancels, and the shared error splits into independent
+pieces. The spread of those baseline measurements is the table's noise (`cost_noise_ms`):
+a Δ smaller than about twice it is not resolved. The ILP picks the most
 accurate configuration (least total sensitivity) under the budgets; the pick is built,
 re-measured on the same device beside the uniform baselines, and predicted vs measured is
 stored.
@@ -28,6 +36,7 @@ from quant.spec import BitConfig, SpecError
 from . import runner
 
 FLOAT, INT8 = "fp32", "w8a8"
+BASELINE_EVERY = 6   # cost-table configurations between re-measurements of the baseline
 ALL_FLOAT = "*"   # cost-table row holding the measured all-float latency
 
 
@@ -49,9 +58,44 @@ class SearchResult:
     frontier: list = field(default_factory=list)
     variant: str | None = None                    # config:PATH of the chosen BitConfig
     boundary_ms: float | None = None              # latency one float-float edge gives back
+    cost_noise_ms: float | None = None            # stdev of the repeated baseline measurements
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _base_name(name: str) -> str:
+    """`uniform-w8a8@3` (the third measurement of the baseline) -> `uniform-w8a8`."""
+    return name.split("@", 1)[0]
+
+
+def _with_baselines(names: list[str], baseline: str, every: int = BASELINE_EVERY) -> list[str]:
+    """The measuring order: the baseline first, again after every `every` configurations,
+    and last (`baseline@2`, `baseline@3`, ... for the repeats)."""
+    order, k = [baseline], 1
+    for i, name in enumerate(names, 1):
+        order.append(name)
+        if i % every == 0 or i == len(names):
+            k += 1
+            order.append(f"{baseline}@{k}")
+    return order
+
+
+def _interpolated_baseline(order: list[str], p50: dict, baseline: str) -> dict | None:
+    """For each non-baseline name, the baseline's latency at its place in the order:
+    linear between the nearest good baseline measurements before and after it."""
+    marks = [(i, p50[n]) for i, n in enumerate(order) if _base_name(n) == baseline and p50[n]]
+    if not marks:
+        return None
+    out = {}
+    for i, name in enumerate(order):
+        if _base_name(name) == baseline:
+            continue
+        before = [m for m in marks if m[0] < i][-1:] or marks[:1]
+        after = [m for m in marks if m[0] > i][:1] or marks[-1:]
+        (i0, v0), (i1, v1) = before[0], after[0]
+        out[name] = v0 if i1 == i0 else v0 + (v1 - v0) * (i - i0) / (i1 - i0)
+    return out
 
 
 def median_p50(ms: list[Measurement]) -> float | None:
@@ -172,26 +216,34 @@ def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Pro
     if rows is None:
         progress(f"{model}: measuring per-layer costs on {device.name}/{runtime} "
                  f"({len(layers) + 2} configurations)")
-        variants = {"uniform-" + INT8: INT8, "uniform-" + FLOAT: FLOAT}
+        variants = {"uniform-" + FLOAT: FLOAT}
         for lay in layers:
             cfg = BitConfig({k: v for k, v in int8_cfg.layers.items() if k != lay})
             variants[f"float-{lay}"] = _write_config(work, f"{model}-float-{lay}", cfg)
-        arts = {name: runner.artifact_for(model, v, work, runtime, seed=seed)
-                for name, v in variants.items()}
+        order = _with_baselines(list(variants), "uniform-" + INT8)
+        variants["uniform-" + INT8] = INT8
+        arts = {name: runner.artifact_for(model, variants[_base_name(name)], work, runtime,
+                                          seed=seed) for name in order}
         ms = runner.measure_artifacts(device, runtime, model, arts, protocol, rounds=1,
                                       store=store, run_id=run_id, kind="cost", on_result=progress)
-        base = median_p50(ms["uniform-" + INT8])
-        if base is None:
+        p50 = {name: median_p50(ms[name]) for name in order}
+        baseline = _interpolated_baseline(order, p50, "uniform-" + INT8)
+        if baseline is None:
             result.message = "the all-INT8 baseline failed on the device: " + \
                 "; ".join(m.reason or "" for m in ms["uniform-" + INT8])
             return result
-        rows = [{"layer": ALL_FLOAT, "precision": FLOAT,
-                 "latency_ms": median_p50(ms["uniform-" + FLOAT]) or float("nan")}]
+        repeats = [p50[n] for n in order if _base_name(n) == "uniform-" + INT8 and p50[n]]
+        result.cost_noise_ms = statistics.stdev(repeats) if len(repeats) > 1 else None
+        base = statistics.median(repeats)
+        rows = [{"layer": ALL_FLOAT, "precision": FLOAT, "latency_ms":
+                 base + (p50["uniform-" + FLOAT] - baseline["uniform-" + FLOAT])
+                 if p50["uniform-" + FLOAT] else float("nan")}]
         for lay in layers:
-            lat = median_p50(ms[f"float-{lay}"])
+            lat = p50[f"float-{lay}"]
+            delta = (lat - baseline[f"float-{lay}"]) if lat else float("nan")
             rows.append({"layer": lay, "precision": INT8, "latency_ms": base / len(layers)})
             rows.append({"layer": lay, "precision": FLOAT,
-                         "latency_ms": base / len(layers) + ((lat - base) if lat else float("nan"))})
+                         "latency_ms": base / len(layers) + delta})
     # (b) sensitivity on distilled or real data
     progress(f"{model}: {sensitivity} sensitivity on {calib_data} data")
     data = entry.data()

@@ -433,11 +433,14 @@ def exhaustive(table: CostTable, budgets: Mapping[str, float], ties: Iterable[Se
     count = math.prod(len(g.options) for g in groups)
     if count > EXHAUSTIVE_LIMIT:
         raise ValueError(f"exhaustive search over {count} configurations (limit {EXHAUSTIVE_LIMIT})")
-    sens = reduce(np.add.outer, [g.sens for g in groups]).ravel()
+    pairs = _pair_masks(table, groups)
+    sens = reduce(np.add.outer, [g.sens for g in groups]).ravel() + \
+        sum((m * v.get("sensitivity", 0.0) for m, v in pairs), np.zeros(count))
     ok = np.ones(count, dtype=bool)
     for c, b in budgets.items():
         j = table.columns.index(c)
-        total = reduce(np.add.outer, [g.costs[:, j] for g in groups]).ravel()
+        total = reduce(np.add.outer, [g.costs[:, j] for g in groups]).ravel() + \
+            sum((m * v.get(c, 0.0) for m, v in pairs), np.zeros(count))
         ok &= total <= b + 1e-9 * max(1.0, abs(b))
     if not ok.any():
         return Allocation("infeasible", math.nan, {}, {}, "infeasible: no configuration meets "
@@ -445,6 +448,22 @@ def exhaustive(table: CostTable, budgets: Mapping[str, float], ties: Iterable[Se
     flat = int(np.flatnonzero(ok)[np.argmin(sens[ok])])  # first in row order among ties
     choice = np.unravel_index(flat, [len(g.options) for g in groups])
     return _allocation(table, groups, [int(k) for k in choice], budgets)
+
+
+def _pair_masks(table: CostTable, groups: list[_Group]) -> list[tuple[np.ndarray, dict]]:
+    """For each pair term: which enumerated configurations (flat, C order, as `exhaustive`
+    lays them out) make both of its choices, and its values."""
+    if not table.pairs:
+        return []
+    where = {layer: (k, g) for k, g in enumerate(groups) for layer in g.layers}
+    idx = np.indices([len(g.options) for g in groups]).reshape(len(groups), -1)
+    out = []
+    for a, pa, b, pb, values in table.pairs:
+        (ka, ga), (kb, gb) = where[a], where[b]
+        if pa in ga.options and pb in gb.options:
+            out.append(((idx[ka] == ga.options.index(pa)) & (idx[kb] == gb.options.index(pb)),
+                        values))
+    return out
 
 
 def frontier(table: CostTable, column: str, points: int,

@@ -332,8 +332,12 @@ def test_ilp_with_pair_terms_equals_enumeration():
             budgets["size_bits"] = r.uniform(n_layers, 5 * n_layers)
         got, want = solve_ilp(table, budgets), _brute_with_pairs(table, budgets)
         assert (want is None) == (got.status == "infeasible"), seed
+        # the vectorised oracle counts the pair terms too
+        assert exhaustive(table, budgets).status == got.status, seed
         if want is not None:
             assert got.objective == pytest.approx(want, rel=1e-7, abs=1e-9), seed
+            assert exhaustive(table, budgets).objective == pytest.approx(want, rel=1e-7,
+                                                                         abs=1e-9), seed
             for c, b in budgets.items():
                 assert got.totals[c] <= b + 1e-6 * max(1.0, abs(b)), (seed, c)
 

@@ -5,6 +5,7 @@ import json
 import os
 import threading
 
+import pytest
 from onnx_tiny import reference_npz, tiny_artifact
 
 from bench import cli
@@ -154,6 +155,23 @@ def test_cli_bench_stores_every_round(tmp_path):
     assert sorted((r["device"], r["round"]) for r in rows) == [
         ("box", 0), ("box", 1), ("local", 0), ("local", 1)]
     assert all(r["status"] == "ok" and r["p50_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("runtime", ["ort", "openvino"])
+def test_cli_bench_builds_checks_and_verifies_on_each_cpu_runtime(tmp_path, runtime, capsys):
+    """`hilq bench --model` end to end: artifacts built, answers checked against the
+    artifact's reference (8 samples; OpenVINO is compiled for batch 1), INT8 kernels read
+    from the engine."""
+    pytest.importorskip("openvino" if runtime == "openvino" else "onnxruntime")
+    out = tmp_path / "o.json"
+    assert cli.main(["bench", "--model", "digits-cnn", "--variants", "fp32,w8a8", "--runtime",
+                     runtime, "--rounds", "1", "--min-iters", "10", "--min-duration-s", "0.02",
+                     "--warmup-s", "0", "--no-store", "--json", str(out)]) == 0, \
+        capsys.readouterr()
+    ms = {m["variant"]: m for m in json.loads(out.read_text())["measurements"]}
+    assert all(m["status"] == "ok" and m["outputs_check"]["ok"] for m in ms.values())
+    assert ms["w8a8"]["outputs_check"]["outputs"] == 1
+    assert ms["w8a8"]["kernels"]["integer"] and not ms["w8a8"]["kernels"]["float"]
 
 
 def test_a_layer_left_float_on_purpose_is_not_a_degraded_run(tmp_path):

@@ -92,7 +92,8 @@ def test_nightly_with_search_stores_everything_and_reports(tmp_path, monkeypatch
     db = sqlite3.connect(tmp_path / "results" / "hilq.sqlite")
     kinds = dict(db.execute("select kind, count(*) from measurements group by kind").fetchall())
     assert kinds["bench"] == 4                       # 2 variants x 2 rounds
-    assert kinds["cost"] == 6 + 2                    # one per layer + two uniform baselines
+    # one per layer, all-float, and the all-INT8 baseline first, after 6 and last
+    assert kinds["cost"] == 6 + 1 + 3
     # 6 layers x 2 precisions, plus the measured all-float latency the boundary terms are fitted to
     assert db.execute("select count(*) from cost_tables").fetchone()[0] == 12 + 1
     assert db.execute("select count(*) from accuracy").fetchone()[0] == 2
