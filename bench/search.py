@@ -214,13 +214,14 @@ def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Pro
     # (a) cost table, measured on the device, cached in the store
     rows = _cached_costs(store, model, device.name, runtime) if reuse_costs and store else None
     if rows is None:
-        progress(f"{model}: measuring per-layer costs on {device.name}/{runtime} "
-                 f"({len(layers) + 2} configurations)")
         variants = {"uniform-" + FLOAT: FLOAT}
         for lay in layers:
             cfg = BitConfig({k: v for k, v in int8_cfg.layers.items() if k != lay})
             variants[f"float-{lay}"] = _write_config(work, f"{model}-float-{lay}", cfg)
         order = _with_baselines(list(variants), "uniform-" + INT8)
+        progress(f"{model}: measuring per-layer costs on {device.name}/{runtime} "
+                 f"({len(variants) + 1} configurations, the all-INT8 baseline "
+                 f"{len(order) - len(variants)} times)")
         variants["uniform-" + INT8] = INT8
         arts = {name: runner.artifact_for(model, variants[_base_name(name)], work, runtime,
                                           seed=seed) for name in order}
