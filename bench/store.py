@@ -587,7 +587,8 @@ class Store:
         """Per run (oldest first, the last `last_n`, none before the latest baseline reset
         unless `respect_resets` is False, started before `before_run` or up to and including
         `through_run`): run_id, started, value (median over rounds of `metric`), rounds (each
-        round's value, sorted) and, if asked, the raw samples of all its rounds. Failed runs and measurements are left out."""
+        round's value, sorted) and, if asked, the raw samples of all its rounds. Failed runs
+        and measurements are left out."""
         col = measurements.c[METRICS[metric]]
         m, r = measurements.c, runs.c
         where = [m.model == model, m.variant == variant, m.device == device,
