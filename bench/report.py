@@ -301,7 +301,8 @@ def _kv(d) -> str:
 def _predicted(sec, allocs) -> None:
     from matplotlib.figure import Figure
 
-    pts = [(a["name"], a["predicted"]["latency_ms"], a["measured"]["latency_ms"])
+    pts = [(a["name"], a["predicted"]["latency_ms"], a["measured"]["latency_ms"],
+            a["predicted"].get("latency_noise_ms"))
            for a in allocs if (a["predicted"] or {}).get("latency_ms") is not None
            and (a["measured"] or {}).get("latency_ms") is not None]
     if not pts:
@@ -309,10 +310,17 @@ def _predicted(sec, allocs) -> None:
         return
     fig = Figure(figsize=(5.5, 5), layout="constrained")
     ax = fig.subplots()
-    ax.scatter([p[1] for p in pts], [p[2] for p in pts], zorder=3)
-    for n, pr, me in pts:
+    # ±2σ of the cost table's baseline repeats: differences inside it are not resolved
+    xerr = [2 * p[3] if p[3] else 0.0 for p in pts]
+    ax.errorbar([p[1] for p in pts], [p[2] for p in pts], xerr=xerr, fmt="o", capsize=3,
+                zorder=3, label="config (±2σ cost-table noise)" if any(xerr) else "config")
+    for n, pr, me, _ in pts:
         ax.annotate(n, (pr, me), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    lim = [0, 1.1 * max(max(p[1], p[2]) for p in pts)]
+    # zoomed to the data: the errors that matter are a few percent of the latency
+    lo = min(min(p[1] - e, p[2]) for p, e in zip(pts, xerr))
+    hi = max(max(p[1] + e, p[2]) for p, e in zip(pts, xerr))
+    pad = max(0.05 * (hi - lo), 0.01 * hi)
+    lim = [lo - pad, hi + pad]
     ax.plot(lim, lim, "--", color="gray", label="predicted = measured")
     ax.set_xlim(lim)
     ax.set_ylim(lim)
@@ -321,8 +329,8 @@ def _predicted(sec, allocs) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     sec.img("predicted_vs_measured", fig)
-    sec.table(["config", "predicted ms", "measured ms", "error %"],
-              [[n, fmt(pr), fmt(me), fmt(100 * (me / pr - 1), 2)] for n, pr, me in pts])
+    sec.table(["config", "predicted ms", "measured ms", "error % (pred − meas) / meas"],
+              [[n, fmt(pr), fmt(me), fmt(100 * (pr / me - 1), 2)] for n, pr, me, _ in pts])
 
 
 def _trends(sec, store, run_id, results) -> None:

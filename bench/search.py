@@ -299,6 +299,8 @@ def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Pro
     points_out = []
     for name, (cfg, a, variant) in cfgs.items():
         predicted = {k: a.totals[k] for k in a.totals if k in ("latency_ms", "energy_mj", "size_bits")}
+        if result.cost_noise_ms is not None:
+            predicted["latency_noise_ms"] = result.cost_noise_ms
         measured = {"latency_ms": median_p50(ms[name]), "energy_mj": _energy_mj(ms[name]),
                     "size_bits": a.totals.get("size_bits")}
         measured = {k: v for k, v in measured.items() if v is not None}
