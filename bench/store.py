@@ -486,17 +486,15 @@ class Store:
 
     def _ensure_device(self, c: sa.Connection, name: str, facts: dict) -> str:
         did = device_id(name, facts)
-        if not c.execute(sa.select(devices.c.id).where(devices.c.id == did)).first():
-            _insert_ignore(c, devices, dict(id=did, name=name, facts=dumps(facts or {}),
-                                            first_seen=now()))
+        _insert_ignore(c, devices, dict(id=did, name=name, facts=dumps(facts or {}),
+                                        first_seen=now()))
         return did
 
     def _ensure_variant(self, c, model, name, artifact_sha256, bit_config) -> str:
         vid = variant_id(model, name, artifact_sha256, bit_config)
-        if not c.execute(sa.select(variants.c.id).where(variants.c.id == vid)).first():
-            _insert_ignore(c, variants, dict(id=vid, model=model, name=name,
-                                             artifact_sha256=artifact_sha256,
-                                             bit_config=dumps(bit_config)))
+        _insert_ignore(c, variants, dict(id=vid, model=model, name=name,
+                                         artifact_sha256=artifact_sha256,
+                                         bit_config=dumps(bit_config)))
         return vid
 
     def done_keys(self, run_id: str, *, kind: str | None = None,
@@ -574,9 +572,6 @@ class Store:
 
     def _insert_once(self, table: Table, key: dict, values: dict) -> bool:
         with self.transaction() as c:
-            if c.execute(sa.select(table.c.id).where(
-                    *[table.c[k] == v for k, v in key.items()])).first():
-                return False
             return _insert_ignore(c, table, {**key, **values})
 
     # ---------------------------------------------------------------- history & regressions

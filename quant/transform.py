@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .codebook import SCALE_BITS  # float32 scales, as the exported files store them
 from .observers import make_observer
 from .quantizer import fake_quant, minmax, qparams
 from .spec import BitConfig, QuantSpec
@@ -256,9 +257,6 @@ def layer_infos(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Lay
         for h in hooks:
             h.remove()
     return infos
-
-
-SCALE_BITS = 32   # scales are float32 in the exported files (Q/DQ and MatMulNBits alike)
 
 
 def qparam_count(info: LayerInfo, spec) -> int:
