@@ -1,0 +1,240 @@
+"""A per-layer latency model fitted to every whole-network measurement, with uncertainty.
+
+latency(config) = c + Σ_l d_l·[l float] + Σ_e b_e·[precisions differ across edge e]
+
+`d_l` is what layer l costs more in float than in INT8 (negative where float is faster),
+`b_e` what a precision boundary on the producer→consumer edge e costs (the Q or DQ node,
+layout reorders), and `c` everything the all-INT8 network costs. The engine's own profile
+gives the prior (each layer's kernel time at each precision, and the Q/DQ time per
+boundary), scaled to wall-clock time; every whole-network measurement of the model on that
+device and runtime (uniform, switched, each re-measured pick, tonight's and history's) is
+data. The fit is Bayesian linear regression: least squares on the measurements and the prior
+stacked and whitened (scipy), so each prediction carries a standard deviation, and a
+configuration far from anything measured is honestly uncertain. That uncertainty is what
+keeps the ILP from buying its pick with noise (the winner's curse): the search budgets the
+prediction plus a margin.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg
+
+FLOAT, INT8 = "fp32", "w8a8"
+PRIOR_REL_SD = 0.3     # a profiled layer cost is trusted to about ±30% (profiler vs wall clock)
+NOISE_FLOOR = 0.005    # relative noise below which no measurement is believed (0.5%)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One whole-network latency: the configuration, its median over rounds, and the
+    standard error of that median."""
+
+    config: Mapping[str, str]
+    latency_ms: float
+    se_ms: float
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Prior:
+    mean: np.ndarray
+    sd: np.ndarray
+    source: str = "profile"
+
+
+@dataclass
+class LatencyModel:
+    layers: tuple[str, ...]
+    edges: tuple[tuple[str, str], ...]
+    theta: np.ndarray
+    cov: np.ndarray
+    prior: Prior
+    observations: list[Observation] = field(default_factory=list)
+    noise_scale: float = 1.0   # sqrt(χ²/n) of the measurements, ≥ 1: noise beyond the stated se
+
+    def features(self, config: Mapping[str, str]) -> np.ndarray:
+        return features(self.layers, self.edges, config)
+
+    def predict(self, config: Mapping[str, str]) -> tuple[float, float]:
+        """(mean, sd) of the latency of `config` in ms; sd is the model's uncertainty, not
+        the noise of a future measurement."""
+        x = self.features(config)
+        return float(x @ self.theta), float(math.sqrt(max(0.0, x @ self.cov @ x)))
+
+    @property
+    def constant_ms(self) -> float:
+        return float(self.theta[0])
+
+    @property
+    def layer_delta_ms(self) -> dict[str, float]:
+        return {lay: float(v) for lay, v in zip(self.layers, self.theta[1:1 + len(self.layers)])}
+
+    @property
+    def boundary_ms(self) -> dict[tuple[str, str], float]:
+        return {e: float(v) for e, v in zip(self.edges, self.theta[1 + len(self.layers):])}
+
+    def loo(self) -> list[dict]:
+        """Leave-one-out: each observation predicted by the model fitted without it."""
+        out = []
+        for i, ob in enumerate(self.observations):
+            rest = self.observations[:i] + self.observations[i + 1:]
+            m = fit(self.layers, self.edges, self.prior, rest)
+            mean, sd = m.predict(ob.config)
+            out.append({"name": ob.name, "measured_ms": ob.latency_ms, "predicted_ms": mean,
+                        "sd_ms": sd, "error": (mean - ob.latency_ms) / ob.latency_ms})
+        return out
+
+    def costs(self) -> tuple[dict[tuple[str, str], float], list[tuple[str, str, str, str, dict]]]:
+        """The model as an ILP cost table on `latency_ms`: per-(layer, precision) values and
+        float-float pair terms, such that CostTable.total(config) equals the mean prediction.
+        A boundary costs b_e when exactly one end is float: b_e·(x_a + x_b − 2·x_a·x_b)."""
+        n = len(self.layers)
+        c, d = self.constant_ms, self.layer_delta_ms
+        per = {lay: c / n for lay in self.layers}
+        boundary = dict.fromkeys(self.layers, 0.0)
+        for (a, b), v in self.boundary_ms.items():
+            boundary[a] += v
+            boundary[b] += v
+        rows = {}
+        for lay in self.layers:
+            rows[(lay, INT8)] = per[lay]
+            rows[(lay, FLOAT)] = per[lay] + d[lay] + boundary[lay]
+        pairs = [(a, FLOAT, b, FLOAT, {"latency_ms": -2.0 * v})
+                 for (a, b), v in self.boundary_ms.items()]
+        return rows, pairs
+
+    def summary(self) -> dict:
+        """What the store and the report keep of the model."""
+        return {"constant_ms": self.constant_ms, "layer_delta_ms": self.layer_delta_ms,
+                "layer_delta_sd_ms": dict(zip(self.layers, np.sqrt(np.diag(self.cov))[
+                    1:1 + len(self.layers)].tolist())),
+                "boundary_ms": {f"{a}->{b}": v for (a, b), v in self.boundary_ms.items()},
+                "observations": len(self.observations), "noise_scale": self.noise_scale,
+                "prior": self.prior.source}
+
+
+def features(layers: Sequence[str], edges: Sequence[tuple[str, str]],
+             config: Mapping[str, str]) -> np.ndarray:
+    x = {lay: 1.0 if config.get(lay, INT8) != INT8 else 0.0 for lay in layers}
+    return np.array([1.0] + [x[lay] for lay in layers] +
+                    [x[a] + x[b] - 2.0 * x[a] * x[b] for a, b in edges])
+
+
+def fit(layers: Sequence[str], edges: Sequence[tuple[str, str]], prior: Prior,
+        observations: Iterable[Observation]) -> LatencyModel:
+    """Posterior mean and covariance of θ = [c, d_l…, b_e…] given the prior and the data."""
+    layers, edges, obs = tuple(layers), tuple(edges), list(observations)
+    k = 1 + len(layers) + len(edges)
+    if prior.mean.shape != (k,):
+        raise ValueError(f"prior has {prior.mean.shape[0]} parameters, the model {k}")
+    prior_w = np.diag(1.0 / prior.sd)
+    rows, rhs = [prior_w], [prior.mean / prior.sd]
+    if obs:
+        x = np.array([features(layers, edges, o.config) for o in obs])
+        se = np.array([o.se_ms for o in obs])
+        y = np.array([o.latency_ms for o in obs])
+        rows.append(x / se[:, None])
+        rhs.append(y / se)
+    a, b = np.vstack(rows), np.concatenate(rhs)
+    theta = scipy.linalg.lstsq(a, b)[0]
+    scale = 1.0
+    if len(obs) >= 3:   # the measurements scatter more than their se says: widen, never narrow
+        chi2 = float(np.sum(((x @ theta - y) / se) ** 2))
+        scale = max(1.0, math.sqrt(chi2 / len(obs)))
+    cov = scipy.linalg.pinvh(a.T @ a) * scale ** 2
+    return LatencyModel(layers, edges, theta, cov, prior, obs, scale)
+
+
+def observations(measured: Mapping[str, tuple[Mapping[str, str], Sequence[float]]]
+                 ) -> list[Observation]:
+    """name -> (config, p50 of each round) as Observations. The relative noise is pooled over
+    every configuration measured more than once (two or three rounds give a poor spread
+    each, but they share the machine), floored at NOISE_FLOOR; the se of a median of n
+    rounds is that noise × its latency / √n."""
+    dev = [(v / statistics.median(ps) - 1.0) ** 2 for _, ps in measured.values()
+           if len(ps) > 1 for v in ps]
+    n_multi = sum(len(ps) for _, ps in measured.values() if len(ps) > 1)
+    multi = sum(1 for _, ps in measured.values() if len(ps) > 1)
+    rel = math.sqrt(sum(dev) / max(1, n_multi - multi)) if multi else 0.0
+    rel = max(rel, NOISE_FLOOR) if multi else max(0.03, NOISE_FLOOR)  # unknown: assume 3%
+    out = []
+    for name, (cfg, ps) in measured.items():
+        med = statistics.median(ps)
+        out.append(Observation(dict(cfg), med, rel * med / math.sqrt(len(ps)), name))
+    return out
+
+
+def prior_from_profiles(layers: Sequence[str], edges: Sequence[tuple[str, str]],
+                        profiles: Iterable[tuple[Mapping[str, str], Mapping]],
+                        wall_ms: Mapping[int, float] | None = None) -> Prior:
+    """The prior from the engine's profiles: (config, profile) pairs where a profile has
+    `layer_ms` (layer -> kernel ms) and `other_ms` (everything no layer owns: Q/DQ, reorders,
+    pooling, adds). A layer's d = its float kernel time − its INT8 kernel time, over the
+    profiles that ran it at each precision; the boundary cost is the slope of `other_ms`
+    against the number of precision boundaries in the config. Profiled times are scaled to
+    wall-clock by the measured latency of the same configs (`wall_ms`: index into
+    `profiles` -> ms), since a profiler adds its own overhead and misses the gaps between
+    kernels; the unexplained rest goes to the constant, whose prior is wide."""
+    layers, edges, profs = tuple(layers), tuple(edges), list(profiles)
+    if not profs:
+        raise ValueError("no profiles to build the latency model's prior from")
+    ratios = [wall / float(profs[i][1]["total_ms"]) for i, wall in (wall_ms or {}).items()
+              if wall and profs[i][1].get("total_ms")]
+    scale = statistics.median(ratios) if ratios else 1.0
+    at: dict[tuple[str, str], list[float]] = {}
+    for cfg, p in profs:
+        for lay in layers:
+            v = (p.get("layer_ms") or {}).get(lay)
+            if v is not None:
+                at.setdefault((lay, FLOAT if cfg.get(lay, INT8) != INT8 else INT8), []).append(v)
+    int8_total = [float(p["total_ms"]) for cfg, p in profs
+                  if all(cfg.get(lay, INT8) == INT8 for lay in layers) and p.get("total_ms")]
+    base = scale * (int8_total[0] if int8_total else
+                    statistics.median(float(p.get("total_ms") or 0.0) for _, p in profs))
+    floor = max(1e-3, 0.02 * base / max(1, len(layers)))   # 2% of an average layer
+    d_mean, d_sd = [], []
+    for lay in layers:
+        f, q = at.get((lay, FLOAT)), at.get((lay, INT8))
+        if f and q:
+            d = scale * (statistics.mean(f) - statistics.mean(q))
+            d_mean.append(d)
+            d_sd.append(PRIOR_REL_SD * abs(d) + floor)
+        else:   # the profile never saw it at both precisions: know nothing but its scale
+            d_mean.append(0.0)
+            d_sd.append(base / max(1, len(layers)))
+    counts = np.array([features(layers, edges, cfg)[1 + len(layers):].sum() for cfg, _ in profs])
+    other = np.array([scale * float(p.get("other_ms") or 0.0) for _, p in profs])
+    slope = 0.0
+    if edges and counts.max() > 0 and len(set(counts.tolist())) > 1:
+        design = np.column_stack([np.ones_like(counts), counts])
+        slope = max(0.0, float(scipy.linalg.lstsq(design, other)[0][1]))
+    b_sd = slope + floor
+    return Prior(np.array([base] + d_mean + [slope] * len(edges)),
+                 np.array([0.5 * base + floor] + d_sd + [b_sd] * len(edges)))
+
+
+def flat_prior(layers: Sequence[str], edges: Sequence[tuple[str, str]], base_ms: float) -> Prior:
+    """No profile: every parameter centred on 0 (the constant on `base_ms`) with a width of
+    an average layer; the measurements alone must carry the fit."""
+    n = max(1, len(layers))
+    k = 1 + len(layers) + len(edges)
+    mean = np.zeros(k)
+    mean[0] = base_ms
+    sd = np.full(k, base_ms / n)
+    sd[0] = 0.5 * base_ms
+    return Prior(mean, sd, "flat")
+
+
+def profile_patterns(layers: Sequence[str]) -> dict[str, dict[str, str]]:
+    """The configurations profiled for the prior: all-INT8 and all-float give every layer's
+    kernel time at each precision, the two alternating mixes put a boundary on most edges."""
+    return {"uniform-" + INT8: dict.fromkeys(layers, INT8),
+            "uniform-" + FLOAT: dict.fromkeys(layers, FLOAT),
+            "alternate-a": {lay: FLOAT if i % 2 else INT8 for i, lay in enumerate(layers)},
+            "alternate-b": {lay: INT8 if i % 2 else FLOAT for i, lay in enumerate(layers)}}

@@ -1,0 +1,256 @@
+"""The closed loop: predict with a margin, solve, re-measure, refit, until the pick holds.
+
+The search is written against two callables so that the same loop runs on a real device and
+on the simulated one (`bench.simulate`): `measure(configs)` times named configurations
+(beside each other, alternating, fresh processes) and returns each one's p50 per round;
+the latency model (`bench.latmodel`) is refitted from everything measured so far.
+
+Each iteration:
+1. solve the ILP on the model's mean costs under `budget − margin`, the margin being z × the
+   pick's own prediction sd (a fixed point: the margin depends on the pick it selects), so a
+   pick is never bought with noise;
+2. measure the pick beside the uniform baselines;
+3. accept when it meets the budget within its measurement's confidence interval and the
+   prediction agrees with the measurement within the tolerance; otherwise add the
+   measurements to the fit and go again, up to `max_iters`.
+A search whose every pick missed ends `budget_missed`; one whose measured pick is within
+budget but whose model never agreed within tolerance still ends ok (the pick was measured),
+with the disagreement noted.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+
+from quant.allocate import CostTable, solve_ilp
+
+from . import latmodel
+from .latmodel import FLOAT, INT8, LatencyModel, Observation, Prior
+
+Z_MARGIN = 1.645     # one-sided 95%: the pick's prediction + margin must meet the budget
+Z_CI = 1.96          # two-sided 95% interval of a measured p50
+TOLERANCE = 0.05     # |predicted − measured| / measured above which the model is refitted
+MAX_ITERS = 3
+
+Measure = Callable[[dict[str, dict[str, str]]], dict[str, list[float]]]
+
+
+@dataclass
+class Iteration:
+    index: int
+    config: dict
+    predicted_ms: float
+    predicted_sd_ms: float
+    margin_ms: float
+    measured_ms: float | None = None
+    measured_ci_ms: float | None = None
+    error: float | None = None          # (predicted − measured) / measured
+    within_budget: bool = False
+    agrees: bool = False
+    uniform_ms: dict = field(default_factory=dict)   # the baselines measured beside it
+    loo_median_abs: float | None = None  # the model's leave-one-out error before this solve
+    note: str = ""
+
+
+@dataclass
+class LoopResult:
+    status: str                # ok | budget_missed | infeasible | failed
+    budget_ms: float
+    config: dict = field(default_factory=dict)
+    predicted_ms: float | None = None
+    predicted_sd_ms: float | None = None
+    measured_ms: float | None = None
+    measured_ci_ms: float | None = None
+    iterations: list[Iteration] = field(default_factory=list)
+    message: str = ""
+    model: LatencyModel | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("model")
+        d["model"] = self.model.summary() if self.model is not None else None
+        return d
+
+
+def uniform(layers, precision: str) -> dict[str, str]:
+    return dict.fromkeys(layers, precision)
+
+
+def resolve(budget, int8_ms: float, float_ms: float) -> float:
+    """"NN%" -> ms between the *measured* all-INT8 (0%) and all-float (100%) latencies; a
+    number passes through."""
+    if isinstance(budget, str):
+        pct = float(budget.rstrip("%"))
+        lo, hi = min(int8_ms, float_ms), max(int8_ms, float_ms)
+        return lo + pct / 100.0 * (hi - lo)
+    return float(budget)
+
+
+def ci_ms(ob: Observation) -> float:
+    return Z_CI * ob.se_ms
+
+
+def _table(model: LatencyModel, sensitivity: Mapping[tuple[str, str], float]) -> CostTable:
+    rows, pairs = model.costs()
+    return CostTable.from_rows(
+        {"layer": lay, "precision": p, "sensitivity": float(sensitivity.get((lay, p), 0.0)),
+         "latency_ms": v} for (lay, p), v in rows.items()).with_pairs(pairs)
+
+
+def choose(model: LatencyModel, sensitivity: Mapping[tuple[str, str], float], budget_ms: float,
+           z: float = Z_MARGIN, measured: Mapping[str, Observation] | None = None,
+           steps: int = 8) -> tuple[dict | None, float, str]:
+    """The least sensitive configuration whose prediction + z·sd meets the budget:
+    (config, margin used, message). Configurations already measured within the budget
+    (their measured upper CI bound) are admissible as they are."""
+    table = _table(model, sensitivity)
+
+    def sens(cfg):
+        return table.total(cfg, "sensitivity")
+
+    best, best_margin = None, 0.0
+    for ob in (measured or {}).values():
+        if ob.latency_ms + ci_ms(ob) <= budget_ms and (best is None or sens(ob.config) < sens(best)):
+            best = dict(ob.config)
+    margin, tried = 0.0, set()
+    for _ in range(steps):
+        alloc = solve_ilp(table, {"latency_ms": budget_ms - margin})
+        key = tuple(sorted(alloc.config.items())) if alloc.ok else None
+        if key is None or key in tried:
+            break
+        tried.add(key)
+        mean, sd = model.predict(alloc.config)
+        if mean + z * sd <= budget_ms * (1 + 1e-9):     # holds: try a looser margin
+            if best is None or sens(alloc.config) < sens(best):
+                best, best_margin = dict(alloc.config), margin
+            if z * sd >= margin:
+                break
+            margin = z * sd
+        else:                                            # misses: tighten by the excess
+            margin += mean + z * sd - budget_ms + 1e-9 * budget_ms
+    if best is None:
+        return None, margin, (f"no configuration is predicted under {budget_ms:.3g} ms with "
+                              f"{_confidence(z)} confidence")
+    return best, best_margin, ""
+
+
+def _confidence(z: float) -> str:
+    return f"{100 * statistics.NormalDist().cdf(z):.0f}%"
+
+
+def close_loop(layers, edges, sensitivity: Mapping[tuple[str, str], float], prior: Prior,
+               measure: Measure, budget, *, history: list[Observation] = (),
+               measured: Mapping[str, tuple[Mapping[str, str], list[float]]] | None = None,
+               z: float = Z_MARGIN, tolerance: float = TOLERANCE,
+               max_iters: int = MAX_ITERS, progress: Callable[[str], None] = lambda s: None
+               ) -> LoopResult:
+    """The whole loop for one latency budget (ms, or "NN%" between the measured uniforms).
+    `history` are earlier measurements of this model on this device and runtime (fixed
+    observations); `measured` what tonight already measured, name -> (config, p50 per round),
+    e.g. the profiled patterns' timed runs: its `uniform-*` entries stand in for the first
+    measurement of the baselines."""
+    layers, edges = tuple(layers), tuple(edges)
+    q, f = uniform(layers, INT8), uniform(layers, FLOAT)
+    rounds = {f"0:{n}": (dict(c), list(ps)) for n, (c, ps) in (measured or {}).items() if ps}
+
+    def take(names: dict[str, dict], tag: str) -> dict[str, Observation]:
+        got = measure(names)
+        for name, ps in got.items():
+            if ps:
+                rounds[f"{tag}{name}"] = (names[name], list(ps))
+        obs = {o.name: o for o in latmodel.observations(rounds)}
+        return {name: obs[f"{tag}{name}"] for name in names if f"{tag}{name}" in obs}
+
+    base = {"uniform-" + INT8: q, "uniform-" + FLOAT: f}
+    seeded = {o.name: o for o in latmodel.observations(rounds)}
+    first = {n: seeded["0:" + n] for n in base if "0:" + n in seeded}
+    if len(first) < 2:
+        first = take(base, "0:")
+    if len(first) < 2:
+        return LoopResult("failed", math.nan, message="the uniform baselines failed on the device")
+    q0, f0 = first["uniform-" + INT8], first["uniform-" + FLOAT]
+    budget_ms = resolve(budget, q0.latency_ms, f0.latency_ms)
+    fastest = min(q0, f0, key=lambda o: o.latency_ms)
+    result = LoopResult("failed", budget_ms)
+    if budget_ms < fastest.latency_ms - ci_ms(fastest):
+        result.status = "infeasible"
+        result.message = (f"budget {budget_ms:.3g} ms is below the fastest measured configuration "
+                          f"({'all-INT8' if fastest is q0 else 'all-float'} "
+                          f"{fastest.latency_ms:.3g} ± {ci_ms(fastest):.2g} ms)")
+        return result
+    for it in range(1, max_iters + 1):
+        obs = list(history) + latmodel.observations(rounds)
+        model = latmodel.fit(layers, edges, prior, obs)
+        result.model = model
+        measured = {o.name: o for o in obs}
+        cfg, margin, why = choose(model, sensitivity, budget_ms, z, measured)
+        if cfg is None:
+            result.status = "infeasible" if it == 1 else result.status
+            result.message = why
+            if it > 1:
+                result.status = "budget_missed"
+                result.message = "; ".join(m for m in (
+                    f"after {it - 1} iteration(s): {why}", _slowdown(q0, result.iterations)) if m)
+            return result
+        mean, sd = model.predict(cfg)
+        step = Iteration(it, cfg, mean, sd, margin)
+        progress(f"iteration {it}: pick {sum(v != INT8 for v in cfg.values())} of {len(layers)} "
+                 f"layers float, predicted {mean:.3f} ± {sd:.3f} ms (margin {margin:.3f}), "
+                 f"budget {budget_ms:.3f} ms")
+        got = take({"pick": cfg, "uniform-" + INT8: q, "uniform-" + FLOAT: f}, f"{it}:")
+        pick = got.get("pick")
+        step.uniform_ms = {n: o.latency_ms for n, o in got.items() if n != "pick"}
+        result.iterations.append(step)
+        if pick is None:
+            step.note = "the pick failed on the device"
+            continue
+        step.measured_ms, step.measured_ci_ms = pick.latency_ms, ci_ms(pick)
+        step.error = (mean - pick.latency_ms) / pick.latency_ms
+        step.within_budget = pick.latency_ms <= budget_ms + step.measured_ci_ms
+        step.agrees = abs(mean - pick.latency_ms) <= max(tolerance * pick.latency_ms,
+                                                         step.measured_ci_ms)
+        progress(f"iteration {it}: measured {pick.latency_ms:.3f} ± {step.measured_ci_ms:.3f} ms "
+                 f"(error {100 * step.error:+.1f}%), "
+                 f"{'within' if step.within_budget else 'MISSED'} budget")
+        if step.within_budget and step.agrees:
+            break
+    good = [s for s in result.iterations if s.within_budget]
+    final = min(good, key=lambda s: sum(sensitivity.get((k, v), 0.0) for k, v in s.config.items())) \
+        if good else result.iterations[-1]
+    result.config, result.predicted_ms, result.predicted_sd_ms = \
+        final.config, final.predicted_ms, final.predicted_sd_ms
+    result.measured_ms, result.measured_ci_ms = final.measured_ms, final.measured_ci_ms
+    result.model = latmodel.fit(layers, edges, prior, list(history) + latmodel.observations(rounds))
+    if good:
+        result.status = "ok"
+        if not final.agrees:
+            result.message = (f"the pick meets the budget but its prediction missed by "
+                              f"{100 * abs(final.error):.1f}% (tolerance {100 * tolerance:.0f}%)")
+    else:
+        result.status = "budget_missed"
+        last = result.iterations[-1]
+        result.message = (f"budget {budget_ms:.3g} ms missed after {len(result.iterations)} "
+                          f"iteration(s): the last pick measured "
+                          + (f"{last.measured_ms:.3g} ± {last.measured_ci_ms:.2g} ms"
+                             if last.measured_ms is not None else "nothing (it failed)"))
+    slow = _slowdown(q0, result.iterations)
+    if slow:
+        result.message = "; ".join(m for m in (result.message, slow) if m)
+    return result
+
+
+def _slowdown(q0: Observation, iterations: list[Iteration], limit: float = 0.1) -> str:
+    """A note when the all-INT8 baseline, re-measured beside the picks, ran more than
+    `limit` (and its CI) slower than when the budget was resolved: the machine changed."""
+    later = [it.uniform_ms.get("uniform-" + INT8) for it in iterations]
+    later = [v for v in later if v]
+    if not later:
+        return ""
+    worst = max(later)
+    if worst > q0.latency_ms * (1 + limit) + 2 * ci_ms(q0):
+        return (f"the machine ran {100 * (worst / q0.latency_ms - 1):.0f}% slower during the "
+                f"search (all-INT8 {q0.latency_ms:.3g} ms, then {worst:.3g} ms): busy?")
+    return ""

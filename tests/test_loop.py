@@ -1,0 +1,155 @@
+"""The latency model and the closed loop on the simulated device, whose truth is known."""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+
+import numpy as np
+import pytest
+
+from bench import latmodel, loop, simulate
+from bench.latmodel import FLOAT, INT8, Observation
+
+
+def _all_configs(layers):
+    for bits in itertools.product((INT8, FLOAT), repeat=len(layers)):
+        yield dict(zip(layers, bits))
+
+
+def _basis(sim):
+    """All-INT8, each layer float alone, and each edge's two ends float: enough
+    configurations to identify every parameter."""
+    q = dict.fromkeys(sim.layers, INT8)
+    out = [q] + [{**q, lay: FLOAT} for lay in sim.layers]
+    out += [{**q, a: FLOAT, b: FLOAT} for a, b in sim.edges]
+    return out
+
+
+def test_without_noise_the_fit_reproduces_every_configuration_and_the_pick_is_brute_force():
+    sim = simulate.resnet_like(7, seed=3)
+    obs = [Observation(c, sim.latency(c), 1e-6, f"c{i}") for i, c in enumerate(_basis(sim))]
+    prior = latmodel.flat_prior(sim.layers, sim.edges, 10.0)
+    model = latmodel.fit(sim.layers, sim.edges, prior, obs)
+    configs = list(_all_configs(sim.layers))
+    for cfg in configs:
+        assert model.predict(cfg)[0] == pytest.approx(sim.latency(cfg), abs=1e-6)
+    # the ILP's cost table says the same as predict(), pair terms included
+    table = loop._table(model, {})
+    for cfg in configs[::7]:
+        assert table.total(cfg, "latency_ms") == pytest.approx(model.predict(cfg)[0], abs=1e-9)
+    sens = simulate.sensitivities(sim, seed=1)
+    lo, hi = sim.latency(configs[0]), sim.latency(configs[-1])
+    for frac in (0.25, 0.5, 0.75):
+        budget = lo + frac * (hi - lo)
+        fits = [c for c in configs if sim.latency(c) <= budget]
+        best = min(fits, key=lambda c: sum(sens[(k, v)] for k, v in c.items()))
+        cfg, _, _ = loop.choose(model, sens, budget, z=0.0)
+        assert cfg == best
+
+
+def test_prediction_sd_is_small_where_measured_and_large_far_from_it():
+    sim = simulate.resnet_like(10, seed=1)
+    pats = latmodel.profile_patterns(sim.layers)
+    prior = latmodel.prior_from_profiles(sim.layers, sim.edges,
+                                         [(c, sim.profile(c)) for c in pats.values()])
+    q = dict.fromkeys(sim.layers, INT8)
+    model = latmodel.fit(sim.layers, sim.edges, prior, [Observation(q, sim.latency(q), 0.01, "q")])
+    near, far = model.predict(q)[1], model.predict(dict.fromkeys(sim.layers, FLOAT))[1]
+    assert near < 0.02 < far
+
+
+def test_prior_from_profiles_recovers_layer_deltas_and_boundary_cost():
+    sim = simulate.resnet_like(12, seed=5, profile_error=0.0, profile_scale=1.0)
+    for e in sim.edges:
+        sim.boundary_ms[e] = 0.05
+    pats = latmodel.profile_patterns(sim.layers)
+    prior = latmodel.prior_from_profiles(sim.layers, sim.edges,
+                                         [(c, sim.profile(c)) for c in pats.values()])
+    n = len(sim.layers)
+    for i, lay in enumerate(sim.layers):
+        assert prior.mean[1 + i] == pytest.approx(sim.float_ms[lay] - sim.int8_ms[lay])
+    assert prior.mean[1 + n:] == pytest.approx(np.full(len(sim.edges), 0.05))
+
+
+def test_leave_one_out_errors_are_reported_for_every_observation():
+    sim = simulate.resnet_like(8, seed=2)
+    pats = latmodel.profile_patterns(sim.layers)
+    prior = latmodel.prior_from_profiles(sim.layers, sim.edges,
+                                         [(c, sim.profile(c)) for c in pats.values()])
+    obs = [Observation(c, sim.latency(c), 0.01, f"c{i}") for i, c in enumerate(_basis(sim))]
+    model = latmodel.fit(sim.layers, sim.edges, prior, obs)
+    loo = model.loo()
+    assert [r["name"] for r in loo] == [o.name for o in obs]
+    assert statistics.median(abs(r["error"]) for r in loo) < 0.05
+
+
+def test_observations_pool_the_round_noise():
+    obs = latmodel.observations({"a": ({}, [10.0, 10.2, 9.8]), "b": ({}, [20.0, 20.4, 19.6]),
+                                 "c": ({}, [5.0])})
+    by = {o.name: o for o in obs}
+    assert by["a"].latency_ms == 10.0 and by["c"].latency_ms == 5.0
+    assert by["b"].se_ms == pytest.approx(2 * by["a"].se_ms)     # relative noise, pooled
+    assert by["c"].se_ms == pytest.approx(by["a"].se_ms / 10.0 * 5.0 * 3 ** 0.5)
+
+
+def _trials(noise: float, n: int, closed: bool, layers: int = 12) -> tuple[float, int]:
+    inside = silent = 0
+    for seed in range(n):
+        sim = simulate.resnet_like(layers, seed=seed)
+        sim.noise_ms = noise * sim.smallest_delta()
+        pats = latmodel.profile_patterns(sim.layers)
+        wall = sim.measure(pats)
+        prior = latmodel.prior_from_profiles(
+            sim.layers, sim.edges, [(c, sim.profile(c)) for c in pats.values()],
+            {i: statistics.median(wall[k]) for i, k in enumerate(pats)})
+        kw = {} if closed else {"z": 0.0, "max_iters": 1}
+        r = loop.close_loop(sim.layers, sim.edges, simulate.sensitivities(sim, seed), prior,
+                            sim.measure, ("25%", "50%", "75%")[seed % 3],
+                            measured={k: (pats[k], wall[k]) for k in pats}, **kw)
+        ok = bool(r.config) and sim.latency(r.config) <= r.budget_ms
+        inside += ok
+        silent += r.status == "ok" and not ok
+    return inside / n, silent
+
+
+@pytest.mark.parametrize("noise", [1.0, 3.0])
+def test_closed_loop_ends_within_budget_in_95_percent_of_200_trials(noise):
+    rate, silent = _trials(noise, 200, closed=True)
+    assert rate >= 0.95
+    assert silent <= 0.05 * 200
+
+
+def test_without_margin_and_loop_the_same_fit_misses_often():
+    """The same model solved against its mean with no re-measurement: the winner's curse.
+    (The closed loop's test above would fail with these settings.)"""
+    rate, _ = _trials(1.0, 60, closed=False, layers=21)
+    assert rate < 0.8
+
+
+def test_a_budget_below_the_fastest_measured_configuration_is_refused():
+    sim = simulate.resnet_like(6, seed=0, noise_ms=0.01)
+    prior = latmodel.flat_prior(sim.layers, sim.edges, 10)
+    fastest = sim.latency(dict.fromkeys(sim.layers, INT8))
+    r = loop.close_loop(sim.layers, sim.edges, simulate.sensitivities(sim), prior, sim.measure,
+                        0.8 * fastest)
+    assert r.status == "infeasible" and "below the fastest measured" in r.message
+    assert r.iterations == []
+
+
+def test_a_device_that_slows_down_after_the_solve_ends_budget_missed():
+    """The machine gets 70% slower once the search starts re-measuring picks (a CPU hog):
+    even all-INT8 misses the budget now, and the loop says so instead of reporting ok."""
+    sim = simulate.resnet_like(8, seed=4, noise_ms=0.01)
+    prior = latmodel.flat_prior(sim.layers, sim.edges, 10)
+    calls = []
+
+    def measure(configs):
+        calls.append(configs)
+        got = sim.measure(configs)
+        return {k: [1.7 * v for v in vs] if len(calls) > 1 else vs for k, vs in got.items()}
+
+    r = loop.close_loop(sim.layers, sim.edges, simulate.sensitivities(sim), prior, measure, "50%")
+    assert r.status == "budget_missed"
+    assert r.iterations and all(not it.within_budget for it in r.iterations)
+    assert "slower" in r.message
