@@ -1,6 +1,7 @@
 """`hilq nightly`: the whole loop from a config (default `configs/nightly-local.toml`: local
-CPU, ONNX Runtime, SQLite, built-in models). Exit 1 on failures, 3 on regressions with
-`--fail-on-regression`; a killed run started again resumes without duplicates."""
+CPU, ONNX Runtime, SQLite, built-in models). Exit 1 on failures, 4 when a search's pick
+missed its latency budget (`budget_missed`), 3 on regressions with `--fail-on-regression`;
+a killed run started again resumes without duplicates."""
 
 from __future__ import annotations
 
@@ -45,12 +46,15 @@ def run(args) -> int:
                   f"{r['cv_p50']:.1%}" if r["cv_p50"] is not None else "-")
     console.print(t)
     for s in res.searches:
-        if s.get("status") in ("optimal", "resumed"):
-            p, m = s.get("predicted", {}), s.get("measured", {})
+        if s.get("status") in ("ok", "budget_missed", "resumed"):
+            p, m = s.get("predicted") or {}, s.get("measured") or {}
+            missed = "budget_missed" in (s.get("status"), s.get("search_status"))
             console.print(f"search {s['model']} on {s['device']}/{s['runtime']}: "
-                          f"budget {s.get('resolved_budgets') or s.get('budgets', '')}, "
-                          f"predicted {p.get('latency_ms', float('nan')):.3f} ms, "
-                          f"measured {m.get('latency_ms', float('nan')):.3f} ms")
+                          + ("[bold red]BUDGET MISSED[/bold red] " if missed else "")
+                          + f"budget {s.get('resolved_budgets') or s.get('budgets', '')}, "
+                          f"predicted {p.get('latency_ms') or float('nan'):.3f} ms, "
+                          f"measured {m.get('latency_ms') or float('nan'):.3f} ms"
+                          + (f": {s['message']}" if s.get("message") else ""))
     for what, why in res.failures:
         console.print(f"[red]failed[/red] {what}: {why}")
     for r in res.regressions:
@@ -65,6 +69,8 @@ def run(args) -> int:
             json.dump(res.to_dict(), fh, indent=2, default=str)
     if res.failures:
         return 1
+    if res.status == "budget_missed":
+        return 4
     if res.regressions and args.fail_on_regression:
         return 3
     return 0

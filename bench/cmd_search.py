@@ -1,13 +1,20 @@
-"""`hilq search`: hardware-aware bit allocation with per-layer costs measured on the device,
-the ILP under the budgets, and the chosen configuration built and re-measured there."""
+"""`hilq search`: hardware-aware bit allocation: the engine's per-layer profile and every
+whole-network timing fitted into a latency model, the ILP under the budget minus a margin,
+the pick re-measured on the device until it holds (bench.search, bench.loop).
+
+Exit 0: the pick meets the budget as measured; 4: `budget_missed` (every pick missed it);
+2: the budget was refused (below anything measured or predicted with confidence) or bad
+input; 1: the search failed on the device."""
 
 from __future__ import annotations
 
 import json
+import statistics
 
 from bench.cli import UserError
 
-_COLUMNS = ("latency_ms", "energy_mj", "size_bits")
+_COLUMNS = ("latency_ms", "size_bits")
+EXIT = {"ok": 0, "failed": 1, "infeasible": 2, "budget_missed": 4}
 
 
 def _budget(text: str) -> tuple[str, float | str]:
@@ -32,23 +39,46 @@ def _budget(text: str) -> tuple[str, float | str]:
     return key, v
 
 
+def _max_drop(text: str) -> float:
+    key, sep, value = text.partition("=")
+    try:
+        v = float(value)
+    except ValueError:
+        v = -1.0
+    if key != "top1" or not sep or v < 0:
+        raise UserError(f"--max-drop {text!r}: expected top1=POINTS, e.g. top1=0.5")
+    return v
+
+
 def add_arguments(p):
     p.add_argument("--model", required=True)
     p.add_argument("--device", default="local")
     p.add_argument("--runtime", default="ort")
     p.add_argument("--inventory", help="devices.toml (not needed for --device local)")
     p.add_argument("--budget", action="append", default=[], metavar="COL=VALUE",
-                   help="latency_ms=4.2, energy_mj=..., size_bits=...; 'NN%%' = that share of "
-                        "the way from the smallest achievable to the all-float total; repeatable")
+                   help="latency_ms=4.2 or latency_ms=50%% (that share of the way from the "
+                        "measured all-INT8 to the all-float latency), size_bits=...; repeatable")
+    p.add_argument("--max-drop", metavar="top1=POINTS",
+                   help="instead of a latency budget: the fastest configuration losing at most "
+                        "this many top-1 points against float (measured)")
+    p.add_argument("--min-agreement", type=float, metavar="FRACTION",
+                   help="instead of a latency budget: the fastest configuration agreeing with "
+                        "float's predictions on at least this fraction of the test inputs")
+    p.add_argument("--sweep", type=int, default=0, metavar="N",
+                   help="also measure N picks from 0%% to 100%% of the latency range: the "
+                        "latency-vs-accuracy frontier")
     p.add_argument("--sensitivity", choices=("kl", "hessian"), default="kl")
     p.add_argument("--calib-data", choices=("real", "distilled", "noise"), default="real")
-    p.add_argument("--sweep", choices=_COLUMNS, help="also measure a frontier along this column")
-    p.add_argument("--points", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--min-duration-s", type=float, default=1.5)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--remeasure", action="store_true",
-                   help="measure the cost table again even if the store has one")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="one-sided confidence that the pick's prediction meets the budget")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="|predicted - measured| / measured above which the model is refitted")
+    p.add_argument("--max-iters", type=int, default=3, help="re-measure/refit iterations")
+    p.add_argument("--no-history", action="store_true",
+                   help="fit tonight's measurements only, not the store's earlier ones")
     p.add_argument("--db", help="results store (default results/hilq.sqlite)")
     p.add_argument("--work-dir", default="results/artifacts/search")
     p.add_argument("--seed", type=int, default=0)
@@ -57,7 +87,6 @@ def add_arguments(p):
 
 def run(args) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from bench.search import run_search
     from bench.store import open_store
@@ -65,10 +94,19 @@ def run(args) -> int:
     from devices.measurement import Protocol
 
     budgets = dict(_budget(b) for b in args.budget)
-    if not budgets:
-        raise UserError("give at least one --budget, e.g. --budget latency_ms=4.2")
-    if args.sweep and args.points < 2:
-        raise UserError("--points must be at least 2 with --sweep")
+    max_drop = _max_drop(args.max_drop) if args.max_drop else None
+    if args.min_agreement is not None and not 0 < args.min_agreement <= 1:
+        raise UserError(f"--min-agreement {args.min_agreement}: give a fraction in (0, 1]")
+    limited = max_drop is not None or args.min_agreement is not None
+    if ("latency_ms" in budgets) == limited:
+        raise UserError("give a latency budget (--budget latency_ms=50%) or an accuracy limit "
+                        "(--max-drop top1=0.5 / --min-agreement 0.99), one of them")
+    if args.sweep == 1 or args.sweep < 0:
+        raise UserError("--sweep N needs at least 2 points")
+    if not 0.5 <= args.confidence < 1:
+        raise UserError(f"--confidence {args.confidence}: give a value in [0.5, 1)")
+    if args.max_iters < 1 or args.tolerance <= 0:
+        raise UserError("--max-iters must be at least 1 and --tolerance positive")
     device = inventory.open_device(args.device, inventory.load(args.inventory))
     protocol = Protocol(min_duration_s=args.min_duration_s, threads=args.threads, seed=args.seed)
     console = Console(highlight=False)
@@ -77,48 +115,93 @@ def run(args) -> int:
         run_id = store.begin_run({"command": "search", "model": args.model, "device": args.device,
                                   "runtime": args.runtime, "budgets": budgets,
                                   "sensitivity": args.sensitivity, "calib_data": args.calib_data,
-                                  "sweep": args.sweep, "points": args.points}, seed=args.seed)
+                                  "confidence": args.confidence, "tolerance": args.tolerance,
+                                  "max_iters": args.max_iters}, seed=args.seed)
         res = run_search(args.model, device, args.runtime, budgets, protocol=protocol,
                          work_dir=args.work_dir, store=store, run_id=run_id,
                          sensitivity=args.sensitivity, calib_data=args.calib_data,
-                         rounds=args.rounds, sweep=args.sweep,
-                         points=args.points if args.sweep else 0,
-                         reuse_costs=not args.remeasure, seed=args.seed,
+                         rounds=args.rounds, reuse_costs=not args.no_history, seed=args.seed,
+                         z=statistics.NormalDist().inv_cdf(args.confidence),
+                         tolerance=args.tolerance, max_iters=args.max_iters,
+                         max_drop=max_drop, min_agreement=args.min_agreement, sweep=args.sweep,
                          progress=lambda s: console.print(f"[dim]{s}[/dim]"))
-        store.finish_run(run_id, "ok" if res.status == "optimal" else "failed")
+        store.finish_run(run_id, res.status if res.status in ("ok", "budget_missed") else "failed")
     finally:
         store.close()
         device.close()
-    if res.status != "optimal":
-        console.print(f"[red]{res.status}[/red]: {res.message}")
-    else:
-        t = Table(title=f"{args.model} on {args.device}/{args.runtime}")
-        t.add_column("layer")
-        t.add_column("precision")
-        for layer, prec in res.config.items():
-            t.add_row(layer, prec)
-        console.print(t)
-        rows = [("chosen", res.predicted, res.measured, res.accuracy)] + \
-               [(p["name"], p["predicted"], p["measured"], p["accuracy"]) for p in res.frontier]
-        s = Table(title="predicted vs measured")
-        for col in ("config", "pred ms", "meas ms", "error", "accuracy"):
-            s.add_column(col)
-        for name, p, m, a in rows:
-            err = m.get("latency_error")
-            s.add_row(name, f"{p.get('latency_ms', float('nan')):.3f}",
-                      f"{m.get('latency_ms', float('nan')):.3f}",
-                      f"{err:+.1%}" if err is not None else "-",
-                      ", ".join(f"{k} {v:.2%}" for k, v in a.items()))
-        for label, b in res.baseline.items():
-            s.add_row(f"{label} ({b['variant']})", "-", f"{b['latency_ms'] or float('nan'):.3f}",
-                      "-", ", ".join(f"{k} {v:.2%}" for k, v in b["accuracy"].items()))
-        console.print(s)
-        console.print(f"budgets: {res.resolved_budgets}; config file: {res.variant}")
-        if res.cost_noise_ms is not None:
-            console.print(f"cost table noise: the baseline's repeats spread ±{res.cost_noise_ms:.3f} "
-                          f"ms; per-layer differences below ~{2 * res.cost_noise_ms:.3f} ms are "
-                          "not resolved")
+    show(console, res, f"{args.model} on {args.device}/{args.runtime}")
     if args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump(res.to_dict(), fh, indent=2, default=str)
-    return 0 if res.status == "optimal" else 1
+    if res.status == "infeasible":
+        raise UserError(f"budget refused: {res.message}")
+    return EXIT.get(res.status, 1)
+
+
+def show(console, res, title: str) -> None:
+    """The search's outcome: status first (red when missed), the iterations, the pick."""
+    from rich.table import Table
+
+    if res.status in ("failed", "infeasible"):
+        if res.status == "failed":
+            console.print(f"[red]failed[/red]: {res.message}")
+        return
+    colour = "green" if res.status == "ok" else "bold red"
+    console.print(f"[{colour}]{res.status.upper()}[/{colour}] {title}: budget "
+                  f"{res.resolved_budgets['latency_ms']:.3f} ms"
+                  + (f"; {res.message}" if res.message else ""))
+    it = Table(title="iterations (pick re-measured beside the uniforms)")
+    for col in ("#", "float layers", "pred ms", "± sd", "margin", "meas ms", "± CI", "error",
+                "budget"):
+        it.add_column(col, justify="right")
+    for s in res.iterations:
+        it.add_row(str(s["index"]), str(sum(v != "w8a8" for v in s["config"].values())),
+                   f"{s['predicted_ms']:.3f}", f"{s['predicted_sd_ms']:.3f}",
+                   f"{s['margin_ms']:.3f}", _f(s["measured_ms"]), _f(s["measured_ci_ms"]),
+                   f"{s['error']:+.1%}" if s["error"] is not None else "-",
+                   "ok" if s["within_budget"] else "[red]missed[/red]")
+    console.print(it)
+    if not res.config:
+        return
+    t = Table(title="chosen configuration")
+    t.add_column("layer")
+    t.add_column("precision")
+    for layer, prec in res.config.items():
+        t.add_row(layer, prec)
+    console.print(t)
+    s = Table(title="measured beside the uniforms")
+    for col in ("config", "latency ms", "accuracy"):
+        s.add_column(col)
+    s.add_row("chosen", _f(res.measured.get("latency_ms")),
+              ", ".join(f"{k} {v:.2%}" for k, v in res.accuracy.items()))
+    for label, b in res.baseline.items():
+        s.add_row(f"{label} ({b['variant']})", _f(b["latency_ms"]),
+                  ", ".join(f"{k} {v:.2%}" for k, v in b["accuracy"].items()))
+    console.print(s)
+    if res.accuracy_checks:
+        a = Table(title="accuracy checked along the latency range")
+        for col in ("budget %", "float layers", "accuracy", "within limit"):
+            a.add_column(col)
+        for c in res.accuracy_checks:
+            a.add_row(f"{c['budget_pct']:.1f}", str(c["float_layers"]),
+                      ", ".join(f"{k} {v:.2%}" for k, v in c["accuracy"].items()),
+                      "yes" if c["within_limit"] else "no")
+        console.print(a)
+    if res.frontier:
+        fr = Table(title="latency-vs-accuracy frontier (measured)")
+        for col in ("point", "float layers", "pred ms", "meas ms", "accuracy"):
+            fr.add_column(col)
+        for p in res.frontier:
+            fr.add_row(p["name"], str(sum(v != "w8a8" for v in p["config"].values())),
+                       _f(p["predicted"].get("latency_ms")), _f(p["measured"].get("latency_ms")),
+                       ", ".join(f"{k} {v:.2%}" for k, v in p["accuracy"].items()))
+        console.print(fr)
+    if res.loo:
+        errs = sorted(abs(r["error"]) for r in res.loo)
+        console.print(f"latency model ({res.prior} prior, {len(res.loo)} measurements): "
+                      f"leave-one-out |error| median {errs[len(errs) // 2]:.1%}, "
+                      f"max {errs[-1]:.1%}; config file: {res.variant}")
+
+
+def _f(v) -> str:
+    return f"{v:.3f}" if v is not None else "-"

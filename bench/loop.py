@@ -93,31 +93,50 @@ def ci_ms(ob: Observation) -> float:
     return Z_CI * ob.se_ms
 
 
-def _table(model: LatencyModel, sensitivity: Mapping[tuple[str, str], float]) -> CostTable:
+Limits = Mapping[str, tuple[Mapping[tuple[str, str], float], float]]
+
+
+def _table(model: LatencyModel, sensitivity: Mapping[tuple[str, str], float],
+           limits: Limits | None = None) -> CostTable:
+    """The model's mean costs as an ILP table, with exact columns (size) for `limits`."""
     rows, pairs = model.costs()
+    limits = limits or {}
     return CostTable.from_rows(
         {"layer": lay, "precision": p, "sensitivity": float(sensitivity.get((lay, p), 0.0)),
-         "latency_ms": v} for (lay, p), v in rows.items()).with_pairs(pairs)
+         "latency_ms": v, **{c: float(costs[(lay, p)]) for c, (costs, _) in limits.items()}}
+        for (lay, p), v in rows.items()).with_pairs(pairs)
 
 
 def choose(model: LatencyModel, sensitivity: Mapping[tuple[str, str], float], budget_ms: float,
            z: float = Z_MARGIN, measured: Mapping[str, Observation] | None = None,
-           steps: int = 8) -> tuple[dict | None, float, str]:
-    """The least sensitive configuration whose prediction + z·sd meets the budget:
-    (config, margin used, message). Configurations already measured within the budget
-    (their measured upper CI bound) are admissible as they are."""
-    table = _table(model, sensitivity)
+           limits: Limits | None = None, steps: int = 8) -> tuple[dict | None, float, str]:
+    """The least sensitive configuration whose prediction + z·sd meets the budget (and
+    whose exact columns meet `limits`): (config, margin used, message). Configurations
+    already measured within the budget (their measured upper CI bound; the fastest one, its
+    median) are admissible."""
+    table = _table(model, sensitivity, limits)
+    others = {c: b for c, (_, b) in (limits or {}).items()}
+
+    def fits(cfg):
+        return all(table.total(cfg, c) <= b * (1 + 1e-9) for c, b in others.items())
 
     def sens(cfg):
         return table.total(cfg, "sensitivity")
 
     best, best_margin = None, 0.0
-    for ob in (measured or {}).values():
-        if ob.latency_ms + ci_ms(ob) <= budget_ms and (best is None or sens(ob.config) < sens(best)):
+    obs = list((measured or {}).values())
+    # the fastest measured uniform configuration is the floor the budget was resolved from: at or
+    # above its measured latency a budget is never refused (re-measuring it decides)
+    floor = min((o for o in obs if len(set(o.config.values())) == 1),
+                key=lambda o: o.latency_ms, default=None)
+    for ob in obs:
+        upper = ob.latency_ms + (0.0 if ob is floor else ci_ms(ob))
+        if upper <= budget_ms and fits(ob.config) and \
+                (best is None or sens(ob.config) < sens(best)):
             best = dict(ob.config)
     margin, tried = 0.0, set()
     for _ in range(steps):
-        alloc = solve_ilp(table, {"latency_ms": budget_ms - margin})
+        alloc = solve_ilp(table, {"latency_ms": budget_ms - margin, **others})
         key = tuple(sorted(alloc.config.items())) if alloc.ok else None
         if key is None or key in tried:
             break
@@ -145,8 +164,8 @@ def close_loop(layers, edges, sensitivity: Mapping[tuple[str, str], float], prio
                measure: Measure, budget, *, history: list[Observation] = (),
                measured: Mapping[str, tuple[Mapping[str, str], list[float]]] | None = None,
                z: float = Z_MARGIN, tolerance: float = TOLERANCE,
-               max_iters: int = MAX_ITERS, progress: Callable[[str], None] = lambda s: None
-               ) -> LoopResult:
+               max_iters: int = MAX_ITERS, limits: Limits | None = None,
+               progress: Callable[[str], None] = lambda s: None) -> LoopResult:
     """The whole loop for one latency budget (ms, or "NN%" between the measured uniforms).
     `history` are earlier measurements of this model on this device and runtime (fixed
     observations); `measured` what tonight already measured, name -> (config, p50 per round),
@@ -186,7 +205,7 @@ def close_loop(layers, edges, sensitivity: Mapping[tuple[str, str], float], prio
         model = latmodel.fit(layers, edges, prior, obs)
         result.model = model
         measured = {o.name: o for o in obs}
-        cfg, margin, why = choose(model, sensitivity, budget_ms, z, measured)
+        cfg, margin, why = choose(model, sensitivity, budget_ms, z, measured, limits)
         if cfg is None:
             result.status = "infeasible" if it == 1 else result.status
             result.message = why

@@ -154,7 +154,9 @@ def run_nightly(cfg: Config, *, say: Callable[[str], None] = print,
         rows = regress.detect(store, run_id, threshold=cfg.regression_threshold,
                               lookback=cfg.lookback)
         result.regressions = [r for r in rows if r.get("flagged")]
-        result.status = "failed" if result.failures else (
+        missed = [x for x in result.searches
+                  if "budget_missed" in (x.get("status"), x.get("search_status"))]
+        result.status = "failed" if result.failures else "budget_missed" if missed else (
             "regressed" if result.regressions else "ok")
         store.finish_run(run_id, result.status)
         if report:
@@ -175,7 +177,8 @@ def _search(cfg: Config, store, run_id: str, devs, s: Search, artifacts_dir: Pat
         say(f"{name}: already done in this run")
         return {"model": s.model, "device": s.device, "runtime": s.runtime, "status": "resumed",
                 "config": done[0]["config"], "predicted": done[0]["predicted"],
-                "measured": done[0]["measured"]}
+                "measured": done[0]["measured"],
+                "search_status": (done[0]["measured"] or {}).get("search_status")}
     try:
         device = inventory.open_device(s.device, devs)
     except DeviceError as e:
@@ -186,13 +189,18 @@ def _search(cfg: Config, store, run_id: str, devs, s: Search, artifacts_dir: Pat
                          work_dir=artifacts_dir / "search", store=store, run_id=run_id,
                          sensitivity=s.sensitivity, calib_data=s.calib_data, samples=s.samples,
                          distill_iters=s.distill_iters, rounds=cfg.rounds,
-                         reuse_costs=False,  # re-measured every night; a resumed run reuses its own
-                         sweep=s.sweep, points=s.points, seed=cfg.seed, progress=say)
-        if res.status != "optimal":
+                         reuse_costs=True,   # history joins the fit, scaled to tonight
+                         sweep=s.points if s.sweep else 0, seed=cfg.seed, progress=say)
+        if res.status in ("failed", "infeasible"):
             failures.append((name, f"{res.status}: {res.message}"))
+        elif res.status == "budget_missed":
+            say(f"{name}: BUDGET MISSED: {res.message}")
         else:
-            say(f"{name}: predicted {res.predicted.get('latency_ms', float('nan')):.3f} ms, "
-                f"measured {res.measured.get('latency_ms', float('nan')):.3f} ms")
+            say(f"{name}: predicted {res.predicted['latency_ms']:.3f} ± "
+                f"{res.predicted['latency_sd_ms']:.3f} ms, measured "
+                f"{res.measured['latency_ms']:.3f} ± {res.measured['latency_ci_ms']:.3f} ms "
+                f"within the budget {res.resolved_budgets['latency_ms']:.3f} ms "
+                f"({len(res.iterations)} iteration(s))" + (f"; {res.message}" if res.message else ""))
         d = res.to_dict()
         d.pop("cost_table", None)
         return d

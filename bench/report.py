@@ -28,7 +28,8 @@ MAX_TREND_PANELS = 12
 @dataclass
 class Section:
     title: str
-    blocks: list = field(default_factory=list)   # ("p", text) | ("table", head, rows) | ("img", name, png)
+    # ("p", text) | ("alert", text) | ("table", head, rows) | ("img", name, png)
+    blocks: list = field(default_factory=list)
 
     @property
     def anchor(self) -> str:
@@ -36,10 +37,14 @@ class Section:
 
     @property
     def has_data(self) -> bool:
-        return any(b[0] != "p" for b in self.blocks)
+        return any(b[0] not in ("p", "alert") for b in self.blocks)
 
     def p(self, text: str) -> None:
         self.blocks.append(("p", text))
+
+    def alert(self, text: str) -> None:
+        """A result that missed its target: shown in red, first."""
+        self.blocks.append(("alert", text))
 
     def table(self, head: list[str], rows: list[list]) -> None:
         self.blocks.append(("table", head, rows))
@@ -172,6 +177,37 @@ def _summary(sec, run, results, acc, flagged) -> None:
                "energy mJ", "speed-up vs fp32", "top-1", "regression"], rows)
 
 
+def _searches(sec, allocs) -> None:
+    """Each search's outcome at the top: a red alert when its pick missed the budget, and
+    its iterations (pick predicted ± sd, measured ± CI, within budget or not)."""
+    for a in (a for a in allocs if a["name"] == "chosen"):
+        m, b = a["measured"] or {}, (a["budgets"] or {}).get("latency_ms")
+        what = f"search {a['model']} on {a['device']}/{a['runtime']}"
+        status = m.get("search_status", "ok")
+        line = (f"{what}: {status.upper()}: budget {fmt(b)} ms, pick measured "
+                f"{fmt(m.get('latency_ms'))} ± {fmt(m.get('latency_ci_ms'), 2)} ms after "
+                f"{m.get('iterations', '?')} iteration(s)"
+                + (f" ({m['message']})" if m.get("message") else ""))
+        if status != "ok":
+            sec.alert(line)
+        else:
+            sec.p(line)
+        its = sorted((x for x in allocs if x["name"].startswith("iteration-") and
+                      (x["model"], x["device"], x["runtime"]) ==
+                      (a["model"], a["device"], a["runtime"])), key=lambda x: x["name"])
+        sec.table(["iteration", "predicted ms", "± sd", "margin ms", "measured ms", "± CI",
+                   "error %", "budget ms", "within budget"],
+                  [[x["name"].split("-", 1)[1], fmt(x["predicted"].get("latency_ms")),
+                    fmt(x["predicted"].get("latency_sd_ms"), 2),
+                    fmt(x["predicted"].get("margin_ms"), 2),
+                    fmt((x["measured"] or {}).get("latency_ms")),
+                    fmt((x["measured"] or {}).get("latency_ci_ms"), 2),
+                    fmt(None if (x["measured"] or {}).get("latency_error") is None
+                        else 100 * x["measured"]["latency_error"], 2), fmt(b),
+                    "yes" if (x["measured"] or {}).get("within_budget") else "MISSED"]
+                   for x in its])
+
+
 def _distribution(sec, results) -> None:
     from matplotlib.figure import Figure
 
@@ -302,7 +338,7 @@ def _predicted(sec, allocs) -> None:
     from matplotlib.figure import Figure
 
     pts = [(a["name"], a["predicted"]["latency_ms"], a["measured"]["latency_ms"],
-            a["predicted"].get("latency_noise_ms"))
+            a["predicted"].get("latency_sd_ms"))
            for a in allocs if (a["predicted"] or {}).get("latency_ms") is not None
            and (a["measured"] or {}).get("latency_ms") is not None]
     if not pts:
@@ -310,10 +346,10 @@ def _predicted(sec, allocs) -> None:
         return
     fig = Figure(figsize=(5.5, 5), layout="constrained")
     ax = fig.subplots()
-    # ±2σ of the cost table's baseline repeats: differences inside it are not resolved
+    # ±2σ of the latency model's prediction
     xerr = [2 * p[3] if p[3] else 0.0 for p in pts]
     ax.errorbar([p[1] for p in pts], [p[2] for p in pts], xerr=xerr, fmt="o", capsize=3,
-                zorder=3, label="config (±2σ cost-table noise)" if any(xerr) else "config")
+                zorder=3, label="config (±2σ of the prediction)" if any(xerr) else "config")
     for n, pr, me, _ in pts:
         ax.annotate(n, (pr, me), textcoords="offset points", xytext=(4, 4), fontsize=8)
     # zoomed to the data: the errors that matter are a few percent of the latency
@@ -324,7 +360,7 @@ def _predicted(sec, allocs) -> None:
     ax.plot(lim, lim, "--", color="gray", label="predicted = measured")
     ax.set_xlim(lim)
     ax.set_ylim(lim)
-    ax.set_xlabel("predicted latency (ms, from the per-layer cost table)")
+    ax.set_xlabel("predicted latency (ms, from the fitted per-layer model)")
     ax.set_ylabel("measured latency (ms)")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -415,6 +451,8 @@ def _markdown(run_id: str, sections: list[Section], plots: Path) -> str:
         for b in s.blocks:
             if b[0] == "p":
                 out += [b[1], ""]
+            elif b[0] == "alert":
+                out += [f"> **⚠ {b[1]}**", ""]
             elif b[0] == "img":
                 (plots / f"{b[1]}.png").write_bytes(b[2])
                 out += [f"![{b[1]}](plots/{b[1]}.png)", ""]
@@ -434,7 +472,8 @@ th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:
 th{background:#f4f4f4}tr:nth-child(even) td{background:#fafafa}
 img{max-width:100%;height:auto;display:block;margin:.8rem 0}
 code{background:#f4f4f4;padding:0 .2rem}nav a{margin-right:1rem}
-.bad{color:#b00;font-weight:bold}"""
+.bad{color:#b00;font-weight:bold}
+.alert{color:#fff;background:#b00;padding:.6rem .8rem;font-weight:bold;border-radius:4px}"""
 
 
 def _inline(text: str) -> str:
@@ -456,6 +495,8 @@ def _html(run_id: str, sections: list[Section]) -> str:
         for b in s.blocks:
             if b[0] == "p":
                 out.append(f"<p>{_inline(b[1])}</p>")
+            elif b[0] == "alert":
+                out.append(f'<p class="alert">⚠ {_inline(b[1])}</p>')
             elif b[0] == "img":
                 data = base64.b64encode(b[2]).decode()
                 out.append(f'<img alt="{b[1]}" src="data:image/png;base64,{data}">')
@@ -464,7 +505,7 @@ def _html(run_id: str, sections: list[Section]) -> str:
                     f"<th>{html.escape(str(h))}</th>" for h in b[1]) + "</tr></thead><tbody>")
                 for row in b[2]:
                     out.append("<tr>" + "".join(
-                        f'<td{" class=bad" if v in ("YES", "REGRESSION") else ""}>'
+                        f'<td{" class=bad" if v in ("YES", "REGRESSION", "MISSED") else ""}>'
                         f"{html.escape(str(v))}</td>" for v in row) + "</tr>")
                 out.append("</tbody></table>")
         out.append("</section>")
@@ -489,6 +530,7 @@ def render(store, run: str | None = "latest", out_dir: str | Path | None = None)
 
     sections = [Section(t) for t in SECTIONS]
     s = dict(zip(SECTIONS, sections))
+    _searches(s["Summary"], allocs)
     _summary(s["Summary"], run_row, results, acc, flagged)
     _distribution(s["Latency distribution"], results)
     _accuracy(s["Accuracy vs latency"], results, acc, allocs)

@@ -105,6 +105,43 @@ def measure_artifacts(device, runtime: str, model: str, arts: dict[str, Artifact
     return out
 
 
+def profile_artifacts(device, runtime: str, model: str, arts: dict[str, Artifact],
+                      protocol: Protocol, iters: int = 20, store=None, run_id: str | None = None,
+                      on_result: Callable[[str], None] = lambda s: None
+                      ) -> dict[str, Measurement]:
+    """name -> one *profiled* agent run of that artifact (`profile_iters=iters`: warm-up, then
+    `iters` inferences under the engine's profiler; `Measurement.profile` holds per-node and
+    per-layer ms, no latency statistics). Each is stored with kind="profile" (its `profile`
+    in the store's `extra` column) when a store is given; one already stored in this run is
+    taken from the store instead of profiled again."""
+    proto = replace(protocol, profile_iters=iters)
+    done = {}
+    if store is not None:
+        rows = {(r["variant"], r["round"]): r for r in store.measurements(run_id, kind="profile")
+                if (r["model"], r["device"], r["runtime"]) == (model, device.name, runtime)}
+        for key, m in _stored(store, run_id, "profile", model, device.name, runtime).items():
+            done[key[0]] = replace(m, profile=(rows[key]["extra"] or {}).get("profile") or {})
+    out: dict[str, Measurement] = {}
+    for name, art in arts.items():
+        if name in done:
+            out[name] = done[name]
+            continue
+        ref, rtol, atol = reference_for(art)
+        m = device.run(art, proto, runtime, reference=ref, rtol=rtol, atol=atol)
+        m = replace(m, model=model or m.model, variant=name)
+        out[name] = m
+        if store is not None:
+            store.add_measurement(run_id, m, kind="profile", round=0,
+                                  bit_config=art.manifest.get("bit_config"))
+        p = m.profile or {}
+        on_result(f"{m.model} {name} on {m.device}/{m.runtime} profile: {m.failure}: {m.reason}"
+                  if not m.ok else
+                  f"{m.model} {name} on {m.device}/{m.runtime} profile: {len(p.get('nodes', []))} "
+                  f"nodes, {p.get('total_ms', 0.0):.3f} ms, {len(p.get('layer_ms', {}))} layers "
+                  f"({(p.get('mapped_fraction') or 0.0):.0%} of the time)")
+    return out
+
+
 def combine(runs: list[Measurement], seed: int = 0) -> Measurement:
     """One Measurement from a variant's rounds: pooled samples, spread of p50 across rounds."""
     first = runs[0]

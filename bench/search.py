@@ -1,30 +1,22 @@
-"""Hardware-aware search: costs measured on the device, sensitivity, ILP, re-benchmark.
+"""Hardware-aware search: the engine's profile, a fitted latency model, the ILP, the loop.
 
-The per-layer latency (and energy) table is measured *in context*: starting from the fastest
-uniform configuration the runtime offers (all layers at its integer precision), each layer in
-turn is switched to float and the whole network is timed end to end on the device, so the
-Q/DQ boundaries and fusions a switch brings or breaks are inside its cost. A layer switched
-alone pays for the boundaries around it, but two float neighbours share none, so each
-float-float edge of the graph gives back one β, fitted so that the table reproduces the
-measured all-float latency (pair terms in the ILP, exact by linearisation). A configuration is
-predicted as `baseline + Σ Δ(float layer) − β·#(float-float edges)`.
-
-Every Δ is taken against the baseline, so an error in the baseline's one measurement would
-shift all Δ alike and add up over every float layer of a mix (a baseline read 0.3 ms high made
-a 10-float-layer mix look 3 ms fast). So the all-INT8 baseline is measured again every
-`BASELINE_EVERY` configurations and each Δ is taken against the baseline interpolated between
-the measurements around it: drift cancels, and the shared error splits into independent
-pieces. The spread of those baseline measurements is the table's noise (`cost_noise_ms`):
-a Δ smaller than about twice it is not resolved. The ILP picks the most
-accurate configuration (least total sensitivity) under the budgets; the pick is built,
-re-measured on the same device beside the uniform baselines, and predicted vs measured is
-stored.
+1. The four profile patterns (all-INT8, all-float, two alternating mixes: `latmodel`) are
+   built, timed beside each other on the device and profiled there (one profiled agent run
+   each, never the timed run): every layer's kernel time at each precision and the Q/DQ cost
+   per precision boundary, the latency model's prior.
+2. The model is fitted to every whole-network timing of this model on this device and
+   runtime: tonight's and the store's history (scaled by each night's all-INT8 latency, so
+   a slower night shifts its data, not the model).
+3. Sensitivity (KL or Hessian) per layer on real or data-free calibration data.
+4. The closed loop (`bench.loop`): "NN%" resolved between the *measured* uniforms, the ILP
+   under the budget minus a margin from the pick's prediction sd, the pick built and
+   re-measured beside the uniforms, refitted and re-solved until it holds, or `budget_missed`.
+Every measurement, profile and iteration is stored.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,11 +25,12 @@ from pathlib import Path
 from devices.measurement import Measurement, Protocol
 from quant.spec import BitConfig, SpecError
 
-from . import runner
+from . import latmodel, loop, runner
+from .latmodel import FLOAT, INT8
 
-FLOAT, INT8 = "fp32", "w8a8"
-BASELINE_EVERY = 6   # cost-table configurations between re-measurements of the baseline
-ALL_FLOAT = "*"   # cost-table row holding the measured all-float latency
+STATUSES = ("ok", "budget_missed", "infeasible", "failed")
+PROFILE_ITERS = 20
+BISECT_STEPS = 6       # accuracy-limited search: candidates whose accuracy is measured
 
 
 @dataclass
@@ -45,67 +38,39 @@ class SearchResult:
     model: str
     device: str
     runtime: str
-    status: str                                   # optimal | infeasible | failed
+    status: str                                   # ok | budget_missed | infeasible | failed
     budgets: dict                                 # as given (may be relative, "50%")
-    resolved_budgets: dict = field(default_factory=dict)   # absolute values used by the ILP
+    resolved_budgets: dict = field(default_factory=dict)   # absolute values (ms, bits)
     config: dict = field(default_factory=dict)    # layer -> precision
-    predicted: dict = field(default_factory=dict)
-    measured: dict = field(default_factory=dict)
+    predicted: dict = field(default_factory=dict)   # latency_ms, latency_sd_ms, margin_ms, ...
+    measured: dict = field(default_factory=dict)    # latency_ms, latency_ci_ms, latency_error
     accuracy: dict = field(default_factory=dict)
     baseline: dict = field(default_factory=dict)  # fastest and most accurate uniform variants
     message: str = ""
-    cost_table: list = field(default_factory=list)
+    iterations: list = field(default_factory=list)   # bench.loop.Iteration dicts
+    loo: list = field(default_factory=list)       # leave-one-out errors of the final model
+    latency_model: dict = field(default_factory=dict)
+    cost_table: list = field(default_factory=list)   # the final model as ILP rows
     frontier: list = field(default_factory=list)
     variant: str | None = None                    # config:PATH of the chosen BitConfig
-    boundary_ms: float | None = None              # latency one float-float edge gives back
-    cost_noise_ms: float | None = None            # stdev of the repeated baseline measurements
+    prior: str = ""                               # profile | flat (runtime cannot profile)
+    accuracy_checks: list = field(default_factory=list)   # accuracy-limited: the bisection
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def _base_name(name: str) -> str:
-    """`uniform-w8a8@3` (the third measurement of the baseline) -> `uniform-w8a8`."""
-    return name.split("@", 1)[0]
-
-
-def _with_baselines(names: list[str], baseline: str, every: int = BASELINE_EVERY) -> list[str]:
-    """The measuring order: the baseline first, again after every `every` configurations,
-    and last (`baseline@2`, `baseline@3`, ... for the repeats)."""
-    order, k = [baseline], 1
-    for i, name in enumerate(names, 1):
-        order.append(name)
-        if i % every == 0 or i == len(names):
-            k += 1
-            order.append(f"{baseline}@{k}")
-    return order
-
-
-def _interpolated_baseline(order: list[str], p50: dict, baseline: str) -> dict | None:
-    """For each non-baseline name, the baseline's latency at its place in the order:
-    linear between the nearest good baseline measurements before and after it."""
-    marks = [(i, p50[n]) for i, n in enumerate(order) if _base_name(n) == baseline and p50[n]]
-    if not marks:
-        return None
-    out = {}
-    for i, name in enumerate(order):
-        if _base_name(name) == baseline:
-            continue
-        before = [m for m in marks if m[0] < i][-1:] or marks[:1]
-        after = [m for m in marks if m[0] > i][:1] or marks[-1:]
-        (i0, v0), (i1, v1) = before[0], after[0]
-        out[name] = v0 if i1 == i0 else v0 + (v1 - v0) * (i - i0) / (i1 - i0)
-    return out
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
 
 
 def median_p50(ms: list[Measurement]) -> float | None:
-    vals = [m.latency_ms.get("p50") for m in ms if m.ok and m.latency_ms.get("p50") is not None]
+    vals = _p50s(ms)
     return statistics.median(vals) if vals else None
 
 
-def _energy_mj(ms: list[Measurement]) -> float | None:
-    vals = [m.energy_j_per_inference for m in ms if m.ok and m.energy_j_per_inference is not None]
-    return statistics.median(vals) * 1e3 if vals else None
+def _p50s(ms: list[Measurement]) -> list[float]:
+    return [m.latency_ms["p50"] for m in ms if m.ok and m.latency_ms.get("p50") is not None]
 
 
 def _write_config(work: Path, name: str, config: BitConfig) -> str:
@@ -114,27 +79,390 @@ def _write_config(work: Path, name: str, config: BitConfig) -> str:
     return f"config:{path}"
 
 
-def resolve_budgets(budgets: dict, table) -> dict[str, float]:
-    """Relative budgets ("50%") -> absolute: 0% is the smallest total of that column among the
-    uniform configurations and the per-layer cheapest one, 100% the largest (pair terms in)."""
+def precisions_of(bit_config: dict | None, layers) -> dict[str, str] | None:
+    """A stored BitConfig dict -> {layer: w8a8 | fp32}, or None if it holds anything else
+    (another bit width: not a point of this search's two-precision model)."""
+    if bit_config is None:
+        return None
     out = {}
-    for col, v in budgets.items():
-        if col not in table.columns:
-            raise SpecError(f"budget {col!r}: the cost table has no such column "
-                            f"(has: {', '.join(table.columns)})")
-        if isinstance(v, str):
-            cheap = {lay: min(table.options[lay], key=lambda p: table.costs[col][(lay, p)])
-                     for lay in table.layers}
-            dear = {lay: max(table.options[lay], key=lambda p: table.costs[col][(lay, p)])
-                    for lay in table.layers}
-            totals = [table.total(cfg, col) for cfg in
-                      (cheap, dear, dict.fromkeys(table.layers, FLOAT), dict.fromkeys(table.layers, INT8))
-                      if all(cfg[lay] in table.options[lay] for lay in table.layers)]
-            lo, hi = min(totals), max(totals)
-            out[col] = lo + float(v.rstrip("%")) / 100.0 * (hi - lo)
+    for lay in layers:
+        spec = bit_config.get(lay)
+        if spec is None:
+            out[lay] = FLOAT
+        elif (spec.get("weight") or {}).get("bits") == 8 and (spec.get("act") or {}).get("bits") == 8:
+            out[lay] = INT8
         else:
-            out[col] = float(v)
+            return None
+    return out if set(bit_config) <= set(layers) else None
+
+
+def history(store, model: str, device: str, runtime: str, layers, protocol: Protocol,
+            exclude_run: str | None) -> list[latmodel.Observation]:
+    """Earlier nights' whole-network timings of two-precision configs under the same batch
+    and threads, per night scaled by that night's all-INT8 p50 relative to the newest night's:
+    a uniformly slower machine moves its data onto tonight's scale, not into the layer costs."""
+    per_run: dict[str, dict[str, tuple[dict, list[float]]]] = {}
+    for r in store.config_latencies(model, device, runtime):
+        p = r["protocol"] or {}
+        if r["run_id"] == exclude_run or p.get("batch", 1) != protocol.batch or \
+                p.get("threads", 0) != protocol.threads or p.get("profile_iters"):
+            continue
+        cfg = precisions_of(r["bit_config"], layers)
+        if cfg is None:
+            continue
+        key = f"{r['run_id']}:{r['kind']}:{r['variant']}"
+        per_run.setdefault(r["run_id"], {}).setdefault(key, (cfg, []))[1].append(r["p50_ms"])
+    q = dict.fromkeys(layers, INT8)
+    int8 = {run: statistics.median(ps) for run, rows in per_run.items()
+            for cfg, ps in rows.values() if cfg == q}
+    if not int8:
+        return []
+    ref = int8[max(int8)]       # run ids sort by time
+    out = []
+    for run, rows in per_run.items():
+        if run not in int8:
+            continue
+        s = ref / int8[run]
+        for ob in latmodel.observations(rows):
+            out.append(latmodel.Observation(ob.config, s * ob.latency_ms, s * ob.se_ms, ob.name))
     return out
+
+
+def _accuracy(entry, config: BitConfig) -> dict:
+    """Top-1 on labelled data through the fake-quant model (ONNX Runtime agrees with it within
+    0.3 pt: see the export tests), else top-1 agreement with the float model."""
+    import torch
+
+    from quant.pipeline import quantize_model
+
+    res = quantize_model(entry, config)
+    if res.quant_top1 is not None:
+        return {"top1": res.quant_top1, "fp32_top1": res.fp32_top1}
+    data = entry.data()
+    with torch.no_grad():
+        q = res.qmodel(data.test_x).argmax(-1)
+        f = res.fmodel(data.test_x).argmax(-1)
+    return {"agreement_fp32": float((q == f).float().mean())}
+
+
+
+@dataclass
+class _Context:
+    """What every phase of one search shares: the model, its layers and edges, the device,
+    the artifacts built so far (one per configuration), tonight's timed patterns and the
+    latency model's prior and history."""
+
+    model: str
+    entry: object
+    folded: object
+    layers: list
+    edges: list
+    device: object
+    runtime: str
+    protocol: Protocol
+    work: Path
+    store: object
+    run_id: str | None
+    rounds: int
+    seed: int
+    progress: Callable[[str], None]
+    built: dict = field(default_factory=dict)
+    batches: int = 0
+
+    @property
+    def tag(self) -> str:
+        return f"{self.model}-{self.device.name}-{self.runtime}"
+
+    def bit_config(self, cfg: dict) -> BitConfig:
+        from quant.sensitivity import config_from_allocation
+
+        return config_from_allocation(self.folded, {k: v for k, v in cfg.items() if v != FLOAT},
+                                      act_bits=8)
+
+    def artifact(self, cfg: dict):
+        key = tuple(sorted(cfg.items()))
+        if key not in self.built:
+            if all(v == INT8 for v in cfg.values()):
+                variant = INT8
+            elif all(v == FLOAT for v in cfg.values()):
+                variant = FLOAT
+            else:
+                variant = _write_config(self.work, f"{self.tag}-{len(self.built)}",
+                                        self.bit_config(cfg))
+            self.built[key] = runner.artifact_for(self.model, variant, self.work, self.runtime,
+                                                  seed=self.seed)
+        return self.built[key]
+
+    def measure(self, configs: dict[str, dict]) -> dict[str, list[float]]:
+        """Time configurations beside each other (alternating rounds, fresh processes,
+        stored): each one's p50 per good round."""
+        self.batches += 1
+        named = {f"it{self.batches}-{n}": self.artifact(c) for n, c in configs.items()}
+        ms = runner.measure_artifacts(self.device, self.runtime, self.model, named,
+                                      self.protocol, rounds=self.rounds, store=self.store,
+                                      run_id=self.run_id, kind="search",
+                                      on_result=self.progress)
+        return {n: _p50s(ms[f"it{self.batches}-{n}"]) for n in configs}
+
+
+def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Protocol,
+               work_dir: str | Path, store=None, run_id: str | None = None,
+               sensitivity: str = "kl", calib_data: str = "real", samples: int = 16,
+               distill_iters: int = 100, rounds: int = 2, reuse_costs: bool = True,
+               seed: int = 0, z: float = loop.Z_MARGIN, tolerance: float = loop.TOLERANCE,
+               max_iters: int = loop.MAX_ITERS, max_drop: float | None = None,
+               min_agreement: float | None = None, sweep: int = 0,
+               progress: Callable[[str], None] = lambda s: None) -> SearchResult:
+    """The whole search for one (model, device, runtime). See the module docstring.
+
+    With a latency budget: the most accurate configuration that meets it (the closed loop).
+    With `max_drop` (top-1 points lost against float) or `min_agreement` (with float's
+    predictions, for unlabelled models): the fastest configuration within that accuracy
+    limit, each candidate's accuracy measured. `sweep` > 1 also measures that many picks
+    from 0% to 100% of the latency range: the latency-vs-accuracy frontier. `reuse_costs`
+    takes earlier nights' measurements into the fit (the store's history)."""
+    from quant.models import load_model
+    from quant.pipeline import variant_bit_config
+    from quant.transform import fold_bn, quantizable_layers
+
+    unknown = set(budgets) - {"latency_ms", "size_bits"}
+    if unknown:
+        raise SpecError(f"budget {', '.join(sorted(unknown))}: the search fits latency (and "
+                        "counts size exactly); an energy model is not built yet")
+    accuracy_limit = max_drop is not None or min_agreement is not None
+    if ("latency_ms" in budgets) == accuracy_limit:
+        raise SpecError("give either a latency_ms budget or an accuracy limit "
+                        "(max drop / min agreement), not both or neither")
+    entry = load_model(model)
+    net = entry.build().eval()
+    folded = fold_bn(net)
+    layers = quantizable_layers(folded)
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    _check_runtime(runtime)
+    ctx = _Context(model, entry, folded, layers, float_edges(folded, layers), device, runtime,
+                   protocol, work, store, run_id, rounds, seed, progress)
+    result = SearchResult(model, device.name, runtime, "failed", dict(budgets))
+    seeded, prior = _patterns(ctx)
+    if seeded is None:
+        result.message = prior
+        return result
+    result.prior = prior.source
+    past = history(store, model, device.name, runtime, layers, protocol, run_id) \
+        if store is not None and reuse_costs else []
+    if past:
+        progress(f"{model}: {len(past)} earlier measurements of this model join the fit")
+    sens_by, size = _sensitivity(ctx, net, sensitivity, calib_data, samples, distill_iters)
+    limits = {}
+    if "size_bits" in budgets:
+        lo, hi = (sum(size[(lay, p)] for lay in layers) for p in (INT8, FLOAT))
+        limits["size_bits"] = (size, loop.resolve(budgets["size_bits"], lo, hi))
+    base_acc = {u: _accuracy(entry, variant_bit_config(folded, u)) for u in (INT8, FLOAT)}
+    q_ms, f_ms = (statistics.median(seeded[f"uniform-{u}"][1]) for u in (INT8, FLOAT))
+    result.baseline = _baselines({INT8: (q_ms, base_acc[INT8]), FLOAT: (f_ms, base_acc[FLOAT])})
+    kw = dict(history=past, measured=seeded, z=z, tolerance=tolerance, max_iters=max_iters,
+              limits=limits, progress=progress)
+    if accuracy_limit:
+        res = _fastest_within(ctx, sens_by, prior, base_acc[FLOAT], max_drop, min_agreement,
+                              result, **kw)
+    else:
+        res = loop.close_loop(layers, ctx.edges, sens_by, prior, ctx.measure,
+                              budgets["latency_ms"], **kw)
+    result.status, result.message = res.status, res.message
+    result.resolved_budgets = {"latency_ms": res.budget_ms,
+                               **{c: b for c, (_, b) in limits.items()}}
+    result.iterations = [asdict(it) for it in res.iterations]
+    model_fit = res.model
+    if model_fit is not None:
+        result.latency_model = model_fit.summary()
+        result.loo = model_fit.loo()
+        rows, _ = model_fit.costs()
+        result.cost_table = [{"layer": lay, "precision": p, "latency_ms": v,
+                              "sensitivity": sens_by[(lay, p)], "size_bits": size[(lay, p)]}
+                             for (lay, p), v in rows.items()]
+        if store is not None:
+            store.add_cost_rows(run_id, [{**r, "model": model, "device": device.name,
+                                          "runtime": runtime, "method": f"fitted/{sensitivity}"}
+                                         for r in result.cost_table])
+    for it in res.iterations:
+        _store_pick(ctx, f"iteration-{it.index}", it, result.resolved_budgets, None)
+    if res.config:
+        final = next(it for it in reversed(res.iterations) if it.config == res.config)
+        cfg = ctx.bit_config(res.config)
+        result.variant = _write_config(work, f"{ctx.tag}-chosen", cfg)
+        result.config = dict(res.config)
+        result.accuracy = _accuracy(entry, cfg)
+        result.predicted = {"latency_ms": final.predicted_ms,
+                            "latency_sd_ms": final.predicted_sd_ms, "margin_ms": final.margin_ms,
+                            "size_bits": sum(size[(lay, p)] for lay, p in res.config.items())}
+        result.measured = {"latency_ms": final.measured_ms, "latency_ci_ms": final.measured_ci_ms,
+                           "latency_error": final.error, "within_budget": final.within_budget,
+                           "search_status": res.status, "iterations": len(res.iterations)}
+        if "agreement_fp32" in result.accuracy:
+            result.measured["agreement_fp32"] = result.accuracy["agreement_fp32"]
+        if accuracy_limit:
+            over, limit = _loss(result.accuracy, base_acc[FLOAT], max_drop, min_agreement)
+            result.measured["accuracy_within_limit"] = over <= 0
+            if over > 0:
+                result.status = result.measured["search_status"] = "budget_missed"
+                result.message = f"the pick's accuracy {result.accuracy} misses the limit {limit}"
+        _store_pick(ctx, "chosen", final, result.resolved_budgets, result)
+    if sweep > 1 and model_fit is not None:
+        result.frontier = _sweep(ctx, model_fit, sens_by, q_ms, f_ms, sweep, z, limits)
+    return result
+
+
+def _patterns(ctx: _Context):
+    """Time the profile patterns beside each other, then profile each: (tonight's timings
+    name -> (config, p50 per round), the prior), or (None, why) when a baseline failed."""
+    pats = latmodel.profile_patterns(ctx.layers)
+    arts = {name: ctx.artifact(cfg) for name, cfg in pats.items()}
+    ctx.progress(f"{ctx.model}: timing and profiling {len(pats)} patterns on "
+                 f"{ctx.device.name}/{ctx.runtime}")
+    timed = runner.measure_artifacts(ctx.device, ctx.runtime, ctx.model, arts, ctx.protocol,
+                                     rounds=ctx.rounds, store=ctx.store, run_id=ctx.run_id,
+                                     kind="search", on_result=ctx.progress)
+    seeded = {n: (pats[n], _p50s(timed[n])) for n in pats}
+    uniforms = ("uniform-" + INT8, "uniform-" + FLOAT)
+    if not all(seeded[n][1] for n in uniforms):
+        return None, "the uniform baselines failed on the device: " + "; ".join(
+            m.reason or "" for n in uniforms for m in timed[n] if not m.ok)
+    profiles = runner.profile_artifacts(ctx.device, ctx.runtime, ctx.model, arts, ctx.protocol,
+                                        iters=PROFILE_ITERS, store=ctx.store, run_id=ctx.run_id,
+                                        on_result=ctx.progress)
+    have = [(n, profiles[n].profile) for n in pats if profiles[n].ok and profiles[n].profile]
+    if not have:
+        why = next((m.reason for m in profiles.values() if m.reason), "no profile")
+        ctx.progress(f"{ctx.model}: no engine profile ({why}): a flat prior, the measurements "
+                     "carry the fit")
+        base = statistics.median(seeded["uniform-" + INT8][1])
+        return seeded, latmodel.flat_prior(ctx.layers, ctx.edges, base)
+    wall = {i: statistics.median(seeded[n][1]) for i, (n, _) in enumerate(have) if seeded[n][1]}
+    return seeded, latmodel.prior_from_profiles(ctx.layers, ctx.edges,
+                                                [(pats[n], p) for n, p in have], wall)
+
+
+def _sensitivity(ctx: _Context, net, method, calib_data, samples, distill_iters):
+    """(sensitivity, size in bits) per (layer, precision) on real or data-free data."""
+    from quant.sensitivity import sensitivity_table
+    from quant.zeroq import calibration_data
+
+    ctx.progress(f"{ctx.model}: {method} sensitivity on {calib_data} data")
+    data = ctx.entry.data()
+    extra = {"iters": distill_iters} if calib_data == "distilled" else {}
+    x = calibration_data(calib_data, net, real=data.calib_x, n=samples,
+                         input_shape=ctx.entry.input_shape, seed=ctx.seed, name=ctx.model, **extra)
+    sens = sensitivity_table(net, x, bits=(8,), method=method, act_bits=8)
+    sens_by = {(r.layer, r.precision): float(r.sensitivity) for r in sens.itertuples()}
+    size = {(r.layer, r.precision): float(r.size_bits) for r in sens.itertuples()}
+    for lay in ctx.layers:
+        full = float(_float_size(ctx.folded, lay))
+        sens_by.setdefault((lay, FLOAT), 0.0)
+        sens_by.setdefault((lay, INT8), 0.0)
+        size.setdefault((lay, FLOAT), full)
+        size.setdefault((lay, INT8), full / 4)
+    return sens_by, size
+
+
+def _loss(acc: dict, float_acc: dict, max_drop, min_agreement) -> tuple[float, float]:
+    """(how far past the limit, the limit) in the limit's own unit: > 0 means it fails."""
+    if max_drop is not None:
+        if "top1" not in acc:
+            raise SpecError("--max-drop needs labelled data; this model has none "
+                            "(use --min-agreement)")
+        drop = 100 * (float_acc["top1"] - acc["top1"])
+        return drop - max_drop, max_drop
+    return min_agreement - acc.get("agreement_fp32", acc.get("top1", 0.0)), min_agreement
+
+
+def _fastest_within(ctx: _Context, sens_by, prior, float_acc, max_drop, min_agreement, result,
+                    *, history, measured, z, tolerance, max_iters, limits, progress):
+    """The fastest configuration whose measured accuracy stays within the limit: the least
+    sensitive pick under a latency budget is the best one can do at that budget, so bisect
+    the budget between the measured all-INT8 and all-float latencies, each candidate's
+    accuracy measured, then close the loop on the budget found (its pick re-measured)."""
+    q, f = (statistics.median(measured[f"uniform-{u}"][1]) for u in (INT8, FLOAT))
+    obs = list(history) + latmodel.observations(measured)
+    fit = latmodel.fit(ctx.layers, ctx.edges, prior, obs)
+    seen = {o.name: o for o in obs}
+    lo, hi = 0.0, 100.0            # % of the way from all-INT8 to all-float
+    checked = []
+    best = None
+    for _ in range(BISECT_STEPS):
+        pct = lo if not checked else (lo + hi) / 2
+        cfg, _, _ = loop.choose(fit, sens_by, loop.resolve(f"{pct}%", q, f), z, seen, limits)
+        if cfg is None:
+            lo = pct
+            continue
+        acc = _accuracy(ctx.entry, ctx.bit_config(cfg))
+        over, limit = _loss(acc, float_acc, max_drop, min_agreement)
+        checked.append({"budget_pct": pct, "float_layers": sum(v != INT8 for v in cfg.values()),
+                        "accuracy": acc, "within_limit": over <= 0})
+        progress(f"{ctx.model}: at {pct:.1f}% of the latency range the pick has "
+                 f"{checked[-1]['float_layers']} float layers, accuracy {acc}: "
+                 f"{'within' if over <= 0 else 'past'} the limit")
+        if over <= 0:
+            best, hi = pct, pct
+            if pct == 0.0:
+                break
+        else:
+            lo = pct
+        if hi - lo < 100.0 / 2 ** (BISECT_STEPS - 1):
+            break
+    result.accuracy_checks = checked
+    if best is None:
+        best = 100.0      # all-float is the only sure answer; the loop measures it
+    return loop.close_loop(ctx.layers, ctx.edges, sens_by, prior, ctx.measure, f"{best}%",
+                           history=history, measured=measured, z=z, tolerance=tolerance,
+                           max_iters=max_iters, limits=limits, progress=progress)
+
+
+def _sweep(ctx: _Context, fit, sens_by, q_ms, f_ms, points, z, limits) -> list[dict]:
+    """The latency-vs-accuracy frontier: the pick at `points` budgets from 0% to 100%,
+    measured beside each other, each with its accuracy."""
+    picks = {}
+    for k in range(points):
+        pct = 100.0 * k / (points - 1)
+        cfg, _, _ = loop.choose(fit, sens_by, loop.resolve(f"{pct}%", q_ms, f_ms), z,
+                                {o.name: o for o in fit.observations}, limits)
+        if cfg is not None and cfg not in picks.values():
+            picks[f"sweep-{pct:.0f}%"] = cfg
+    ctx.progress(f"{ctx.model}: measuring {len(picks)} frontier points")
+    got = ctx.measure(picks)
+    out = []
+    for name, cfg in picks.items():
+        ps = got.get(name) or []
+        bc = ctx.bit_config(cfg)
+        acc = _accuracy(ctx.entry, bc)
+        mean, sd = fit.predict(cfg)
+        measured = {"latency_ms": statistics.median(ps)} if ps else {}
+        out.append({"name": name, "config": cfg, "predicted": {"latency_ms": mean,
+                    "latency_sd_ms": sd}, "measured": measured, "accuracy": acc})
+        if ctx.store is not None:
+            ctx.store.add_allocation(ctx.run_id, ctx.model, ctx.device.name, ctx.runtime, name,
+                                     budgets={}, config=bc.to_dict(),
+                                     predicted=out[-1]["predicted"], measured=measured,
+                                     accuracy=acc.get("top1"))
+    return out
+
+
+def _store_pick(ctx: _Context, name: str, it, budgets: dict, result) -> None:
+    """One iteration's pick (or the chosen one, with its accuracy and the search's status)."""
+    if ctx.store is None:
+        return
+    predicted = {"latency_ms": it.predicted_ms, "latency_sd_ms": it.predicted_sd_ms,
+                 "margin_ms": it.margin_ms}
+    measured = {"latency_ms": it.measured_ms, "latency_ci_ms": it.measured_ci_ms,
+                "latency_error": it.error, "within_budget": it.within_budget}
+    if result is not None:
+        measured.update(search_status=result.status, iterations=len(result.iterations),
+                        message=result.message)
+    ctx.store.add_allocation(ctx.run_id, ctx.model, ctx.device.name, ctx.runtime, name,
+                             budgets=budgets, config=ctx.bit_config(it.config).to_dict(),
+                             predicted=predicted,
+                             measured={k: v for k, v in measured.items() if v is not None},
+                             accuracy=result.accuracy.get("top1") if result is not None else None,
+                             variant=result.variant if result is not None else None)
 
 
 def float_edges(model, layers: list[str]) -> list[tuple[str, str]]:
@@ -156,172 +484,6 @@ def float_edges(model, layers: list[str]) -> list[tuple[str, str]]:
             producers[node] = ins
     return edges
 
-
-def _boundary_pairs(table, edges, all_float_ms: float | None):
-    """Pair terms so that the table reproduces the measured all-float latency: switching one
-    layer to float alone pays for the Q/DQ boundaries around it, two float neighbours share
-    theirs, so each float-float edge gives back beta = (Σ Δ − measured gap) / #edges."""
-    if not edges or all_float_ms is None or math.isnan(all_float_ms) or \
-            "latency_ms" not in table.columns:
-        return table, None
-    additive = table.total(dict.fromkeys(table.layers, FLOAT), "latency_ms")
-    beta = (additive - all_float_ms) / len(edges)
-    return table.with_pairs([(a, FLOAT, b, FLOAT, {"latency_ms": -beta}) for a, b in edges]), beta
-
-
-def _accuracy(entry, config: BitConfig) -> dict:
-    """Top-1 on labelled data through the fake-quant model (ONNX Runtime agrees with it within
-    0.3 pt: see the export tests), else top-1 agreement with the float model."""
-    import torch
-
-    from quant.pipeline import quantize_model
-
-    res = quantize_model(entry, config)
-    if res.quant_top1 is not None:
-        return {"top1": res.quant_top1, "fp32_top1": res.fp32_top1}
-    data = entry.data()
-    with torch.no_grad():
-        q = res.qmodel(data.test_x).argmax(-1)
-        f = res.fmodel(data.test_x).argmax(-1)
-    return {"agreement_fp32": float((q == f).float().mean())}
-
-
-def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Protocol,
-               work_dir: str | Path, store=None, run_id: str | None = None,
-               sensitivity: str = "kl", calib_data: str = "real", samples: int = 16,
-               distill_iters: int = 100, rounds: int = 2, sweep: str | None = None,
-               points: int = 0, reuse_costs: bool = True, seed: int = 0,
-               progress: Callable[[str], None] = lambda s: None) -> SearchResult:
-    """The whole search for one (model, device, runtime). See the module docstring."""
-    from quant.allocate import CostTable, frontier, solve_ilp
-    from quant.models import load_model
-    from quant.sensitivity import config_from_allocation, sensitivity_table
-    from quant.transform import fold_bn, quantizable_layers
-    from quant.zeroq import calibration_data
-
-    entry = load_model(model)
-    net = entry.build().eval()
-    folded = fold_bn(net)
-    layers = quantizable_layers(folded)
-    work = Path(work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    _check_runtime(runtime)
-    from quant.pipeline import variant_bit_config
-
-    int8_cfg = variant_bit_config(folded, INT8)
-    result = SearchResult(model, device.name, runtime, "failed", dict(budgets))
-
-    # (a) cost table, measured on the device, cached in the store
-    rows = _cached_costs(store, model, device.name, runtime) if reuse_costs and store else None
-    if rows is None:
-        variants = {"uniform-" + FLOAT: FLOAT}
-        for lay in layers:
-            cfg = BitConfig({k: v for k, v in int8_cfg.layers.items() if k != lay})
-            variants[f"float-{lay}"] = _write_config(work, f"{model}-float-{lay}", cfg)
-        order = _with_baselines(list(variants), "uniform-" + INT8)
-        progress(f"{model}: measuring per-layer costs on {device.name}/{runtime} "
-                 f"({len(variants) + 1} configurations, the all-INT8 baseline "
-                 f"{len(order) - len(variants)} times)")
-        variants["uniform-" + INT8] = INT8
-        arts = {name: runner.artifact_for(model, variants[_base_name(name)], work, runtime,
-                                          seed=seed) for name in order}
-        ms = runner.measure_artifacts(device, runtime, model, arts, protocol, rounds=1,
-                                      store=store, run_id=run_id, kind="cost", on_result=progress)
-        p50 = {name: median_p50(ms[name]) for name in order}
-        baseline = _interpolated_baseline(order, p50, "uniform-" + INT8)
-        if baseline is None:
-            result.message = "the all-INT8 baseline failed on the device: " + \
-                "; ".join(m.reason or "" for m in ms["uniform-" + INT8])
-            return result
-        repeats = [p50[n] for n in order if _base_name(n) == "uniform-" + INT8 and p50[n]]
-        result.cost_noise_ms = statistics.stdev(repeats) if len(repeats) > 1 else None
-        base = statistics.median(repeats)
-        rows = [{"layer": ALL_FLOAT, "precision": FLOAT, "latency_ms":
-                 base + (p50["uniform-" + FLOAT] - baseline["uniform-" + FLOAT])
-                 if p50["uniform-" + FLOAT] else float("nan")}]
-        for lay in layers:
-            lat = p50[f"float-{lay}"]
-            delta = (lat - baseline[f"float-{lay}"]) if lat else float("nan")
-            rows.append({"layer": lay, "precision": INT8, "latency_ms": base / len(layers)})
-            rows.append({"layer": lay, "precision": FLOAT,
-                         "latency_ms": base / len(layers) + delta})
-    # (b) sensitivity on distilled or real data
-    progress(f"{model}: {sensitivity} sensitivity on {calib_data} data")
-    data = entry.data()
-    extra = {"iters": distill_iters} if calib_data == "distilled" else {}
-    x = calibration_data(calib_data, net, real=data.calib_x, n=samples,
-                         input_shape=entry.input_shape, seed=seed, name=model, **extra)
-    all_float = next((r["latency_ms"] for r in rows if r["layer"] == ALL_FLOAT), None)
-    rows = [r for r in rows if r["layer"] != ALL_FLOAT]
-    sens = sensitivity_table(net, x, bits=(8,), method=sensitivity, act_bits=8)
-    sens_by = {(r.layer, r.precision): r for r in sens.itertuples()}
-    full = []
-    for r in rows:
-        s = sens_by.get((r["layer"], r["precision"]))
-        full.append({**r, "sensitivity": float(s.sensitivity) if s is not None else 0.0,
-                     "size_bits": float(s.size_bits) if s is not None else
-                     float(_float_size(folded, r["layer"]))})
-    result.cost_table = full
-    if store is not None:
-        store.add_cost_rows(run_id, [{**r, "model": model, "device": device.name, "runtime": runtime,
-                                      "method": f"switch-one/{sensitivity}"} for r in full] +
-                            ([{"layer": ALL_FLOAT, "precision": FLOAT, "latency_ms": all_float,
-                               "model": model, "device": device.name, "runtime": runtime,
-                               "method": "uniform"}] if all_float is not None else []))
-    table = CostTable.from_rows(full)
-    table, result.boundary_ms = _boundary_pairs(table, float_edges(folded, layers), all_float)
-    # (c) the ILP under the budgets
-    resolved = resolve_budgets(budgets, table)
-    result.resolved_budgets = resolved
-    alloc = solve_ilp(table, resolved)
-    result.status, result.message = alloc.status, alloc.message
-    if not alloc.ok:
-        return result
-    picks = [("chosen", alloc)]
-    if sweep and points:
-        picks += [(f"sweep-{i}", a) for i, a in enumerate(frontier(table, sweep, points)) if a.ok]
-    # (d) build and re-measure beside the uniform baselines; (e) predicted vs measured
-    arts = {"uniform-" + INT8: runner.artifact_for(model, INT8, work, runtime, seed=seed),
-            "uniform-" + FLOAT: runner.artifact_for(model, FLOAT, work, runtime, seed=seed)}
-    cfgs = {}
-    for name, a in picks:
-        cfg = config_from_allocation(folded, a.config, act_bits=8)
-        cfgs[name] = (cfg, a, _write_config(work, f"{model}-{device.name}-{runtime}-{name}", cfg))
-        arts[name] = runner.artifact_for(model, cfgs[name][2], work, runtime, seed=seed)
-    progress(f"{model}: re-measuring {len(picks)} chosen configuration(s) beside the baselines")
-    ms = runner.measure_artifacts(device, runtime, model, arts, protocol, rounds=rounds,
-                                  store=store, run_id=run_id, kind="search", on_result=progress)
-    acc = {n: _accuracy(entry, c[0]) for n, c in cfgs.items()}
-    base_acc = {u: _accuracy(entry, variant_bit_config(folded, u.split("-")[1]))
-                for u in ("uniform-" + INT8, "uniform-" + FLOAT)}
-    result.baseline = _baselines({u: (median_p50(ms[f"uniform-{u}"]), base_acc[f"uniform-{u}"])
-                                  for u in (INT8, FLOAT)})
-    points_out = []
-    for name, (cfg, a, variant) in cfgs.items():
-        predicted = {k: a.totals[k] for k in a.totals if k in ("latency_ms", "energy_mj", "size_bits")}
-        if result.cost_noise_ms is not None:
-            predicted["latency_noise_ms"] = result.cost_noise_ms
-        measured = {"latency_ms": median_p50(ms[name]), "energy_mj": _energy_mj(ms[name]),
-                    "size_bits": a.totals.get("size_bits")}
-        measured = {k: v for k, v in measured.items() if v is not None}
-        if "agreement_fp32" in acc[name]:       # no labels: agreement is kept, not called top-1
-            measured["agreement_fp32"] = acc[name]["agreement_fp32"]
-        if predicted.get("latency_ms") and measured.get("latency_ms"):
-            measured["latency_error"] = (predicted["latency_ms"] - measured["latency_ms"]) \
-                / measured["latency_ms"]
-        point = {"name": name, "config": a.config, "predicted": predicted, "measured": measured,
-                 "accuracy": acc[name], "variant": variant, "objective": a.objective}
-        points_out.append(point)
-        if store is not None:
-            store.add_allocation(run_id, model, device.name, runtime, name, budgets=resolved,
-                                 config=cfg.to_dict(), predicted=predicted, measured=measured,
-                                 accuracy=acc[name].get("top1"),  # labelled top-1 only
-                                 variant=variant)
-    chosen = points_out[0]
-    result.config, result.predicted = chosen["config"], chosen["predicted"]
-    result.measured, result.accuracy, result.variant = chosen["measured"], chosen["accuracy"], chosen["variant"]
-    result.frontier = points_out[1:]
-    return result
 
 
 def _baselines(uniform: dict[str, tuple[float | None, dict]]) -> dict:
@@ -356,14 +518,3 @@ def _float_size(model, layer: str) -> int:
     return sum(p.numel() for p in m.parameters()) * 32
 
 
-def _cached_costs(store, model: str, device: str, runtime: str) -> list[dict] | None:
-    """The newest measured cost table for this (model, device, runtime), if any."""
-    rows = [r for r in store.rows("cost_tables") if r.get("model") == model
-            and r.get("device") == device and r.get("runtime") == runtime
-            and str(r.get("method", "")).startswith("switch-one")]  # a measured table
-    if not rows:
-        return None
-    newest = max(r["run_id"] for r in rows)
-    return [{"layer": r["layer"], "precision": r["precision"], "latency_ms": r["latency_ms"]}
-            for r in store.rows("cost_tables") if r["run_id"] == newest and r["model"] == model
-            and r["device"] == device and r["runtime"] == runtime]

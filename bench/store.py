@@ -33,7 +33,7 @@ from sqlalchemy import Column, Float, ForeignKey, Integer, String, Table, Text, 
 DEFAULT_PATH = Path("results") / "hilq.sqlite"
 SCHEMA_VERSION = 1
 RESUME_WITHIN_H = 12.0      # an unfinished run older than this is not resumed by a new one
-RUN_STATUSES = ("running", "ok", "failed", "regressed", "interrupted")
+RUN_STATUSES = ("running", "ok", "failed", "regressed", "interrupted", "budget_missed")
 
 # Facts that change from one run to the next on the same machine; left out of the device key.
 VOLATILE_FACTS = frozenset({"time", "timestamp", "date", "uptime", "uptime_s", "load",
@@ -625,6 +625,24 @@ class Store:
             out.append(e)
         return out
 
+    def config_latencies(self, model: str, device: str, runtime: str) -> list[dict]:
+        """Every good whole-network p50 of `model` on (device, runtime), of any kind and run,
+        with its BitConfig and protocol: the latency model's data (run_id, variant, round,
+        p50_ms, bit_config, protocol), oldest first."""
+        m, v, r = measurements.c, variants.c, runs.c
+        q = (sa.select(m.run_id, m.variant, m.round, m.kind, m.p50_ms, v.bit_config, m.protocol)
+             .join_from(measurements, variants, m.variant_id == v.id)
+             .join(runs, m.run_id == r.id)
+             .where(m.model == model, m.device == device, m.runtime == runtime,
+                    m.status != "failed", m.p50_ms.is_not(None), m.kind != "profile")
+             .order_by(r.started, m.id))
+        with self._read() as c:
+            rows = [dict(x) for x in c.execute(q).mappings()]
+        for row in rows:
+            for k in ("bit_config", "protocol"):
+                row[k] = json.loads(row[k]) if isinstance(row[k], str) else row[k]
+        return rows
+
     def reset_since(self, model, variant, device, runtime, metric=None, *, conn=None):
         """Start time of the run that begins the current baseline, or None."""
         b, r = baseline_resets.c, runs.c
@@ -713,7 +731,7 @@ _STORED_FIELDS = {"model", "variant", "device", "runtime", "status", "reason", "
 def _extra_fields(m) -> dict | None:
     """Fields a newer `Measurement` has that no column holds yet: kept, not dropped."""
     extra = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)
-             if f.name not in _STORED_FIELDS}
+             if f.name not in _STORED_FIELDS and getattr(m, f.name) not in (None, {}, [])}
     return extra or None
 
 

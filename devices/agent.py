@@ -12,6 +12,11 @@ The artifact's manifest (`FILE.manifest.json`) is read if present and its sha256
 The reference `.npz` holds `input:<name>` arrays and `output:<k>` arrays; the outputs the
 engine gives for those inputs must match within the tolerance, else `wrong_answer`.
 
+A protocol with `profile_iters` N > 0 asks for a *profiled* run instead of a timed one:
+warm-up, then N inferences with the engine's own profiler on (`Loaded.profile`); the result
+carries `profile` (per engine node and per hilq layer, see `profile_summary`) and no latency
+statistics. A runtime that cannot profile fails as `unsupported`.
+
 stdout carries exactly one JSON object (the engine's own prints are sent to stderr): the
 Measurement fields the agent knows, or `{"status": "failed", "failure": KIND, "reason": ...}`.
 Exit codes (typed, so the host can tell failures apart even without the JSON):
@@ -19,7 +24,7 @@ Exit codes (typed, so the host can tell failures apart even without the JSON):
     0  ok (the run may still be flagged busy or degraded in the JSON)
     1  agent_crash   — an unexpected exception (a bug, or the interpreter died)
     2  bad_input     — bad arguments, protocol, missing artifact, sha256 mismatch
-    3  unsupported   — the runtime is not installed on this device
+    3  unsupported   — the runtime is not installed on this device (or cannot profile)
     4  runtime_error — the engine failed to load or run the artifact
     5  wrong_answer  — outputs differ from the reference beyond tolerance
 """
@@ -306,7 +311,10 @@ def run(args) -> dict:
     facts["engine"] = {"version": rt_version, **loaded.facts}
     result = {"status": "ok", "reason": None, "facts": facts, "protocol": protocol,
               "artifact_sha256": manifest.get("sha256"), "failure": None}
+    profile_iters = int(protocol.get("profile_iters") or 0)
     try:
+        if profile_iters > 0 and loaded.profile is None:
+            raise Failure("unsupported", f"runtime {args.runtime} cannot profile", facts=facts)
         if args.reference:
             check = check_outputs(loaded, args.reference, args.rtol, args.atol)
             result["outputs_check"] = check
@@ -315,7 +323,11 @@ def run(args) -> dict:
                               f"{check['max_abs_diff']:.3g}, rtol {args.rtol}, atol {args.atol})",
                               outputs_check=check, facts=facts)
         feeds = _inputs(loaded, int(protocol.get("seed", 0)))
-        result.update(_timed_run(lambda: loaded.run(feeds), loaded, protocol))
+        if profile_iters > 0:
+            result.update(_profiled_run(loaded, feeds, protocol, profile_iters, manifest,
+                                        args.runtime))
+        else:
+            result.update(_timed_run(lambda: loaded.run(feeds), loaded, protocol))
         if loaded.kernels is not None:
             result["kernels"] = loaded.kernels()
             floats = result["kernels"].get("float") or []
@@ -323,6 +335,12 @@ def run(args) -> dict:
                     len(floats) > _intended_float(manifest):
                 result["status"] = "degraded"
                 result["reason"] = f"layers ran in float kernels: {', '.join(floats[:10])}"
+            elif manifest.get("variant") not in (None, *FLOAT_VARIANTS) and \
+                    len(floats) < _intended_float(manifest):
+                # asked float, ran integer: the engine re-quantized a layer on its own
+                result["status"] = "degraded"
+                result["reason"] = (f"{_intended_float(manifest) - len(floats)} layer(s) asked "
+                                    "to stay float ran in integer kernels")
     except Failure:
         raise
     except Exception as e:  # noqa: BLE001
@@ -331,6 +349,69 @@ def run(args) -> dict:
     finally:
         loaded.close()
     return result
+
+
+def profile_summary(nodes: list[dict], manifest: dict, iters: int,
+                    direct: bool = False) -> dict:
+    """Engine node records -> the profile of one run. Each node gets `layer`: the hilq layer
+    its sources map to through the manifest's `layer_map` (ONNX node -> layer), else None
+    (`layers` too when it covers several). `direct`: sources are hilq layer names themselves
+    (torch programs have no layer_map). `layer_ms` sums each layer's nodes, a node covering k
+    layers giving each 1/k of its time; `other_ms` / `other_by_op` hold nodes with no layer;
+    `mapped_fraction` = sum(layer_ms) / total_ms; `unmapped_layers`: layer_map layers that
+    no node mapped to."""
+    lmap = manifest.get("layer_map") or {}
+    known = {v.get("layer") for v in lmap.values() if v.get("layer")}
+    known |= set(manifest.get("bit_config") or {})
+    layer_ms: dict[str, float] = {}
+    other_by_op: dict[str, float] = {}
+    other = total = 0.0
+    out = []
+    for node in nodes:
+        node = dict(node)
+        ms = float(node.get("ms") or 0.0)
+        layers = []
+        for src in node.get("sources") or []:
+            lay = (lmap[src].get("layer") if src in lmap
+                   else src if (src in known or direct) else None)
+            if lay and lay not in layers:
+                layers.append(lay)
+        node["layer"] = layers[0] if layers else None
+        if len(layers) > 1:
+            node["layers"] = layers
+        for lay in layers:
+            layer_ms[lay] = layer_ms.get(lay, 0.0) + ms / len(layers)
+        if not layers:
+            other += ms
+            op = str(node.get("op"))
+            other_by_op[op] = other_by_op.get(op, 0.0) + ms
+        total += ms
+        out.append(node)
+    return {"iters": iters, "nodes": out, "layer_ms": layer_ms, "other_ms": other,
+            "other_by_op": other_by_op, "total_ms": total,
+            "mapped_fraction": (sum(layer_ms.values()) / total) if total > 0 else None,
+            "unmapped_layers": sorted(known - set(layer_ms)) if lmap else []}
+
+
+def _profiled_run(loaded, feeds: dict, protocol: dict, iters: int, manifest: dict,
+                  runtime: str) -> dict:
+    """Warm-up (the protocol's count), then `iters` profiled inferences: no latency stats."""
+    warmup = int(protocol.get("warmup_iters", 10))
+    load = {"loadavg1_before": _loadavg(), "cores": len(os.sched_getaffinity(0))}
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        loaded.run(feeds)
+    t1 = time.perf_counter()
+    nodes = loaded.profile(feeds, iters)
+    t2 = time.perf_counter()
+    if not nodes:
+        raise Failure("runtime_error", f"{runtime} profiler reported no nodes")
+    load["loadavg1_after"] = _loadavg()
+    summary = profile_summary(nodes, manifest, iters, direct=runtime in ("torch", "torch-cuda"))
+    return {"profile": summary, "load": load,
+            "timing": {"mode": "profile", "warmup_iters": warmup, "profile_iters": iters,
+                       "warmup_s": t1 - t0, "wall_s": t2 - t1,
+                       "batch": int(protocol.get("batch", 1))}}
 
 
 def _timed_run(fn, loaded, protocol: dict) -> dict:

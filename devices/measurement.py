@@ -34,6 +34,8 @@ class Protocol:
     idle_s: float = 1.0            # idle baseline before timing, when a meter is on
     seed: int = 0
     busy_load: float = 0.5         # 1-min load average per core above which a run is flagged busy
+    profile_iters: int = 0         # >0: a profiled run (warm-up, then this many inferences with
+    #                                the engine's profiler on); no latency statistics from it
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -56,7 +58,9 @@ class Protocol:
 class Measurement:
     """One variant on one device and runtime. `latency_ms` holds named statistics
     (mean, std, min, max, p50, p90, p95, p99, iqr, ci95_p50, n, outliers, tail flags);
-    `samples_ms` the raw samples they were derived from."""
+    `samples_ms` the raw samples they were derived from. A profiled run (`profile_iters` > 0)
+    fills `profile` instead: {"iters", "nodes": [{name, op, ms, sources, exec, layer}],
+    "layer_ms", "other_ms", "other_by_op", "total_ms", ...} (see devices/agent.py)."""
 
     model: str
     variant: str
@@ -80,6 +84,7 @@ class Measurement:
     harness_overhead_ms: float | None = None  # what the timing loop adds to every sample
     timing: dict = field(default_factory=dict)    # warm-up iterations, wall time, caps, mode
     rounds: dict = field(default_factory=dict)    # spread of p50 across alternating rounds
+    profile: dict = field(default_factory=dict)   # profiled run: per-engine-node and per-layer ms
 
     @property
     def ok(self) -> bool:

@@ -83,23 +83,25 @@ def test_nightly_with_search_stores_everything_and_reports(tmp_path, monkeypatch
     assert rc == 0, out["failures"]
     assert {m["variant"] for m in out["measurements"]} == {"fp32", "w8a8"}
     search = out["searches"][0]
-    assert search["status"] == "optimal"
+    assert search["status"] == "ok", search["message"]
     assert set(search["config"]) == {"stem.0", "block.conv1", "block.conv2", "down.0", "conv.0", "fc"}
     assert search["predicted"]["latency_ms"] > 0 and search["measured"]["latency_ms"] > 0
-    assert search["predicted"]["latency_ms"] <= search["resolved_budgets"]["latency_ms"] + 1e-9
+    assert search["measured"]["within_budget"] and search["iterations"]
     assert {"fastest", "most_accurate"} == set(search["baseline"])
-    assert search["boundary_ms"] is not None      # float-float edges priced from the measurements
+    assert search["prior"] == "profile"             # from ORT's own node profile
     db = sqlite3.connect(tmp_path / "results" / "hilq.sqlite")
     kinds = dict(db.execute("select kind, count(*) from measurements group by kind").fetchall())
     assert kinds["bench"] == 4                       # 2 variants x 2 rounds
-    # one per layer, all-float, and the all-INT8 baseline first, after 6 and last
-    assert kinds["cost"] == 6 + 1 + 3
-    # 6 layers x 2 precisions, plus the measured all-float latency the boundary terms are fitted to
-    assert db.execute("select count(*) from cost_tables").fetchone()[0] == 12 + 1
+    assert kinds["profile"] == 4                     # all-INT8, all-float, two alternating mixes
+    # the four patterns x 2 rounds, then each iteration's pick beside the two uniforms x 2
+    assert kinds["search"] == 8 + 6 * len(search["iterations"])
+    # the fitted model as a cost table: 6 layers x 2 precisions
+    assert db.execute("select count(*) from cost_tables").fetchone()[0] == 12
     assert db.execute("select count(*) from accuracy").fetchone()[0] == 2
     assert db.execute("select measured from allocations where name='chosen'").fetchone()[0]
     html = Path(out["report"]).read_text()
     assert "data:image/png;base64," in html and "Predicted vs measured" in html
+    assert "search digits-cnn on local/ort: OK: budget" in html
 
 
 @pytest.mark.slow

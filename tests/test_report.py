@@ -155,3 +155,32 @@ def test_cli_report(rendered, tmp_path, capsys):
     assert json.loads((tmp_path / "r.json").read_text())["regressions_flagged"] == 2
     assert main(["report", "--db", store.url, "--run", "no-such-run"]) == 2
     assert "no run 'no-such-run'" in capsys.readouterr().err
+
+
+def test_a_search_that_missed_its_budget_is_the_first_thing_in_red(tmp_path):
+    store, run = synthetic_store(tmp_path / "m.sqlite", nights=1)
+    cfg = {layer: {"weight": spec(8), "act": spec(8)} for layer in LAYERS}
+    for i, (meas, within) in enumerate(((26.3, False), (19.9, False)), 1):
+        store.add_allocation(run, "resnet18", "local", "onnxruntime", f"iteration-{i}",
+                             budgets={"latency_ms": 18.8}, config=cfg,
+                             predicted={"latency_ms": 18.6, "latency_sd_ms": 0.4,
+                                        "margin_ms": 0.7},
+                             measured={"latency_ms": meas, "latency_ci_ms": 0.5,
+                                       "latency_error": 18.6 / meas - 1,
+                                       "within_budget": within})
+    store.add_allocation(run, "resnet18", "local", "onnxruntime", "chosen",
+                         budgets={"latency_ms": 18.8}, config=cfg,
+                         predicted={"latency_ms": 18.6, "latency_sd_ms": 0.4},
+                         measured={"latency_ms": 19.9, "latency_ci_ms": 0.5,
+                                   "search_status": "budget_missed", "iterations": 2,
+                                   "message": "budget 18.8 ms missed after 2 iteration(s)"})
+    rep = report.render(store, out_dir=tmp_path / "r")
+    store.close()
+    page = rep.html.read_text()
+    body = page[page.index("<body>"):]
+    alert = body.index('class="alert"')
+    assert alert < body.index("<table")                    # before any table
+    assert "BUDGET_MISSED: budget 18.8 ms, pick measured 19.9" in page
+    # the iterations follow, the misses marked
+    assert body.count("<td class=bad>MISSED</td>") == 2
+    assert "> **⚠ search resnet18 on local/onnxruntime: BUDGET_MISSED" in rep.markdown.read_text()

@@ -12,6 +12,24 @@ Every runtime module exposes the same three functions:
   threads and settings.
 
 `Loaded` is the plain record below; the agent times `run` and reads the rest.
+
+Profiling (a separate, never-timed agent run: `protocol["profile_iters"]` > 0). A runtime
+that can profile sets `Loaded.profile(feeds, iters) -> list[dict]`: it runs `iters`
+inferences with the engine's own profiler on (in a separate session / compiled model /
+execution context, so the timed path stays unprofiled; its own warm-up runs are not counted)
+and returns one record per engine node:
+
+    {"name": engine node name, "op": engine op / layer type,
+     "ms": mean time per inference in ms (all of that node's events / iters),
+     "sources": [original ONNX node names the node covers; several for a fused node,
+                 [] when not attributable (reorders, inserted transposes)],
+     "exec": exec / primitive / provider string, or None}
+
+`sources` are ONNX node names for ONNX artifacts (ort, openvino, tensorrt), matched against
+the file's graph by `OnnxNames` when the `onnx` package is installed (else the engine's
+names with its suffixes stripped, unverified), and hilq layer names (module paths of the
+conv/linear modules) for `.pt2` programs (torch, torch-cuda). `profile` is None where the
+engine has no profiler hilq can read; the agent then reports `unsupported`.
 """
 
 from __future__ import annotations
@@ -34,6 +52,7 @@ class Loaded:
     kernels: Callable[[], dict] | None = None     # -> {"integer": [...], "float": [...]}
     device_timer: Any = None                      # GPU: object with start()/stop() -> ms
     close: Callable[[], None] = lambda: None
+    profile: Callable[[dict, int], list[dict]] | None = None  # (feeds, iters) -> node records
 
 
 def module_name(runtime: str) -> str:
@@ -67,3 +86,128 @@ def check_variant(runtime: str, variant: str, precisions: dict[str, list[str]],
     if variant not in supported:
         raise ValueError(f"{runtime} runtime does not run {variant!r} (supported: "
                          f"{', '.join(supported)}); refusing to fall back to float")
+
+
+# --- profiling helpers shared by the runtime modules ---------------------------------------
+
+# ops an engine fuses into the conv/matmul before them (activation, residual sum, BN)
+_FUSIBLE = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+            "Add", "Sum", "BatchNormalization", "Mul", "Div", "Sub"}
+_COMPUTE = {"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits", "ConvInteger",
+            "MatMulInteger", "QLinearConv", "QLinearMatMul"}
+
+
+class OnnxNames:
+    """Node and tensor names of an ONNX file's graph, to map an engine's node names back to
+    the original nodes. `OnnxNames.of(path)` is None without the `onnx` package."""
+
+    def __init__(self, graph):
+        self.op, self.inputs, self.producer, self.consumers = {}, {}, {}, {}
+        for n in graph.node:
+            self.op[n.name] = n.op_type
+            self.inputs[n.name] = [t for t in n.input if t]
+            for t in n.output:
+                self.producer[t] = n.name
+            for t in n.input:
+                self.consumers[t] = self.consumers.get(t, 0) + 1
+
+    @classmethod
+    def of(cls, path: str):
+        try:
+            import onnx
+        except ImportError:
+            return None
+        return cls(onnx.load(path, load_external_data=False).graph)
+
+    def fused_chain(self, node: str) -> list[str]:
+        """`node` (the last op of a fusion, e.g. the Relu whose output an engine node is
+        named after) and the ops before it up to the conv/matmul they were fused into, conv
+        first; just [node] when the chain does not end at a compute op."""
+        chain, cur = [node], node
+        for _ in range(4):
+            if self.op.get(cur) in _COMPUTE:
+                return chain[::-1]
+            if self.op.get(cur) not in _FUSIBLE:
+                break
+            prev = [self.producer[t] for t in self.inputs.get(cur, [])
+                    if t in self.producer and self.consumers.get(t) == 1]
+            prev.sort(key=lambda p: self.op.get(p) not in _COMPUTE)   # a conv input first
+            if not prev:
+                break
+            chain.append(cur := prev[0])
+        return [node]
+
+    def resolve(self, name: str) -> list[str]:
+        """Original node(s) an engine-side name stands for: the node itself; the producer of
+        a tensor of that name (and the ops fused into it); the longest `/`-prefix that is a
+        node (OpenVINO's `/fc/Gemm/WithoutBiases`); else []."""
+        if name in self.op:
+            return [name]
+        if name in self.producer:
+            return self.fused_chain(self.producer[name])
+        parts = name.split("/")
+        for k in range(len(parts) - 1, 1, -1):
+            prefix = "/".join(parts[:k])
+            if prefix in self.op:
+                return [prefix]
+        return []
+
+
+def unique(names) -> list[str]:
+    """Names in first-seen order, without repeats or empty ones."""
+    out = []
+    for n in names:
+        if n and n not in out:
+            out.append(n)
+    return out
+
+
+def fx_profile(gm, args, iters: int, warmup: int, layer_of: Callable, cuda: bool = False
+               ) -> list[dict]:
+    """Per-node profile of an FX GraphModule run node by node (`torch.fx.Interpreter`), each
+    node inside a `record_function`, under `torch.profiler`: a node's time is the CPU time
+    (CUDA: device time) of everything it ran. `layer_of(node)` -> hilq layer name or None
+    (its `sources`). The interpreter's own Python overhead is outside the ranges."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    tag = "hilq_fx::"
+    nodes = {n.name: n for n in gm.graph.nodes
+             if n.op in ("call_function", "call_module", "call_method")}
+
+    class Recorded(torch.fx.Interpreter):
+        def run_node(self, n):
+            if n.name not in nodes:
+                return super().run_node(n)
+            with record_function(tag + n.name):
+                return super().run_node(n)
+
+    interp = Recorded(gm)
+    with torch.no_grad():
+        for _ in range(max(1, warmup)):
+            interp.run(*args)
+        if cuda:
+            torch.cuda.synchronize()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            for _ in range(iters):
+                interp.run(*args)
+            if cuda:
+                torch.cuda.synchronize()
+    us: dict[str, float] = {}
+    for e in prof.events():
+        if e.name.startswith(tag):
+            t = e.device_time_total if cuda else e.cpu_time_total
+            us[e.name[len(tag):]] = us.get(e.name[len(tag):], 0.0) + float(t)
+    out = []
+    for name, n in nodes.items():
+        if name not in us:
+            continue
+        if n.op == "call_module":
+            op, exec_ = type(gm.get_submodule(n.target)).__name__, str(n.target)
+        else:
+            op, exec_ = str(n.target), None
+        layer = layer_of(n)
+        out.append({"name": name, "op": op, "ms": us[name] / iters / 1000.0,
+                    "sources": [layer] if layer else [], "exec": exec_})
+    return out

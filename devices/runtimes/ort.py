@@ -5,12 +5,23 @@ writes the graph it actually optimized (`optimized_model_filepath`); `kernels()`
 integer compute nodes (QLinearConv, QGemm, MatMulIntegerToFloat, MatMulNBits, ...) and the
 float ones (Conv, FusedConv, NCHWc Conv, Gemm, MatMul, ...). Without the `onnx` package it
 falls back to one profiled run in a separate session, whose node events name the kernels.
+
+`profile(feeds, iters)` (a profiled agent run) opens a second session with the same options
+plus `enable_profiling`, lazily, runs warm-up + `iters` inferences and keeps the
+`<node>_kernel_time` events of the last `iters` runs (those inside their `model_run` events).
+ORT's optimized node names map back to ONNX nodes as: `<onnx node>_token_<k>` (a node
+replaced by a fusion, e.g. QLinearConv from a Q/DQ pattern; `/duplicated` for a DQ copied
+per consumer) -> that node; `<tensor>_nchwc` (NCHWc conv, named after its output: the conv's,
+or the fused Relu's) -> the tensor's producer and the ops fused into it; `Transpose`,
+`ReorderInput/ReorderOutput`, and Q/DQ nodes ORT inserted (named just `QuantizeLinear`,
+`DequantizeLinear`) -> [].
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import weakref
@@ -71,7 +82,7 @@ def _profiled_ops(model_path: str, providers, inputs) -> list:
     so = ort.SessionOptions()
     so.enable_profiling = True
     so.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="hilq-ort-prof-"), "p")
-    sess = ort.InferenceSession(model_path, so, providers=providers)
+    sess = _session(ort, model_path, so, providers)
     rng = np.random.default_rng(0)
     sess.run(None, {n: rng.random(s).astype(d) for n, s, d in inputs})
     prof = sess.end_profiling()
@@ -92,40 +103,107 @@ def _profiled_ops(model_path: str, providers, inputs) -> list:
     return ops
 
 
+_SUFFIX = re.compile(r"(_token_\d+|/duplicated)$")
+
+
+def node_sources(name: str, names) -> list[str]:
+    """ONNX node names an ORT optimized-graph node covers (see the module docstring);
+    `names` is an `OnnxNames` of the original file, or None (no onnx package: the name with
+    ORT's suffixes stripped, unverified)."""
+    base = name[len("fused "):] if name.startswith("fused ") else name
+    while _SUFFIX.search(base):
+        base = _SUFFIX.sub("", base)
+    nchwc = base.endswith("_nchwc")
+    if nchwc:
+        base = base[: -len("_nchwc")]
+    if names is None:
+        return [] if nchwc or base in ("Transpose", "ReorderInput", "ReorderOutput") else [base]
+    if base in names.op:
+        return [base]
+    if base in names.producer:
+        return names.fused_chain(names.producer[base])
+    return []
+
+
+def profile_records(events: list, iters: int, names) -> list[dict]:
+    """Node records (see runtimes/__init__.py) from ORT profile events: node kernel events
+    inside the last `iters` `model_run` events, averaged per inference."""
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                  if e.get("cat") == "Session" and e.get("name") == "model_run")[-iters:]
+    if not runs:
+        return []
+    t0 = runs[0][0]
+    nodes: dict[str, dict] = {}
+    for e in events:
+        args = e.get("args") or {}
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < t0:
+            continue
+        name = e["name"][: -len("_kernel_time")]
+        rec = nodes.get(name)
+        if rec is None:
+            rec = nodes[name] = {"name": name, "op": args.get("op_name"), "us": 0.0,
+                                 "sources": node_sources(name, names),
+                                 "exec": args.get("provider")}
+        rec["us"] += float(e["dur"])
+    out = []
+    for rec in nodes.values():
+        us = rec.pop("us")
+        out.append({**rec, "ms": us / len(runs) / 1000.0})
+    return out
+
+
 def precisions() -> dict[str, list[str]]:
     return {"conv": ["fp32", "w8a8"], "linear": ["fp32", "w8a8", "w4a16", "w8a16"]}
+
+
+def _options(ort, protocol: dict):
+    """Session options from the protocol (the timed session and the profiling one alike)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(protocol.get("threads", 0))
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3   # the "hardware-specific optimized model" notice is expected
+    # x86 without VNNI: ORT's default U8S8 kernels (vpmaddubsw) saturate int16 pair sums;
+    # "1" selects exact (slower) kernels. Off by default, as deployed; recorded in facts.
+    precise = bool(protocol.get("ort_x64_quant_precision", False))
+    so.add_session_config_entry("session.x64quantprecision", "1" if precise else "0")
+    return so
+
+
+# ORT's WeightBiasQuantization (1.21+) re-quantizes a float Conv/Gemm that sits between a
+# DequantizeLinear and a QuantizeLinear: a layer the bit config left float would silently
+# run as QLinearConv. hilq decides each layer's precision; the engine must not.
+DISABLED_OPTIMIZERS = ["WeightBiasQuantization"]
+
+
+def _session(ort, path, so, providers):
+    return ort.InferenceSession(path, so, providers=providers,
+                                disabled_optimizers=DISABLED_OPTIMIZERS)
 
 
 def load(path: str, protocol: dict):
     import onnxruntime as ort
 
-    from . import Loaded
+    from . import Loaded, OnnxNames
 
-    so = ort.SessionOptions()
+    so = _options(ort, protocol)
     threads = int(protocol.get("threads", 0))
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    precise = bool(protocol.get("ort_x64_quant_precision", False))
     providers = protocol.get("providers") or ["CPUExecutionProvider"]
     tmp = tempfile.mkdtemp(prefix="hilq-ort-", dir=protocol.get("scratch_dir"))
     optimized = os.path.join(tmp, "optimized.onnx")
     so.optimized_model_filepath = optimized
     so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                 "optimized.onnx.data")   # large models: weights beside it
-    so.log_severity_level = 3   # the "hardware-specific optimized model" notice is expected
-    # x86 without VNNI: ORT's default U8S8 kernels (vpmaddubsw) saturate int16 pair sums;
-    # "1" selects exact (slower) kernels. Off by default, as deployed; recorded in facts.
-    precise = bool(protocol.get("ort_x64_quant_precision", False))
-    so.add_session_config_entry("session.x64quantprecision", "1" if precise else "0")
     try:
-        sess = ort.InferenceSession(path, so, providers=providers)
+        sess = _session(ort, path, so, providers)
     except Exception:
         # EPs that compile subgraphs (TensorRT, OpenVINO EP) cannot save the optimized
         # model: open it without, and let kernels() profile instead
         so.optimized_model_filepath = ""
         try:
-            sess = ort.InferenceSession(path, so, providers=providers)
+            sess = _session(ort, path, so, providers)
         except Exception:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -141,7 +219,8 @@ def load(path: str, protocol: dict):
 
     facts = {"engine": "onnxruntime", "version": ort.__version__,
              "providers": sess.get_providers(), "intra_op_threads": threads,
-             "graph_optimization_level": "ORT_ENABLE_ALL", "x64_quant_precision": precise}
+             "graph_optimization_level": "ORT_ENABLE_ALL", "x64_quant_precision": precise,
+             "disabled_optimizers": DISABLED_OPTIMIZERS}
 
     def kernels() -> dict:
         if os.path.isfile(optimized):
@@ -151,7 +230,31 @@ def load(path: str, protocol: dict):
                 pass
         return classify(_profiled_ops(path, providers, inputs))
 
-    loaded = Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels)
+    warmup = max(1, int(protocol.get("warmup_iters", 10)))
+
+    def profile(feeds: dict, iters: int) -> list[dict]:
+        """A second session with the same options and the profiler on (never the timed one);
+        its warm-up runs are left out of the records."""
+        pso = _options(ort, protocol)
+        pso.enable_profiling = True
+        pdir = tempfile.mkdtemp(prefix="prof-", dir=tmp)
+        pso.profile_file_prefix = os.path.join(pdir, "ort")
+        psess = _session(ort, path, pso, sess.get_providers())
+        for _ in range(warmup + iters):
+            psess.run(names, feeds)
+        prof = psess.end_profiling()
+        try:
+            with open(prof) as f:
+                events = json.load(f)
+        finally:
+            shutil.rmtree(pdir, ignore_errors=True)
+        try:
+            onnx_names = OnnxNames.of(path)
+        except Exception:  # noqa: BLE001 — an unreadable graph only costs the mapping
+            onnx_names = None
+        return profile_records(events, iters, onnx_names)
+
+    loaded = Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels, profile=profile)
     # the optimized-model folder goes on close(), or when the session is dropped, or at exit
     loaded.close = weakref.finalize(loaded, shutil.rmtree, tmp, True)
     return loaded

@@ -16,6 +16,10 @@
 - Kernels come from the engine inspector (`ProfilingVerbosity.DETAILED`, JSON): a compute
   layer whose tensors are INT8/INT4 is integer, FP32/FP16/BF16 float. Limit: Myelin may fuse
   many ONNX nodes into one foreign node; it is classified as one layer.
+- `profile(feeds, iters)`: a second execution context with an `IProfiler` subclass
+  (`report_layer_time`) attached, `iters` runs after a warm-up; layer names (`/a/Conv + /a/Relu`,
+  `PWN(...)`, `{ForeignNode[/x.../y]}`) are split into ONNX node names for `sources`
+  (`layer_sources`), reformatting layers have none; op and tactic come from the inspector.
 
 Written against TensorRT 10's documented Python API; not run on the machines hilq was
 developed on (no TensorRT wheel there), see tests/test_runtimes.py for what is tested.
@@ -102,6 +106,37 @@ def classify_layers(info: dict) -> dict:
     return out
 
 
+_SPLIT = re.compile(r" \+ |, |\.\.\.|[(){}\[\]]")
+
+
+def layer_sources(name: str, names) -> list[str]:
+    """ONNX node names in a TensorRT layer name (`names`: an `OnnxNames`, or None: the name's
+    parts unverified)."""
+    from . import unique
+
+    if name.lower().startswith("reformatting"):
+        return []
+    parts = [p.strip() for p in _SPLIT.split(name)]
+    parts = [p for p in parts if p and p not in ("PWN", "ForeignNode")]
+    if names is None:
+        return unique(parts)
+    return unique(s for p in parts for s in names.resolve(p))
+
+
+def _layer_profiler(trt):
+    class LayerTimes(trt.IProfiler):
+        """Sums TensorRT's per-layer times (ms) over the runs it is attached to."""
+
+        def __init__(self):
+            trt.IProfiler.__init__(self)
+            self.ms: dict[str, float] = {}
+
+        def report_layer_time(self, layer_name, ms):
+            self.ms[layer_name] = self.ms.get(layer_name, 0.0) + float(ms)
+
+    return LayerTimes()
+
+
 def _cache_dir(protocol: dict) -> Path:
     if protocol.get("engine_cache"):
         return Path(protocol["engine_cache"])
@@ -155,7 +190,7 @@ def load(path: str, protocol: dict):
     import tensorrt as trt
     import torch
 
-    from . import Loaded, check_variant
+    from . import Loaded, OnnxNames, check_variant
 
     version()
     manifest = _manifest(path)
@@ -247,8 +282,41 @@ def load(path: str, protocol: dict):
         info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
         return classify_layers(info)
 
+    warmup = max(1, int(protocol.get("warmup_iters", 10)))
+
+    def profile(feeds: dict, iters: int) -> list[dict]:
+        """A second execution context (the timed one, and its CUDA graph, stay unprofiled)
+        with an IProfiler; warm-up runs happen before it is attached."""
+        pctx = engine.create_execution_context()
+        for n, shape, _ in inputs:
+            pctx.set_input_shape(n, shape)
+        for n, t in buffers.items():
+            pctx.set_tensor_address(n, t.data_ptr())
+        with torch.cuda.stream(stream):
+            for n in in_names:
+                buffers[n].copy_(torch.from_numpy(np.ascontiguousarray(feeds[n])))
+        stream.synchronize()
+        for k in range(warmup + iters):
+            if k == warmup:
+                pctx.profiler = times = _layer_profiler(trt)
+            if not pctx.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed")
+            stream.synchronize()
+        inspector = engine.create_engine_inspector()
+        info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+        detail = {str(x.get("Name")): x for x in info.get("Layers", []) if isinstance(x, dict)}
+        try:
+            names = OnnxNames.of(path)
+        except Exception:  # noqa: BLE001 — an unreadable graph only costs the mapping
+            names = None
+        return [{"name": name, "op": detail.get(name, {}).get("LayerType"),
+                 "ms": ms / iters, "sources": layer_sources(name, names),
+                 "exec": detail.get(name, {}).get("TacticName")}
+                for name, ms in times.ms.items()]
+
     facts = {"engine": "tensorrt", "version": trt.__version__, "gpu": props.name,
              "capability": capability, "variant": variant, "builder": settings,
              "cuda_graph": bool(graph), "engine_cache": str(engine_path),
              "engine_cached": cached, "build_or_read_s": round(build_s, 3)}
-    return Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels, device_timer=Timer())
+    return Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels, device_timer=Timer(),
+                  profile=profile)

@@ -16,6 +16,15 @@ Kernels are read from the FX graph that actually runs:
   mul+sum) are float. Limits: an integer kernel is named by its graph node (`qconv_3`), not by
   the source layer (the fused node loses that link); `source_layers` gives the program's conv
   and linear count so a missing kernel shows up as a count mismatch.
+
+`profile(feeds, iters)` runs `torch.profiler` over `iters` inferences:
+- eager: the program node by node (`runtimes.fx_profile`), each node's ops in one range;
+  sources = the conv/linear module path (a hilq layer name) of the node, or of the one
+  conv/linear a dequantize node feeds; other nodes have none.
+- compile: the ops inductor's compiled graph calls (oneDNN `qconv_pointwise`, `mkldnn`
+  kernels, ...) by name and occurrence, plus `inductor_generated` (the graph's time outside
+  them: inductor's own C++ kernels, which emit no profiler events). Sources are [] (the
+  fused kernels have lost the link to the source layer, see Limits above).
 """
 
 from __future__ import annotations
@@ -106,6 +115,47 @@ def source_layers(graph) -> dict:
     return counts
 
 
+_LAYER_TYPES = re.compile(r"\.(Conv[123]d|ConvTranspose[123]d|Linear)$")
+
+
+def module_layer(node) -> str | None:
+    """The conv/linear module (hilq layer name) a program node belongs to, or that the one
+    node it feeds belongs to (a Q/DQ node of that layer's input or weight); else None."""
+    def own(n):
+        stack = n.meta.get("nn_module_stack") or {}
+        path, kind = list(stack.values())[-1] if stack else ("", "")
+        return path if path and _LAYER_TYPES.search(str(kind)) else None
+
+    layer = own(node)
+    if layer is None and "dequantize" in str(node.target) and len(node.users) == 1:
+        layer = own(next(iter(node.users)))
+    return layer
+
+
+def compiled_profile(prof, iters: int) -> list[dict]:
+    """Node records from a profile of a compiled program: the ops each compiled-graph call
+    ran directly, named by op and occurrence within the call, and the rest of the call."""
+    graph_call = "## Call CompiledFxGraph"
+    totals: dict[str, list] = {}
+    rest_us = 0.0
+    for e in prof.events():
+        if not e.name.startswith(graph_call):
+            continue
+        seen: dict[str, int] = {}
+        rest_us += e.cpu_time_total
+        for child in e.cpu_children:
+            k = seen[child.name] = seen.get(child.name, -1) + 1
+            rec = totals.setdefault(f"{child.name}#{k}", [child.name, 0.0])
+            rec[1] += child.cpu_time_total
+            rest_us -= child.cpu_time_total
+    out = [{"name": name, "op": op, "ms": us / iters / 1000.0, "sources": [], "exec": op}
+           for name, (op, us) in totals.items()]
+    if totals or rest_us > 0:
+        out.append({"name": "inductor_generated", "op": "inductor_generated",
+                    "ms": max(rest_us, 0.0) / iters / 1000.0, "sources": [], "exec": None})
+    return out
+
+
 def _register_quantized_decomposed_ops() -> None:
     """`quantized_decomposed::*` (the Q/DQ ops of a PT2E program) are defined by a torch.ao
     module that nothing imports by default; `torch.export.load` fails without them."""
@@ -124,7 +174,7 @@ def _register_x86_int8_passes() -> bool:
 def load(path: str, protocol: dict):
     import torch
 
-    from . import Loaded, check_variant
+    from . import Loaded, check_variant, fx_profile
 
     variant = _variant(path, protocol)
     check_variant("torch", variant, precisions())
@@ -196,4 +246,20 @@ def load(path: str, protocol: dict):
                                         "layers have no integer kernel")
         return out
 
-    return Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels)
+    warmup = max(1, int(protocol.get("warmup_iters", 10)))
+
+    def profile(feeds: dict, iters: int) -> list[dict]:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names]
+        if mode == "eager":
+            return fx_profile(module, args, iters, warmup, module_layer)
+        for _ in range(warmup):
+            run(feeds)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(iters):
+                run(feeds)
+        return compiled_profile(prof, iters)
+
+    return Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels, profile=profile)

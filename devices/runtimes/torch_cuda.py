@@ -17,6 +17,10 @@ A layer that cannot take the integer kernel (grouped conv, N not a multiple of 8
 and is listed under "float" by `kernels()`, so the run is stored as degraded, never as integer.
 Timing: `run` copies inputs in, runs, synchronises and copies outputs out; `device_timer`
 brackets the same call with CUDA events (so device time includes the copies too).
+`profile(feeds, iters)`: `torch.profiler` with CUDA activity over the program run node by node
+(`runtimes.fx_profile`): each node's CUDA kernel time, sources = the layer (module path of its
+weight) for conv/linear nodes and the int kernel modules that replaced them. Written against
+the documented API; not run on the machines hilq was developed on (no GPU there).
 
 The quantize/pack/GEMM functions work on CPU tensors as well (`_int_mm` and the `_for_cpu`
 tinygemm ops), which is how they are tested on machines without a GPU.
@@ -264,6 +268,7 @@ def quantize_program(gm, kind: str) -> tuple[list[str], list[str]]:
         gm.add_submodule(target, make())
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(target, (args[0],))
+        new.meta["hilq_layer"] = name   # the profile's link back to the layer
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         integer.append(name)
@@ -310,7 +315,7 @@ class CudaEventTimer:
 def load(path: str, protocol: dict):
     import torch
 
-    from . import Loaded, check_variant, manifest_variant
+    from . import Loaded, check_variant, fx_profile, manifest_variant
 
     version()  # ImportError with the reason when there is no GPU
     variant = manifest_variant(path, protocol)
@@ -354,6 +359,20 @@ def load(path: str, protocol: dict):
              if variant == "w8a8" else None,
              "int4": f"tinygemm _weight_int4pack_mm, group {GROUP}, asymmetric"
              if variant == "w4a16" else None}
+    warmup = max(1, int(protocol.get("warmup_iters", 10)))
+
+    def layer_of(node) -> str | None:
+        if node.meta.get("hilq_layer"):
+            return node.meta["hilq_layer"]
+        if any(_is(node, k) for k in ("aten.linear.default", "aten.conv2d.default")) and \
+                len(node.args) > 1 and getattr(node.args[1], "op", None) == "get_attr":
+            return node.args[1].target.rsplit(".", 1)[0] or None
+        return None
+
+    def profile(feeds: dict, iters: int) -> list[dict]:
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(dev, dtype) for n in names]
+        return fx_profile(gm, args, iters, warmup, layer_of, cuda=True)
+
     return Loaded(run=run, inputs=inputs, facts=facts,
                   kernels=lambda: {"integer": list(integer), "float": list(floats)},
-                  device_timer=CudaEventTimer())
+                  device_timer=CudaEventTimer(), profile=profile)
