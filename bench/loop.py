@@ -237,7 +237,9 @@ def close_loop(layers, edges, sensitivity: Mapping[tuple[str, str], float], prio
         if step.within_budget and step.agrees:
             break
     good = [s for s in result.iterations if s.within_budget]
-    final = min(good, key=lambda s: sum(sensitivity.get((k, v), 0.0) for k, v in s.config.items())) \
+    # a pick measured under the budget beats one that is only within its CI of it
+    final = min(good, key=lambda s: (s.measured_ms > budget_ms, sum(
+        sensitivity.get((k, v), 0.0) for k, v in s.config.items()))) \
         if good else result.iterations[-1]
     result.config, result.predicted_ms, result.predicted_sd_ms = \
         final.config, final.predicted_ms, final.predicted_sd_ms
