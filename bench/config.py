@@ -58,6 +58,11 @@ class Config:
     rounds: int = 2
     regression_threshold: float = 0.05
     lookback: int = 10
+    # adaptive rounds: add rounds to a series until its minimum detectable effect is at most
+    # `detect` (bench.regress), within `detect_budget_s` of extra timing and `max_rounds`
+    detect: float | None = None
+    detect_budget_s: float = 240.0
+    max_rounds: int = 12
     protocol: Protocol = Protocol()
     bench: tuple[Bench, ...] = ()
     search: tuple[Search, ...] = ()
@@ -144,6 +149,12 @@ def parse(d: dict, source: str = "") -> Config:
         if s.get("sensitivity", "kl") not in ("kl", "hessian"):
             raise ConfigError(f"{where}.sensitivity: use 'kl' or 'hessian'")
         searches.append(Search(**{**s, "budgets": budgets}))
+    cfg_detect = kw.get("detect")
+    if cfg_detect is not None:
+        thr = kw.get("regression_threshold", 0.05)
+        if not isinstance(cfg_detect, (int, float)) or cfg_detect <= thr:
+            raise ConfigError(f"detect = {cfg_detect!r}: the smallest change to detect must "
+                              f"exceed regression_threshold ({thr}); no round count sees less")
     if not benches and not searches:
         raise ConfigError("config has no [[bench]] and no [[search]] entries: nothing to run")
     return Config(**kw, bench=tuple(benches), search=tuple(searches), source=source)

@@ -9,7 +9,9 @@ Each iteration:
 1. solve the ILP on the model's mean costs under `budget − margin`, the margin being z × the
    pick's own prediction sd (a fixed point: the margin depends on the pick it selects), so a
    pick is never bought with noise;
-2. measure the pick beside the uniform baselines;
+2. measure the pick beside the uniform baselines, with more rounds (up to `max_repeats`
+   batches) while its confidence interval is wider than the tolerance: noise decides the
+   number of repeats, not a fixed count;
 3. accept when it meets the budget within its measurement's confidence interval and the
    prediction agrees with the measurement within the tolerance; otherwise add the
    measurements to the fit and go again, up to `max_iters`.
@@ -34,6 +36,7 @@ Z_MARGIN = 1.645     # one-sided 95%: the pick's prediction + margin must meet t
 Z_CI = 1.96          # two-sided 95% interval of a measured p50
 TOLERANCE = 0.05     # |predicted − measured| / measured above which the model is refitted
 MAX_ITERS = 3
+MAX_REPEATS = 3      # extra batches of rounds for a pick whose CI is wider than the tolerance
 
 Measure = Callable[[dict[str, dict[str, str]]], dict[str, list[float]]]
 
@@ -165,7 +168,7 @@ def close_loop(layers, edges, sensitivity: Mapping[tuple[str, str], float], prio
                measured: Mapping[str, tuple[Mapping[str, str], list[float]]] | None = None,
                z: float = Z_MARGIN, tolerance: float = TOLERANCE,
                max_iters: int = MAX_ITERS, limits: Limits | None = None,
-               progress: Callable[[str], None] = lambda s: None) -> LoopResult:
+               max_repeats: int = MAX_REPEATS, progress: Callable[[str], None] = lambda s: None) -> LoopResult:
     """The whole loop for one latency budget (ms, or "NN%" between the measured uniforms).
     `history` are earlier measurements of this model on this device and runtime (fixed
     observations); `measured` what tonight already measured, name -> (config, p50 per round),
@@ -176,10 +179,11 @@ def close_loop(layers, edges, sensitivity: Mapping[tuple[str, str], float], prio
     rounds = {f"0:{n}": (dict(c), list(ps)) for n, (c, ps) in (measured or {}).items() if ps}
 
     def take(names: dict[str, dict], tag: str) -> dict[str, Observation]:
+        """Measure `names` (more rounds, if `tag` already has some) and observe them."""
         got = measure(names)
         for name, ps in got.items():
             if ps:
-                rounds[f"{tag}{name}"] = (names[name], list(ps))
+                rounds.setdefault(f"{tag}{name}", (names[name], []))[1].extend(ps)
         obs = {o.name: o for o in latmodel.observations(rounds)}
         return {name: obs[f"{tag}{name}"] for name in names if f"{tag}{name}" in obs}
 
@@ -219,7 +223,15 @@ def close_loop(layers, edges, sensitivity: Mapping[tuple[str, str], float], prio
         progress(f"iteration {it}: pick {sum(v != INT8 for v in cfg.values())} of {len(layers)} "
                  f"layers float, predicted {mean:.3f} ± {sd:.3f} ms (margin {margin:.3f}), "
                  f"budget {budget_ms:.3f} ms")
-        got = take({"pick": cfg, "uniform-" + INT8: q, "uniform-" + FLOAT: f}, f"{it}:")
+        batch = {"pick": cfg, "uniform-" + INT8: q, "uniform-" + FLOAT: f}
+        got = take(batch, f"{it}:")
+        for _ in range(max_repeats):   # too noisy to decide: more rounds, not a verdict
+            pick = got.get("pick")
+            if pick is None or ci_ms(pick) <= tolerance * pick.latency_ms:
+                break
+            progress(f"iteration {it}: ±{ci_ms(pick):.3f} ms is wider than the tolerance: "
+                     "measuring again")
+            got = take(batch, f"{it}:")
         pick = got.get("pick")
         step.uniform_ms = {n: o.latency_ms for n, o in got.items() if n != "pick"}
         result.iterations.append(step)

@@ -64,6 +64,49 @@ def _accuracy(store, run_id: str, model: str, variants, seed: int, say) -> None:
         say(f"accuracy {model} {v}: top-1 {top1:.2%}")
 
 
+def series_mde(cfg: Config, store, run_id: str, key: tuple, tonight: list[float]
+               ) -> tuple[float | None, float | None, int]:
+    """(minimum detectable effect, round noise σ, history rounds) of one p50 series with
+    tonight's per-round values, against the history the regression rule will use."""
+    from . import regress
+
+    hist = store.history(*key, "p50", cfg.lookback, before_run=run_id)
+    groups = [h["rounds"] for h in hist]
+    sigma = regress.round_noise([*groups, tonight])
+    m = sum(len(g) for g in groups)
+    return (regress.minimum_detectable_effect(sigma, len(tonight), m,
+                                              threshold=cfg.regression_threshold),
+            sigma, m)
+
+
+def _adaptive_rounds(cfg: Config, store, run_id, device, b, runtime, arts, per, say) -> dict:
+    """More rounds for the series that cannot yet see `cfg.detect`, alternating among them,
+    until each can, `max_rounds` is reached or the extra time budget is spent. Each extra
+    round is stored like the first ones (a killed run resumes them)."""
+    t0 = time.perf_counter()
+    k = cfg.rounds
+    while k < cfg.max_rounds:
+        lagging = []
+        for name, ms in per.items():
+            tonight = [m.latency_ms["p50"] for m in ms if m.ok and m.latency_ms.get("p50")]
+            mde, sigma, hist = series_mde(cfg, store, run_id, (b.model, name, device.name,
+                                                                runtime), tonight)
+            if hist and mde is not None and mde > cfg.detect:
+                lagging.append(name)
+        spent = time.perf_counter() - t0
+        per_round = spent / max(1, k - cfg.rounds) if k > cfg.rounds else 0.0
+        if not lagging or spent + per_round > cfg.detect_budget_s:
+            break
+        say(f"{b.model} on {device.name}/{runtime}: round {k + 1} for {', '.join(lagging)} "
+            f"(cannot yet see {cfg.detect:.0%})")
+        more = runner.measure_artifacts(device, runtime, b.model, {n: arts[n] for n in lagging},
+                                        cfg.protocol, rounds=k + 1, store=store, run_id=run_id,
+                                        kind="bench", on_result=say)
+        per = {**per, **more}
+        k += 1
+    return per
+
+
 def _bench_device(cfg: Config, store, run_id: str, device, tasks: list[tuple[Bench, str, dict]],
                   say) -> tuple[list, list]:
     rows, failures = [], []
@@ -75,6 +118,8 @@ def _bench_device(cfg: Config, store, run_id: str, device, tasks: list[tuple[Ben
         except DeviceError as e:
             failures.append((f"{b.model} on {device.name}/{runtime}", f"{e.kind}: {e}"))
             continue
+        if cfg.detect is not None:
+            per = _adaptive_rounds(cfg, store, run_id, device, b, runtime, arts, per, say)
         for name, ms in per.items():
             m = runner.combine(ms, cfg.seed)
             rows.append({"model": b.model, "variant": name, "device": device.name,

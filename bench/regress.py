@@ -26,6 +26,14 @@ log(round value) over the history and tonight, and the worse log-change must rea
 `noise_k` (default 3) standard errors, σ·√(1/k + 1/m) for k rounds tonight and m in the
 history. It needs two runs' worth of round spread (two degrees of freedom) and is skipped
 with fewer; for a steady model (σ ≈ 0.2%) it never binds and the 5% threshold decides.
+
+Every verdict carries its **minimum detectable effect** (`mde`): the smallest slowdown this
+rule flags with ≥95% probability given the series' round noise σ, tonight's k rounds and the
+history's m. On the log scale tonight's change is seen with standard error s = σ·√(1/k + 1/m);
+it is flagged once it clears both the threshold and noise_k·s, so 95% of the time when the
+true change is max(log(1 + threshold), noise_k·s) + 1.645·s. It never falls below the
+threshold, and it falls with more rounds: `rounds_for` says how many a target needs, which
+the nightly's adaptive rounds (`detect = 0.10`) use.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ LOOKBACK = 14
 MIN_Z_HISTORY = 3                    # runs needed before a std means anything
 NOISE_K = 3.0                        # standard errors of round-to-round noise a change must reach
 MIN_NOISE_DF = 2                     # degrees of freedom before the round spread is trusted
+POWER_Z = 1.645                      # one-sided 95%: the probability a true change is flagged
 SAMPLE_METRICS = frozenset({"p50", "mean"})   # metrics the raw-sample test speaks for
 DEFAULT_METRICS = ("p50", "energy_j")
 
@@ -61,6 +70,7 @@ class Verdict:
     flagged: bool
     method: str
     note: str
+    mde: float | None = None     # smallest slowdown flagged with ≥95% probability (module doc)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,6 +119,28 @@ def round_noise(groups: Sequence[Sequence[float]]) -> float | None:
     return math.sqrt(ss / df) if df >= MIN_NOISE_DF else None
 
 
+def minimum_detectable_effect(sigma: float | None, k: int, m: int, *,
+                              threshold: float = THRESHOLD, noise_k: float = NOISE_K,
+                              z_power: float = POWER_Z) -> float | None:
+    """The smallest relative slowdown flagged with ≥95% probability (see the module
+    docstring) for round noise `sigma` (log scale), k rounds tonight, m in the history."""
+    if sigma is None or k < 1 or m < 1:
+        return None
+    s = sigma * math.sqrt(1 / k + 1 / m)
+    return math.expm1(max(math.log1p(threshold), noise_k * s) + z_power * s)
+
+
+def rounds_for(sigma: float | None, m: int, target: float, *, threshold: float = THRESHOLD,
+               noise_k: float = NOISE_K, max_rounds: int = 64) -> int | None:
+    """The fewest rounds tonight whose minimum detectable effect is ≤ `target` against a
+    history of m rounds; None if no count up to `max_rounds` reaches it."""
+    for k in range(1, max_rounds + 1):
+        mde = minimum_detectable_effect(sigma, k, m, threshold=threshold, noise_k=noise_k)
+        if mde is not None and mde <= target:
+            return k
+    return None
+
+
 def compare(history_values: Sequence[float], current: float | None, *,
             history_samples: Sequence[float] = (), current_samples: Sequence[float] = (),
             history_rounds: Sequence[Sequence[float]] = (), current_rounds: Sequence[float] = (),
@@ -140,6 +172,9 @@ def compare(history_values: Sequence[float], current: float | None, *,
         need = math.expm1(noise_k * sigma * math.sqrt(1 / k + 1 / m))
         tests.append("rounds")
     in_noise = need is not None and worse is not None and worse < need
+    mde = minimum_detectable_effect(sigma, len(current_rounds),
+                                    sum(len(g) for g in history_rounds),
+                                    threshold=threshold, noise_k=noise_k)
     flagged = big and bool(significant) and not in_noise
     if not tests:
         note = "too little history for a test"
@@ -155,7 +190,7 @@ def compare(history_values: Sequence[float], current: float | None, *,
     else:
         note = "no regression"
     return Verdict(metric, baseline, float(current), change, p, z, n, flagged,
-                   "+".join(tests), note)
+                   "+".join(tests), note, mde)
 
 
 def _current(rows: list[dict], metric: str) -> tuple[float | None, list[float]]:

@@ -409,7 +409,7 @@ def _trends(sec, store, run_id, results) -> None:
     sec.p("Red circles: flagged regressions. Dashed lines: intended changes (baseline resets).")
 
 
-def _regressions(sec, regs) -> None:
+def _regressions(sec, regs, detect: float | None = None) -> None:
     if not regs:
         sec.p("Regression detection has not been run for this run.")
         return
@@ -418,12 +418,21 @@ def _regressions(sec, regs) -> None:
     sec.p(f"{n} of {len(regs)} comparisons flagged (rule: change ≥ threshold in the worse "
           "direction and Mann-Whitney U or lookback z-score significant).")
     sec.table(["flagged", "model", "variant", "device/runtime", "metric", "baseline",
-               "current", "change %", "p-value", "z", "history", "tests", "note"],
+               "current", "change %", "can see ≥ %", "p-value", "z", "history", "tests",
+               "note"],
               [["YES" if g["flagged"] else "", g["model"], g["variant"],
                 f"{g['device']}/{g['runtime']}", g["metric"], fmt(g["baseline"]),
                 fmt(g["current"]), fmt(None if g["change"] is None else 100 * g["change"], 2),
+                fmt(None if g.get("mde") is None else 100 * g["mde"], 2),
                 fmt(g["p_value"], 2), fmt(g["z"], 2), g["n_history"], g["method"] or "–",
                 g["note"]] for g in regs])
+    blind = [g for g in regs if g.get("mde") is not None and detect is not None
+             and g["mde"] > detect]
+    if blind:
+        sec.alert(f"{len(blind)} series cannot see a {detect:.0%} change tonight (noise too "
+                  "high for the rounds the time budget allowed): " + ", ".join(
+                      f"{g['model']} {g['variant']} {g['metric']} ≥ {100 * g['mde']:.1f}%"
+                      for g in blind[:8]))
 
 
 def _devices(sec, run, devs) -> None:
@@ -538,7 +547,7 @@ def render(store, run: str | None = "latest", out_dir: str | Path | None = None)
     _allocation(s["Bit allocation"], allocs)
     _predicted(s["Predicted vs measured latency"], allocs)
     _trends(s["Nightly trends"], store, run_id, results)
-    _regressions(s["Regressions"], regs)
+    _regressions(s["Regressions"], regs, (run_row.get("config") or {}).get("detect"))
     _devices(s["Devices and versions"], run_row, devs)
 
     out = Path(out_dir) if out_dir else Path("reports") / run_id

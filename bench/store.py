@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy import Column, Float, ForeignKey, Integer, String, Table, Text, UniqueConstraint
 
 DEFAULT_PATH = Path("results") / "hilq.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RESUME_WITHIN_H = 12.0      # an unfinished run older than this is not resumed by a new one
 RUN_STATUSES = ("running", "ok", "failed", "regressed", "interrupted", "budget_missed")
 
@@ -168,6 +168,7 @@ regressions = Table(
     Column("flagged", sa.Boolean, nullable=False),
     Column("method", String(64)),
     Column("note", Text),
+    Column("mde", Float),          # minimum detectable effect of the series (bench.regress)
     UniqueConstraint("run_id", "model", "variant", "device", "runtime", "metric",
                      name="uq_regression"),
 )
@@ -192,7 +193,10 @@ TABLES = ("runs", "devices", "variants", "measurements", "cost_tables", "allocat
 # directly. Version 1 is the first schema; the next change adds its Column above, bumps
 # SCHEMA_VERSION and appends e.g. (2, "runs.note", lambda c: c.execute(sa.text(
 # "ALTER TABLE runs ADD COLUMN note TEXT"))).
-MIGRATIONS: list[tuple[int, str, object]] = []
+MIGRATIONS: list[tuple[int, str, object]] = [
+    (2, "regressions.mde", lambda c: c.execute(sa.text(
+        "ALTER TABLE regressions ADD COLUMN mde FLOAT"))),
+]
 
 
 class StoreError(Exception):

@@ -196,7 +196,7 @@ def test_foreign_keys_enforced(store):
 
 
 def _v1_database(path):
-    """A store as version 1 wrote it, then a pretend version 2 that adds a column."""
+    """A store as this version writes it, before a pretend next version that adds a column."""
     s = open_store(path)
     run = s.begin_run({"c": 1})
     s.add_measurement(run, measurement())
@@ -212,10 +212,11 @@ def test_migration_from_older_version(backend, monkeypatch):
         calls.append(1)
         conn.execute(sa.text("ALTER TABLE runs ADD COLUMN note TEXT"))
 
-    monkeypatch.setattr(st, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(st, "MIGRATIONS", [(2, "runs.note", add_note)])
+    nxt = st.SCHEMA_VERSION + 1
+    monkeypatch.setattr(st, "SCHEMA_VERSION", nxt)
+    monkeypatch.setattr(st, "MIGRATIONS", [(nxt, "runs.note", add_note)])
     s = open_store(backend)
-    assert calls == [1] and s.schema_version() == 2
+    assert calls == [1] and s.schema_version() == nxt
     assert "note" in {c["name"] for c in sa.inspect(s.engine).get_columns("runs")}
     assert s.run(run) is not None and count(s, "measurements") == 1
     s.close()
@@ -232,14 +233,28 @@ def test_failed_migration_rolls_back(backend, monkeypatch):
         conn.execute(sa.text("ALTER TABLE runs ADD COLUMN note TEXT"))
         raise RuntimeError("bug in migration")
 
-    monkeypatch.setattr(st, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(st, "MIGRATIONS", [(2, "runs.note", half)])
+    now = st.SCHEMA_VERSION
+    monkeypatch.setattr(st, "SCHEMA_VERSION", now + 1)
+    monkeypatch.setattr(st, "MIGRATIONS", [(now + 1, "runs.note", half)])
     with pytest.raises(RuntimeError):
         open_store(backend)
-    monkeypatch.setattr(st, "SCHEMA_VERSION", 1)
+    monkeypatch.setattr(st, "SCHEMA_VERSION", now)
     with open_store(backend) as s:
         assert "note" not in {c["name"] for c in sa.inspect(s.engine).get_columns("runs")}
-        assert s.schema_version() == 1
+        assert s.schema_version() == now
+
+
+def test_a_version_1_store_gains_the_mde_column_and_keeps_its_data(backend):
+    run = _v1_database(backend)
+    engine = sa.create_engine(backend if "://" in str(backend) else f"sqlite:///{backend}")
+    with engine.begin() as c:                       # make it what version 1 wrote
+        c.execute(sa.text("ALTER TABLE regressions DROP COLUMN mde"))
+        c.execute(sa.text("UPDATE schema_version SET version = 1"))
+    engine.dispose()
+    with open_store(backend) as s:
+        assert s.schema_version() == st.SCHEMA_VERSION
+        assert "mde" in {c["name"] for c in sa.inspect(s.engine).get_columns("regressions")}
+        assert count(s, "measurements") == 1 and s.run(run) is not None
 
 
 def test_newer_schema_refused(backend, monkeypatch):
