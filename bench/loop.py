@@ -104,8 +104,12 @@ def _table(model: LatencyModel, sensitivity: Mapping[tuple[str, str], float],
     """The model's mean costs as an ILP table, with exact columns (size) for `limits`."""
     rows, pairs = model.costs()
     limits = limits or {}
+    # KL sensitivities of 8-bit layers are ~1e-6: below HiGHS's tolerances every pick would
+    # tie. Scaled so that they sum to 1 (the objective's order is unchanged).
+    total = sum(v for v in sensitivity.values() if v > 0) or 1.0
     return CostTable.from_rows(
-        {"layer": lay, "precision": p, "sensitivity": float(sensitivity.get((lay, p), 0.0)),
+        {"layer": lay, "precision": p,
+         "sensitivity": float(sensitivity.get((lay, p), 0.0)) / total,
          "latency_ms": v, **{c: float(costs[(lay, p)]) for c, (costs, _) in limits.items()}}
         for (lay, p), v in rows.items()).with_pairs(pairs)
 
@@ -137,22 +141,32 @@ def choose(model: LatencyModel, sensitivity: Mapping[tuple[str, str], float], bu
         if upper <= budget_ms and fits(ob.config) and \
                 (best is None or sens(ob.config) < sens(best)):
             best = dict(ob.config)
-    margin, tried = 0.0, set()
-    for _ in range(steps):
+    # the margin: the smallest that makes the ILP's pick hold at confidence (a smaller one
+    # buys a more accurate pick). Not monotone enough for a fixed point (it can cycle), so a
+    # grid over [0, budget − all-INT8 mean], then bisection where the grid first holds.
+    picked: dict[float, tuple[dict | None, bool]] = {}
+
+    def holds(margin: float) -> bool:
         alloc = solve_ilp(table, {"latency_ms": budget_ms - margin, **others})
-        key = tuple(sorted(alloc.config.items())) if alloc.ok else None
-        if key is None or key in tried:
-            break
-        tried.add(key)
-        mean, sd = model.predict(alloc.config)
-        if mean + z * sd <= budget_ms * (1 + 1e-9):     # holds: try a looser margin
-            if best is None or sens(alloc.config) < sens(best):
-                best, best_margin = dict(alloc.config), margin
-            if z * sd >= margin:
-                break
-            margin = z * sd
-        else:                                            # misses: tighten by the excess
-            margin += mean + z * sd - budget_ms + 1e-9 * budget_ms
+        ok = False
+        if alloc.ok:
+            mean, sd = model.predict(alloc.config)
+            ok = mean + z * sd <= budget_ms * (1 + 1e-9)
+        picked[margin] = (dict(alloc.config) if alloc.ok else None, ok)
+        return ok
+
+    span = max(0.0, budget_ms - model.predict(dict.fromkeys(model.layers, INT8))[0])
+    grid = [span * k / steps for k in range(steps + 1)]
+    first = next((k for k, m in enumerate(grid) if holds(m)), None)
+    if first:
+        lo, hi = grid[first - 1], grid[first]
+        for _ in range(6):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if holds(mid) else (mid, hi)
+    margin = 0.0
+    for m, (cfg, ok) in sorted(picked.items()):
+        if ok and (best is None or sens(cfg) < sens(best) - 1e-12):
+            best, best_margin = cfg, m
     if best is None:
         return None, margin, (f"no configuration is predicted under {budget_ms:.3g} ms with "
                               f"{_confidence(z)} confidence")
