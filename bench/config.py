@@ -59,7 +59,8 @@ class Config:
     regression_threshold: float = 0.05
     lookback: int = 10
     # adaptive rounds: add rounds to a series until its minimum detectable effect is at most
-    # `detect` (bench.regress), within `detect_budget_s` of extra timing and `max_rounds`
+    # `detect` (bench.regress), within `detect_budget_s` of extra timing per device and
+    # night (shared by its series, in config order) and `max_rounds`
     detect: float | None = None
     detect_budget_s: float = 240.0
     max_rounds: int = 12

@@ -79,9 +79,11 @@ def series_mde(cfg: Config, store, run_id: str, key: tuple, tonight: list[float]
             sigma, m)
 
 
-def _adaptive_rounds(cfg: Config, store, run_id, device, b, runtime, arts, per, say) -> dict:
+def _adaptive_rounds(cfg: Config, store, run_id, device, b, runtime, arts, per, say,
+                     budget_s: float) -> tuple[dict, float]:
     """More rounds for the series that cannot yet see `cfg.detect`, alternating among them,
-    until each can, `max_rounds` is reached or the extra time budget is spent. Each extra
+    until each can, `max_rounds` is reached or `budget_s` (what is left of the device's
+    extra time tonight) is spent. Returns the series and the seconds spent. Each extra
     round is stored like the first ones (a killed run resumes them)."""
     t0 = time.perf_counter()
     k = cfg.rounds
@@ -95,7 +97,7 @@ def _adaptive_rounds(cfg: Config, store, run_id, device, b, runtime, arts, per, 
                 lagging.append(name)
         spent = time.perf_counter() - t0
         per_round = spent / max(1, k - cfg.rounds) if k > cfg.rounds else 0.0
-        if not lagging or spent + per_round > cfg.detect_budget_s:
+        if not lagging or spent + per_round > budget_s:
             break
         say(f"{b.model} on {device.name}/{runtime}: round {k + 1} for {', '.join(lagging)} "
             f"(cannot yet see {cfg.detect:.0%})")
@@ -104,12 +106,13 @@ def _adaptive_rounds(cfg: Config, store, run_id, device, b, runtime, arts, per, 
                                         kind="bench", on_result=say)
         per = {**per, **more}
         k += 1
-    return per
+    return per, time.perf_counter() - t0
 
 
 def _bench_device(cfg: Config, store, run_id: str, device, tasks: list[tuple[Bench, str, dict]],
                   say) -> tuple[list, list]:
     rows, failures = [], []
+    left = cfg.detect_budget_s          # one budget of extra rounds per device and night
     for b, runtime, arts in tasks:
         try:
             per = runner.measure_artifacts(device, runtime, b.model, arts, cfg.protocol,
@@ -119,7 +122,9 @@ def _bench_device(cfg: Config, store, run_id: str, device, tasks: list[tuple[Ben
             failures.append((f"{b.model} on {device.name}/{runtime}", f"{e.kind}: {e}"))
             continue
         if cfg.detect is not None:
-            per = _adaptive_rounds(cfg, store, run_id, device, b, runtime, arts, per, say)
+            per, spent = _adaptive_rounds(cfg, store, run_id, device, b, runtime, arts, per,
+                                          say, left)
+            left = max(0.0, left - spent)
         for name, ms in per.items():
             m = runner.combine(ms, cfg.seed)
             rows.append({"model": b.model, "variant": name, "device": device.name,
