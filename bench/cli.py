@@ -32,6 +32,34 @@ class UserError(Exception):
     """Bad input a user can fix; printed as one line, exit code 2."""
 
 
+MODEL_HELP = ("built-in name (digits-cnn, resnet18, resnet50, mobilenet_v2, tiny-transformer), "
+              "package.module:factory returning an nn.Module, or a path to an FP32 .onnx file")
+
+
+def add_model_arguments(p, *, required: bool = True, data_help: str = "") -> None:
+    """The one model door and data door every command shares (quant.models, quant.data)."""
+    p.add_argument("--model", required=required, help=MODEL_HELP)
+    p.add_argument("--data", metavar="DIR|FILE|MODULE:FACTORY",
+                   help="a folder of images (flat, or one sub-folder per class; calib/ and "
+                        "test/ sub-folders give the splits), .npy/.npz arrays (x, optional y), "
+                        "or package.module:factory returning quant.models.Data" + data_help)
+    p.add_argument("--input-shape", metavar="N,C,H,W",
+                   help="input shape with the batch first, for a model without data or an "
+                        "ONNX file with dynamic dimensions")
+    p.add_argument("--preprocess", metavar="SPEC",
+                   help="image preprocessing, torchvision's names: e.g. imagenet, or "
+                        "resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,"
+                        "layout=NCHW,dtype=float32")
+
+
+def model_ref(args):
+    """The `quant.models.ModelRef` the model-door arguments name."""
+    from quant.models import ModelRef, parse_shape
+
+    return ModelRef(args.model, data=args.data, input_shape=parse_shape(args.input_shape),
+                    preprocess=args.preprocess)
+
+
 def _module(name: str):
     return importlib.import_module(f"bench.cmd_{name}")
 

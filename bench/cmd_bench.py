@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import fields
 
-from bench.cli import UserError
+from bench.cli import UserError, add_model_arguments, model_ref
 from bench.runner import bench_variants
 from devices import inventory
 from devices.measurement import Protocol
@@ -25,7 +25,10 @@ _REPORTED = ("variant", "device", "runtime", "status", "failure", "reason", "lat
 
 
 def add_arguments(p):
-    p.add_argument("--model", help="model name (built by quant.export)")
+    add_model_arguments(p, required=False)
+    p.add_argument("--calib-data", default="real",
+                   help="calibration inputs of the INT8 variants: real (--data, default), "
+                        "distilled (ZeroQ), noise")
     p.add_argument("--variants", default="fp32", help="comma-separated: fp32,w8a8,...")
     p.add_argument("--artifact", action="append", default=[], metavar="FILE",
                    help="a prebuilt artifact (FILE + FILE.manifest.json); repeatable")
@@ -61,6 +64,10 @@ def _protocol(args) -> Protocol:
 def run(args) -> int:
     if not args.model and not args.artifact:
         raise UserError("give --model (with --variants) or --artifact FILE")
+    if args.model:
+        from quant.models import load_model
+
+        load_model(model_ref(args))      # a bad model or data door fails before any device opens
     if args.rounds < 1:
         raise UserError("--rounds must be at least 1")
     devs = inventory.load(args.inventory)
@@ -80,9 +87,10 @@ def run(args) -> int:
     ms = []
     try:
         for device in devices:
-            ms += bench_variants(args.model or "", variants, device, args.runtime, protocol,
-                                 rounds=args.rounds, reference=args.reference, store=store,
-                                 run_id=run_id)
+            ms += bench_variants(model_ref(args) if args.model else "", variants, device,
+                                 args.runtime, protocol, rounds=args.rounds,
+                                 reference=args.reference, store=store, run_id=run_id,
+                                 calib_data=args.calib_data)
         if store is not None:
             store.finish_run(run_id, "ok" if all(m.ok for m in ms) else "failed")
             print(f"stored as run {run_id} in {store.name}")

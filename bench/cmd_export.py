@@ -1,7 +1,9 @@
 """`hilq export`: write a deployable artifact (ONNX Q/DQ) for a model and variant.
 
-    hilq export --model digits-cnn --variant w8a8 [--format onnx-qdq] [--target cpu|tensorrt]
-                [--calib minmax] [--granularity channel] [--group-size 128] [--repair R,...]
+    hilq export --model NAME|pkg.mod:factory|FILE.onnx --variant w8a8 [--data D]
+                [--input-shape 1,3,224,224] [--preprocess SPEC] [--calib-data real|distilled|noise]
+                [--format onnx-qdq] [--target cpu|tensorrt] [--calib minmax]
+                [--granularity channel] [--group-size 128] [--repair R,...]
                 [--seed 0] --out DIR [--json OUT]
 
 Prints the file's path, size and sha256 and each layer's precision and expected kernel.
@@ -13,13 +15,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cli import UserError
+from .cli import UserError, add_model_arguments, model_ref
 
 FORMATS = ("onnx-qdq",)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="built-in model name (hilq models)")
+    add_model_arguments(parser)
     parser.add_argument("--variant", required=True,
                         help="fp32, w8a8, w4a8, w4a16, w8a16, ... or config:PATH.json")
     parser.add_argument("--format", default="onnx-qdq", choices=FORMATS,
@@ -28,6 +30,9 @@ def add_arguments(parser) -> None:
                         help="cpu: UINT8 asymmetric activations, ORT's QDQ placement; "
                              "tensorrt: INT8 symmetric activations, narrow-range weights")
     parser.add_argument("--calib", default="minmax", help="activation calibration method")
+    parser.add_argument("--calib-data", default="real",
+                        help="calibration inputs: real (--data, default), distilled (ZeroQ, "
+                             "from the BatchNorm statistics), noise")
     parser.add_argument("--granularity", default="channel", choices=("channel", "tensor", "group"),
                         help="weight granularity (group: blocks of --group-size along K)")
     parser.add_argument("--group-size", type=int, default=128)
@@ -43,9 +48,16 @@ def run(args) -> int:
     if args.group_size < 1:
         raise UserError(f"--group-size must be positive, got {args.group_size}")
     repairs = tuple(r.strip() for r in args.repair.split(",") if r.strip())
-    art = build_artifact(args.model, args.variant, args.out, args.target, calib=args.calib,
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create it ({e.strerror})") from None
+    art = build_artifact(model_ref(args), args.variant, out, args.target, calib=args.calib,
                          granularity=args.granularity, group_size=args.group_size,
-                         repairs=repairs, seed=args.seed)
+                         repairs=repairs, seed=args.seed, calib_data=args.calib_data)
     m = art.manifest
     print(f"artifact  {art.path}")
     print(f"format    {m.get('format')}  target {m.get('target')}  "

@@ -3,7 +3,8 @@
     hilq quantize --model digits-cnn --w-bits 4 --a-bits 4 [--granularity channel|tensor|group]
                   [--group-size 128] [--calib minmax|percentile|mse|entropy|ema]
                   [--repair cle,split,bias,adaround] [--calib-data real|distilled|noise]
-                  [--qat-epochs N] [--data MODULE:FACTORY] [--seed 0] [--json OUT]
+                  [--qat-epochs N] [--data DIR|FILE|MODULE:FACTORY] [--input-shape N,C,H,W]
+                  [--preprocess SPEC] [--seed 0] [--json OUT]
 
 Weights are symmetric (per output channel by default); activations are asymmetric per
 tensor, calibrated statically. `--a-bits 16` keeps activations float (weight-only, `w4a16`).
@@ -18,15 +19,11 @@ from pathlib import Path
 
 from quant.spec import CALIBRATIONS, GRANULARITIES
 
-from .cli import UserError
+from .cli import UserError, add_model_arguments, model_ref
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="built-in model name or package.module:factory")
-    parser.add_argument("--data", metavar="MODULE:FACTORY",
-                        help="data factory (returns quant.models.Data or a dict); required for a "
-                             "user model, overrides a built-in model's data")
+    add_model_arguments(parser, data_help="; overrides a built-in model's data")
     parser.add_argument("--w-bits", type=int, required=True, help="weight bits, 1..8")
     parser.add_argument("--a-bits", type=int, required=True,
                         help="activation bits, 1..8, or 16 for weight-only (float activations)")
@@ -43,6 +40,12 @@ def add_arguments(parser) -> None:
                         help="AdaRound iterations per layer (default 300)")
     parser.add_argument("--calib-data", default="real",
                         help="calibration inputs: real (default), distilled (ZeroQ), noise")
+    parser.add_argument("--distill-iters", type=int, default=500,
+                        help="ZeroQ iterations for --calib-data distilled (default 500, ZeroQ's)")
+    parser.add_argument("--distill-objective", choices=("batch", "sample"), default="batch",
+                        help="batch: match the batch's BatchNorm statistics from N(0,1) "
+                             "(default); sample: ZeroQ's reference code, every sample's own "
+                             "statistics from near-zero uniform noise")
     parser.add_argument("--qat-epochs", type=int, default=0,
                         help="quantization-aware fine-tuning epochs after PTQ (default 0)")
     parser.add_argument("--seed", type=int, default=0)
@@ -152,13 +155,15 @@ def run(args) -> int:
         repairs = parse_repairs(args.repair)
     except ValueError as e:
         raise UserError(str(e).replace("unknown repair", "unknown --repair item")) from None
-    entry = load_model(args.model, args.data)
+    entry = load_model(model_ref(args))
     model = entry.build()
     variant = f"w{args.w_bits}a{args.a_bits}"
     notes: list[str] = []
     config = variant_bit_config(model, variant, granularity=args.granularity, calib=args.calib,
                                 group_size=args.group_size, notes=notes)
     res = quantize_model(entry, config, repairs=repairs, calib_data=args.calib_data,
+                         distill_iters=args.distill_iters,
+                         distill_objective=args.distill_objective,
                          qat_epochs=args.qat_epochs, seed=args.seed, model=model,
                          adaround_iters=args.adaround_iters)
     res.notes[:0] = notes

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 
-from bench.cli import UserError
+from bench.cli import UserError, add_model_arguments, model_ref
 
 _COLUMNS = ("latency_ms", "size_bits")
 EXIT = {"ok": 0, "failed": 1, "infeasible": 2, "budget_missed": 4}
@@ -51,7 +51,7 @@ def _max_drop(text: str) -> float:
 
 
 def add_arguments(p):
-    p.add_argument("--model", required=True)
+    add_model_arguments(p)
     p.add_argument("--device", default="local")
     p.add_argument("--runtime", default="ort")
     p.add_argument("--inventory", help="devices.toml (not needed for --device local)")
@@ -92,6 +92,7 @@ def run(args) -> int:
     from bench.store import open_store
     from devices import inventory
     from devices.measurement import Protocol
+    from quant.models import load_model
 
     budgets = dict(_budget(b) for b in args.budget)
     max_drop = _max_drop(args.max_drop) if args.max_drop else None
@@ -107,6 +108,7 @@ def run(args) -> int:
         raise UserError(f"--confidence {args.confidence}: give a value in [0.5, 1)")
     if args.max_iters < 1 or args.tolerance <= 0:
         raise UserError("--max-iters must be at least 1 and --tolerance positive")
+    load_model(model_ref(args))      # a bad model or data door fails before the device opens
     device = inventory.open_device(args.device, inventory.load(args.inventory))
     protocol = Protocol(min_duration_s=args.min_duration_s, threads=args.threads, seed=args.seed)
     console = Console(highlight=False)
@@ -117,7 +119,7 @@ def run(args) -> int:
                                   "sensitivity": args.sensitivity, "calib_data": args.calib_data,
                                   "confidence": args.confidence, "tolerance": args.tolerance,
                                   "max_iters": args.max_iters}, seed=args.seed)
-        res = run_search(args.model, device, args.runtime, budgets, protocol=protocol,
+        res = run_search(model_ref(args), device, args.runtime, budgets, protocol=protocol,
                          work_dir=args.work_dir, store=store, run_id=run_id,
                          sensitivity=args.sensitivity, calib_data=args.calib_data,
                          rounds=args.rounds, reuse_costs=not args.no_history, seed=args.seed,

@@ -17,13 +17,11 @@ from pathlib import Path
 from quant.sensitivity import METHODS, sensitivity_table
 from quant.zeroq import CALIB_DATA, calibration_data
 
-from .cli import UserError
+from .cli import UserError, add_model_arguments, model_ref
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="built-in model name or package.module:factory")
-    parser.add_argument("--data", metavar="MODULE:FACTORY", help="data factory for a user model")
+    add_model_arguments(parser)
     parser.add_argument("--method", choices=METHODS, default="kl",
                         help="kl: ZeroQ's output KL (default); hessian: HAWQ trace x weight error")
     parser.add_argument("--bits", default="2,4,8", help="weight bits to tabulate (default 2,4,8)")
@@ -36,6 +34,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--iters", type=int, default=500,
                         help="distillation iterations (default 500, ZeroQ's)")
     parser.add_argument("--lr", type=float, default=0.5, help="distillation lr (default 0.5)")
+    parser.add_argument("--distill-objective", choices=("batch", "sample"), default="batch",
+                        help="batch (default) or sample (ZeroQ's reference code), see hilq "
+                             "quantize --help")
     parser.add_argument("--input-mean", type=float, default=None,
                         help="distillation target mean of the input (default: the model's "
                              "declared input statistics, else 0 as ZeroQ)")
@@ -78,13 +79,14 @@ def run(args) -> int:
         raise UserError("--samples and --hessian-iters must be positive, --iters non-negative")
     if args.act_bits is not None and not 1 <= args.act_bits <= 8:
         raise UserError(f"--act-bits must be in 1..8, got {args.act_bits}")
-    entry = load_model(args.model, args.data)
+    entry = load_model(model_ref(args))
     model = entry.build().eval()
-    real = entry.data().calib_x[: args.samples] if args.calib_data == "real" else None
+    calib_x = entry.data().calib_x if args.calib_data == "real" else None
+    real = calib_x[: args.samples] if calib_x is not None else None
     mean0, std0 = getattr(entry, "input_stats", None) or (0.0, 1.0)
     kw = {}
     if args.calib_data == "distilled":
-        kw = {"iters": args.iters, "lr": args.lr,
+        kw = {"iters": args.iters, "lr": args.lr, "objective": args.distill_objective,
               "input_mean": mean0 if args.input_mean is None else args.input_mean,
               "input_std": std0 if args.input_std is None else args.input_std}
     t0 = time.perf_counter()

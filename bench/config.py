@@ -25,17 +25,32 @@ class ConfigError(SpecError):
     """A config that cannot be run as written; the message names the key."""
 
 
+class _ModelDoor:
+    """The model door's keys (`quant.models.ModelRef`), shared by [[bench]] and [[search]]."""
+
+    @property
+    def ref(self):
+        from quant.models import ModelRef
+
+        return ModelRef(self.model, data=self.data, input_shape=self.input_shape,
+                        preprocess=self.preprocess)
+
+
 @dataclass(frozen=True)
-class Bench:
-    model: str
+class Bench(_ModelDoor):
+    model: str                    # built-in name, package.module:factory, or path/to/model.onnx
     variants: tuple[str, ...]
     devices: tuple[str, ...] = ("local",)
     runtimes: tuple[str, ...] = ("ort",)
     accuracy: bool = True
+    data: str | None = None       # image folder, .npy/.npz, or package.module:factory
+    input_shape: tuple[int, ...] | None = None
+    preprocess: str | None = None
+    calib_data: str = "real"      # real | distilled | noise, for the INT8 variants
 
 
 @dataclass(frozen=True)
-class Search:
+class Search(_ModelDoor):
     model: str
     device: str = "local"
     runtime: str = "ort"
@@ -46,6 +61,9 @@ class Search:
     distill_iters: int = 100      # ZeroQ iterations (its paper uses 500; fewer keep nightly short)
     sweep: str | None = None
     points: int = 0
+    data: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    preprocess: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,8 +133,37 @@ def _budget(where: str, key: str, v):
     return v
 
 
+def _door(where: str, d: dict, base: Path) -> dict:
+    """The model-door keys of one entry, paths made relative to the config file."""
+    from quant.models import parse_shape
+
+    out = {}
+    model = d["model"]
+    if str(model).endswith(".onnx") and not Path(model).is_absolute():
+        out["model"] = str(base / model)
+    data = d.get("data")
+    if data is not None:
+        if not isinstance(data, str):
+            raise ConfigError(f"{where}.data: expected a path or package.module:factory")
+        if ":" not in data and not Path(data).is_absolute():
+            out["data"] = str(base / data)
+    if d.get("input_shape") is not None:
+        try:
+            out["input_shape"] = parse_shape(d["input_shape"])
+        except SpecError as e:
+            raise ConfigError(f"{where}.input_shape: {e}") from None
+    pre = d.get("preprocess")
+    if isinstance(pre, dict):
+        out["preprocess"] = ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}"
+                                     for k, v in pre.items())
+    if d.get("calib_data", "real") not in ("real", "distilled", "noise"):
+        raise ConfigError(f"{where}.calib_data: use 'real', 'distilled' or 'noise'")
+    return out
+
+
 def parse(d: dict, source: str = "") -> Config:
     top = _names(Config) - {"protocol", "bench", "search", "source"}
+    base = Path(source).resolve().parent if source else Path.cwd()
     _check_keys("config", d, top | {"protocol", "bench", "search"})
     kw = {k: d[k] for k in top if k in d}
     try:
@@ -134,7 +181,9 @@ def parse(d: dict, source: str = "") -> Config:
         variants = _tuple(f"{where}.variants", b["variants"])
         for v in variants:
             parse_variant(v)
-        benches.append(Bench(model=b["model"], variants=variants,
+        door = {k: b[k] for k in ("data", "input_shape", "preprocess", "calib_data") if k in b}
+        benches.append(Bench(**{"model": b["model"], **door, **_door(where, b, base)},
+                             variants=variants,
                              devices=_tuple(f"{where}.devices", b.get("devices", ["local"])),
                              runtimes=_tuple(f"{where}.runtimes", b.get("runtimes", ["ort"])),
                              accuracy=bool(b.get("accuracy", True))))
@@ -149,7 +198,7 @@ def parse(d: dict, source: str = "") -> Config:
             raise ConfigError(f"{where}: needs at least one budget")
         if s.get("sensitivity", "kl") not in ("kl", "hessian"):
             raise ConfigError(f"{where}.sensitivity: use 'kl' or 'hessian'")
-        searches.append(Search(**{**s, "budgets": budgets}))
+        searches.append(Search(**{**s, **_door(where, s, base), "budgets": budgets}))
     cfg_detect = kw.get("detect")
     if cfg_detect is not None:
         thr = kw.get("regression_threshold", 0.05)

@@ -42,15 +42,17 @@ class NightlyResult:
         return asdict(self)
 
 
-def _accuracy(store, run_id: str, model: str, variants, seed: int, say) -> None:
+def _accuracy(store, run_id: str, b, seed: int, say) -> None:
     """Top-1 of each variant on the model's labelled test split (fake-quant model; the ONNX
     artifact agrees within 0.3 pt, see tests/test_export.py). Stored once per run."""
+    from quant.export import DISTILL_ITERS
     from quant.models import load_model
     from quant.pipeline import quantize_model, variant_bit_config
     from quant.transform import fold_bn
 
+    model, variants = b.model, b.variants
     stored = {(r["model"], r["variant"]) for r in store.rows("accuracy", run_id)}
-    entry = load_model(model)
+    entry = load_model(b.ref)
     data = entry.data()
     if data.test_y is None:
         return
@@ -58,7 +60,8 @@ def _accuracy(store, run_id: str, model: str, variants, seed: int, say) -> None:
     for v in variants:
         if (model, v) in stored:
             continue
-        res = quantize_model(entry, variant_bit_config(folded, v), seed=seed)
+        res = quantize_model(entry, variant_bit_config(folded, v), seed=seed,
+                             calib_data=b.calib_data, distill_iters=DISTILL_ITERS)
         top1 = res.quant_top1 if res.bit_config.layers else res.fp32_top1
         store.add_accuracy(run_id, model, v, top1, len(data.test_y), data.name or model)
         say(f"accuracy {model} {v}: top-1 {top1:.2%}")
@@ -160,7 +163,8 @@ def run_nightly(cfg: Config, *, say: Callable[[str], None] = print,
         for b in cfg.bench:
             for runtime in b.runtimes:
                 try:
-                    arts = {v: runner.artifact_for(b.model, v, artifacts_dir, runtime, seed=cfg.seed)
+                    arts = {v: runner.artifact_for(b.ref, v, artifacts_dir, runtime,
+                                                   seed=cfg.seed, calib_data=b.calib_data)
                             for v in b.variants}
                 except Exception as e:  # noqa: BLE001 — a model that will not build is a failure
                     result.failures.append((f"build {b.model} for {runtime}", _one_line(e)))
@@ -191,7 +195,7 @@ def run_nightly(cfg: Config, *, say: Callable[[str], None] = print,
         for b in cfg.bench:
             if b.accuracy:
                 try:
-                    _accuracy(store, run_id, b.model, b.variants, cfg.seed, say)
+                    _accuracy(store, run_id, b, cfg.seed, say)
                 except Exception as e:  # noqa: BLE001
                     result.failures.append((f"accuracy {b.model}", _one_line(e)))
 
@@ -235,7 +239,7 @@ def _search(cfg: Config, store, run_id: str, devs, s: Search, artifacts_dir: Pat
         failures.append((name, f"{e.kind}: {e}"))
         return {"model": s.model, "device": s.device, "runtime": s.runtime, "status": "failed"}
     try:
-        res = run_search(s.model, device, s.runtime, s.budgets, protocol=cfg.protocol,
+        res = run_search(s.ref, device, s.runtime, s.budgets, protocol=cfg.protocol,
                          work_dir=artifacts_dir / "search", store=store, run_id=run_id,
                          sensitivity=s.sensitivity, calib_data=s.calib_data, samples=s.samples,
                          distill_iters=s.distill_iters, rounds=cfg.rounds,

@@ -24,13 +24,16 @@ def target_for(runtime: str) -> str:
     return {"tensorrt": "tensorrt", "torch": "torch", "torch-cuda": "torch"}.get(runtime, "cpu")
 
 
-def artifact_for(model: str, variant, out_dir, runtime: str = "ort", seed: int = 0) -> Artifact:
-    """A variant name built by quant.export for `runtime`'s target; an Artifact passes through."""
+def artifact_for(model, variant, out_dir, runtime: str = "ort", seed: int = 0,
+                 calib_data: str = "real") -> Artifact:
+    """A variant name built by quant.export for `runtime`'s target (`model`: a name or a
+    `quant.models.ModelRef`); an Artifact passes through."""
     if isinstance(variant, Artifact):
         return variant
     from quant.export import build_artifact
 
-    return build_artifact(model, variant, out_dir, target=target_for(runtime), seed=seed)
+    return build_artifact(model, variant, out_dir, target=target_for(runtime), seed=seed,
+                          calib_data=calib_data)
 
 
 def reference_for(art: Artifact) -> tuple[str | None, float, float]:
@@ -169,9 +172,10 @@ def combine(runs: list[Measurement], seed: int = 0) -> Measurement:
         load={"busy": busy, "rounds": [m.load for m in runs]})
 
 
-def bench_variants(model: str, variants, device, runtime: str, protocol: Protocol | None = None,
+def bench_variants(model, variants, device, runtime: str, protocol: Protocol | None = None,
                    rounds: int = 3, out_dir: str | None = None, reference: str | None = None,
-                   store=None, run_id: str | None = None) -> list[Measurement]:
+                   store=None, run_id: str | None = None, calib_data: str = "real"
+                   ) -> list[Measurement]:
     """Build (or take prebuilt) artifacts, measure them in `rounds` alternating rounds, and
     return one combined Measurement per variant, in the order given. Artifacts built without
     an `out_dir` go to a temporary folder that is removed afterwards."""
@@ -181,8 +185,9 @@ def bench_variants(model: str, variants, device, runtime: str, protocol: Protoco
             out_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="hilq-artifacts-"))
         arts = {}
         for v in variants:
-            art = artifact_for(model, v, out_dir, runtime, seed=protocol.seed)
+            art = artifact_for(model, v, out_dir, runtime, seed=protocol.seed,
+                               calib_data=calib_data)
             arts[art.manifest.get("variant", "?") if isinstance(v, Artifact) else v] = art
-        per = measure_artifacts(device, runtime, model, arts, protocol, rounds, store, run_id,
-                                reference=reference)
+        per = measure_artifacts(device, runtime, getattr(model, "name", model), arts, protocol, rounds, store,
+                                run_id, reference=reference)
     return [combine(runs, protocol.seed) for runs in per.values()]

@@ -128,14 +128,15 @@ def history(store, model: str, device: str, runtime: str, layers, protocol: Prot
     return out
 
 
-def _accuracy(entry, config: BitConfig) -> dict:
+def _accuracy(entry, config: BitConfig, calib_data: str = "real") -> dict:
     """Top-1 on labelled data through the fake-quant model (ONNX Runtime agrees with it within
     0.3 pt: see the export tests), else top-1 agreement with the float model."""
     import torch
 
+    from quant.export import DISTILL_ITERS
     from quant.pipeline import quantize_model
 
-    res = quantize_model(entry, config)
+    res = quantize_model(entry, config, calib_data=calib_data, distill_iters=DISTILL_ITERS)
     if res.quant_top1 is not None:
         return {"top1": res.quant_top1, "fp32_top1": res.fp32_top1}
     data = entry.data()
@@ -168,6 +169,8 @@ class _Context:
     progress: Callable[[str], None]
     built: dict = field(default_factory=dict)
     batches: int = 0
+    ref: object = None              # the quant.models.ModelRef, when not a plain name
+    calib_data: str = "real"
 
     @property
     def tag(self) -> str:
@@ -189,8 +192,9 @@ class _Context:
             else:
                 variant = _write_config(self.work, f"{self.tag}-{len(self.built)}",
                                         self.bit_config(cfg))
-            self.built[key] = runner.artifact_for(self.model, variant, self.work, self.runtime,
-                                                  seed=self.seed)
+            self.built[key] = runner.artifact_for(self.ref or self.model, variant, self.work,
+                                                  self.runtime, seed=self.seed,
+                                                  calib_data=self.calib_data)
         return self.built[key]
 
     def measure(self, configs: dict[str, dict]) -> dict[str, list[float]]:
@@ -205,7 +209,7 @@ class _Context:
         return {n: _p50s(ms[f"it{self.batches}-{n}"]) for n in configs}
 
 
-def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Protocol,
+def run_search(model, device, runtime: str, budgets: dict, *, protocol: Protocol,
                work_dir: str | Path, store=None, run_id: str | None = None,
                sensitivity: str = "kl", calib_data: str = "real", samples: int = 16,
                distill_iters: int = 100, rounds: int = 2, reuse_costs: bool = True,
@@ -221,10 +225,11 @@ def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Pro
     limit, each candidate's accuracy measured. `sweep` > 1 also measures that many picks
     from 0% to 100% of the latency range: the latency-vs-accuracy frontier. `reuse_costs`
     takes earlier nights' measurements into the fit (the store's history)."""
-    from quant.models import load_model
+    from quant.models import load_model, name_of
     from quant.pipeline import variant_bit_config
     from quant.transform import fold_bn, quantizable_layers
 
+    ref, model = model, name_of(model)
     unknown = set(budgets) - {"latency_ms", "size_bits"}
     if unknown:
         raise SpecError(f"budget {', '.join(sorted(unknown))}: the search fits latency (and "
@@ -233,7 +238,7 @@ def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Pro
     if ("latency_ms" in budgets) == accuracy_limit:
         raise SpecError("give either a latency_ms budget or an accuracy limit "
                         "(max drop / min agreement), not both or neither")
-    entry = load_model(model)
+    entry = load_model(ref)
     net = entry.build().eval()
     folded = fold_bn(net)
     layers = quantizable_layers(folded)
@@ -241,7 +246,8 @@ def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Pro
     work.mkdir(parents=True, exist_ok=True)
     _check_runtime(runtime)
     ctx = _Context(model, entry, folded, layers, float_edges(folded, layers), device, runtime,
-                   protocol, work, store, run_id, rounds, seed, progress)
+                   protocol, work, store, run_id, rounds, seed, progress, ref=ref,
+                   calib_data=calib_data)
     result = SearchResult(model, device.name, runtime, "failed", dict(budgets))
     seeded, prior = _patterns(ctx)
     if seeded is None:
@@ -257,7 +263,8 @@ def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Pro
     if "size_bits" in budgets:
         lo, hi = (sum(size[(lay, p)] for lay in layers) for p in (INT8, FLOAT))
         limits["size_bits"] = (size, loop.resolve(budgets["size_bits"], lo, hi))
-    base_acc = {u: _accuracy(entry, variant_bit_config(folded, u)) for u in (INT8, FLOAT)}
+    base_acc = {u: _accuracy(entry, variant_bit_config(folded, u), calib_data)
+                for u in (INT8, FLOAT)}
     q_ms, f_ms = (statistics.median(seeded[f"uniform-{u}"][1]) for u in (INT8, FLOAT))
     result.baseline = _baselines({INT8: (q_ms, base_acc[INT8]), FLOAT: (f_ms, base_acc[FLOAT])})
     kw = dict(history=past, measured=seeded, z=z, tolerance=tolerance, max_iters=max_iters,
@@ -291,7 +298,7 @@ def run_search(model: str, device, runtime: str, budgets: dict, *, protocol: Pro
         cfg = ctx.bit_config(res.config)
         result.variant = _write_config(work, f"{ctx.tag}-chosen", cfg)
         result.config = dict(res.config)
-        result.accuracy = _accuracy(entry, cfg)
+        result.accuracy = _accuracy(entry, cfg, calib_data)
         result.predicted = {"latency_ms": final.predicted_ms,
                             "latency_sd_ms": final.predicted_sd_ms, "margin_ms": final.margin_ms,
                             "size_bits": sum(size[(lay, p)] for lay, p in res.config.items())}
@@ -394,7 +401,7 @@ def _fastest_within(ctx: _Context, sens_by, prior, float_acc, max_drop, min_agre
         if cfg is None:
             lo = pct
             continue
-        acc = _accuracy(ctx.entry, ctx.bit_config(cfg))
+        acc = _accuracy(ctx.entry, ctx.bit_config(cfg), ctx.calib_data)
         over, limit = _loss(acc, float_acc, max_drop, min_agreement)
         checked.append({"budget_pct": pct, "float_layers": sum(v != INT8 for v in cfg.values()),
                         "accuracy": acc, "within_limit": over <= 0})
@@ -433,7 +440,7 @@ def _sweep(ctx: _Context, fit, sens_by, q_ms, f_ms, points, z, limits) -> list[d
     for name, cfg in picks.items():
         ps = got.get(name) or []
         bc = ctx.bit_config(cfg)
-        acc = _accuracy(ctx.entry, bc)
+        acc = _accuracy(ctx.entry, bc, ctx.calib_data)
         mean, sd = fit.predict(cfg)
         measured = {"latency_ms": statistics.median(ps)} if ps else {}
         out.append({"name": name, "config": cfg, "predicted": {"latency_ms": mean,

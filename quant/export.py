@@ -66,6 +66,7 @@ SAME_SCALE = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueez
 ACTIVATIONS = ("Relu", "Clip")
 PLACEMENTS = ("ort", "tensorrt")
 ORT_KERNEL = {"Conv": "QLinearConv", "Gemm": "QGemm", "MatMul": "MatMulIntegerToFloat"}
+DISTILL_ITERS = 100  # ZeroQ iterations for --calib-data distilled artifacts
 EXPORT_VERSION = 1   # bump when the exported graph changes: it is part of the cache key
 
 
@@ -604,14 +605,45 @@ def target_config(config: BitConfig, target: str) -> BitConfig:
                       for n, p in config.layers.items()})
 
 
-def _quantized(entry, net: nn.Module, config: BitConfig, repairs, seed: int):
+def _quantized(entry, net: nn.Module, config: BitConfig, repairs, seed: int,
+               calib_data: str = "real", distill: dict | None = None):
     """The fake-quant model for `config` through the shared pipeline (repairs included)."""
     from .pipeline import quantize_model
 
-    return quantize_model(entry, config, repairs=tuple(repairs), seed=seed, model=net).qmodel
+    distill = distill or {}
+    return quantize_model(entry, config, repairs=tuple(repairs), seed=seed, model=net,
+                          calib_data=calib_data,
+                          distill_iters=distill.get("iters", DISTILL_ITERS),
+                          distill_objective=distill.get("objective", "batch"))
 
 
-def _reference(model: nn.Module, data, path: Path, seed: int, n: int = 8) -> Path:
+def _user_onnx(entry, net, data, path: Path, model: str, variant: str, target: str,
+               settings: dict, seed: int) -> Artifact:
+    """A user's FP32 ONNX file as its own artifact (copied as it is); the converted model's
+    outputs are its reference, so the agent's check also proves the conversion."""
+    import shutil
+
+    from .models.onnx_file import read
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(entry.onnx_path, path)
+    proto = read(path)
+    inits = {i.name for i in proto.graph.initializer}
+    inp = next(i for i in proto.graph.input if i.name not in inits)
+    ref = _reference(net, data, path, seed, input_name=inp.name)
+    settings.update(source_onnx=entry.onnx_path, opset=max(
+        (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None))
+    return Artifact.create(
+        path, model=model, variant=variant, target=target, format=FORMAT_FP32,
+        bit_config={}, input_shape=[1, *entry.input_shape],
+        input_dtype=str(data.test_x.dtype).replace("torch.", ""), input_name=inp.name,
+        output_names=[o.name for o in proto.graph.output], versions=_versions(),
+        settings=settings, layer_map={}, runtimes=["ort", "openvino"], reference=ref.name,
+        reference_ort_max_abs_diff=_ort_deviation(path, ref))
+
+
+def _reference(model: nn.Module, data, path: Path, seed: int, n: int = 8,
+               input_name: str = "input") -> Path:
     """`<file>.reference.npz`: a few seeded real inputs and the fake-quant model's outputs,
     what the agent's wrong-answer check compares the engine against."""
     x = data.test_x if data.test_x is not None and len(data.test_x) else data.calib_x
@@ -621,7 +653,7 @@ def _reference(model: nn.Module, data, path: Path, seed: int, n: int = 8) -> Pat
         out = model.eval()(xs)
     outs = [out] if isinstance(out, torch.Tensor) else list(out)
     ref = Path(str(path) + ".reference.npz")
-    np.savez(ref, **{"input:input": xs.numpy()},
+    np.savez(ref, **{f"input:{input_name}": xs.numpy()},
              **{f"output:{i}": o.detach().numpy() for i, o in enumerate(outs)})
     return ref
 
@@ -635,7 +667,11 @@ def _ort_deviation(path: Path, ref: Path) -> float | None:
         return None
     with np.load(ref) as r:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = sess.run(None, {sess.get_inputs()[0].name: r["input:input"]})
+        inp = sess.get_inputs()[0]
+        x = r[f"input:{inp.name}"]
+        step = inp.shape[0] if isinstance(inp.shape[0], int) else len(x)   # a static batch
+        parts = [sess.run(None, {inp.name: x[i:i + step]}) for i in range(0, len(x), step)]
+        got = [np.concatenate(outs) for outs in zip(*parts)]
         return max(float(np.abs(g - r[f"output:{i}"]).max()) for i, g in enumerate(got))
 
 
@@ -648,22 +684,29 @@ def _weights_hash(net: nn.Module) -> str:
     return h.hexdigest()
 
 
-def build_artifact(model: str, variant: str, out_dir: str | Path, target: str = "cpu", *,
+def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu", *,
                    calib: str = "minmax", granularity: str = "channel", group_size: int = 128,
-                   repairs=(), seed: int = 0) -> Artifact:
-    """The benchmark runner's single entry point: model name + variant -> Artifact.
+                   repairs=(), seed: int = 0, calib_data: str = "real",
+                   distill_iters: int | None = None, distill_objective: str = "batch"
+                   ) -> Artifact:
+    """The benchmark runner's single entry point: model (a name or `ModelRef`) + variant ->
+    Artifact.
 
     `target`: `cpu` (ONNX Q/DQ, UINT8 asymmetric activations), `tensorrt` (ONNX Q/DQ, INT8
     symmetric activations, narrow-range weights), `torch` (delegates to
-    `quant.export_torch.build`). Files are cached in `out_dir` under a hash of everything
-    that decides their content, so repeated calls reuse them."""
+    `quant.export_torch.build`). `calib_data`: real | distilled | noise (ZeroQ data-free).
+    A user's ONNX file is its own fp32 artifact. Files are cached in `out_dir` under a hash
+    of everything that decides their content, so repeated calls reuse them."""
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r} (use {', '.join(TARGETS)})")
     if target == "torch":
         from .export_torch import build
 
         return build(model, variant, out_dir, seed=seed)
-    from .models import load_model
+    from .models import ModelRef, load_model, name_of
+
+    ref = model if isinstance(model, ModelRef) else ModelRef(model)
+    model = name_of(model)
 
     v = parse_variant(variant)
     if v.float_dtype in ("fp16", "bf16") and target == "cpu":
@@ -673,10 +716,17 @@ def build_artifact(model: str, variant: str, out_dir: str | Path, target: str = 
                 "group_size": group_size, "repairs": list(repairs), "seed": seed,
                 "act_dtype": "int8" if target == "tensorrt" else "uint8",
                 "export_version": EXPORT_VERSION}
-    entry = load_model(model)
+    entry = load_model(ref)
     net = entry.build().eval()
     settings["float_weights_sha256"] = _weights_hash(net)
-    blob = {**settings, "model": model, "variant": variant}
+    if calib_data != "real":
+        settings["calib_data"] = calib_data
+    if calib_data == "distilled":
+        settings["distill"] = {"iters": distill_iters or DISTILL_ITERS,
+                               "objective": distill_objective}
+    if entry.preprocess:
+        settings["preprocess"] = entry.preprocess
+    blob = {**settings, **ref.key(), "model": model, "variant": variant}
     if v.config_path:
         blob["config"] = Path(v.config_path).read_text()
     key = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
@@ -695,8 +745,14 @@ def build_artifact(model: str, variant: str, out_dir: str | Path, target: str = 
     config = target_config(variant_bit_config(fold_bn(net), variant, granularity=granularity,
                                               calib=calib, group_size=group_size, notes=notes),
                            target)
-    qmodel = _quantized(entry, net, config, repairs, seed) if config.layers else fold_bn(net)
-    calib_x = data.calib_x
+    if not config.layers and entry.onnx_path:
+        return _user_onnx(entry, net, data, path, model, variant, target, settings, seed)
+    if config.layers:
+        res = _quantized(entry, net, config, repairs, seed, calib_data,
+                         settings.get("distill", {}))
+        qmodel, calib_x = res.qmodel, res.calib_x
+    else:
+        qmodel, calib_x = fold_bn(net), data.calib_x if data.calib_x is not None else data.test_x
     info = export_onnx(qmodel, entry.input_shape, path, act_dtype=settings["act_dtype"],
                        calib_x=calib_x, input_dtype=calib_x.dtype)
     ref = _reference(qmodel, data, path, seed)

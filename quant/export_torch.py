@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .artifact import Artifact
+from .spec import SpecError
 
 CPU_VARIANTS = ("fp32", "w8a8")
 CUDA_VARIANTS = ("fp32", "fp16", "bf16", "w8a8", "w4a16")
@@ -109,12 +110,17 @@ def _versions() -> dict:
 def build(model: str, variant: str, out_dir: str | Path, seed: int = 0,
           device: str = "cpu", calib_samples: int = 128) -> Artifact:
     """Build the `.pt2` artifact of a named model (see `quant.models.load_model`)."""
-    from .models import load_model
+    from .models import load_model, name_of
 
     entry = load_model(model)
+    model = name_of(model)
     torch.manual_seed(seed)
     net = entry.build().eval()
-    calib = entry.data().calib_x[:calib_samples].float()
+    data = entry.data()
+    if data.calib_x is None and variant != "fp32":
+        raise SpecError(f"model {model!r} has no data to calibrate the torch {variant} "
+                        "artifact on: give --data")
+    calib = (data.calib_x if data.calib_x is not None else data.test_x)[:calib_samples].float()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "" if device == "cpu" else f"-{device}"

@@ -53,6 +53,7 @@ class QuantResult:
     seconds: float
     agreement: Agreement | None = None  # quantized vs FP32 outputs on the test inputs
     notes: list[str] = field(default_factory=list)
+    calib_x: torch.Tensor | None = None  # what it was calibrated on (the export reuses it)
 
     @property
     def compression(self) -> float:
@@ -107,14 +108,15 @@ def _float_param_bits(model: nn.Module, infos: dict) -> int:
 
 
 def _calib_x(kind: str, entry: ModelEntry, model: nn.Module, real: torch.Tensor | None,
-             seed: int, distill_iters: int) -> torch.Tensor:
+             seed: int, distill_iters: int, objective: str = "batch") -> torch.Tensor:
     from . import zeroq
 
     n = len(real) if real is not None else 32
     if kind == "distilled":
         n = min(n, 64)
         return zeroq.calibration_data(kind, model, n=n, input_shape=entry.input_shape,
-                                      seed=seed, name=entry.name, iters=distill_iters)
+                                      seed=seed, name=entry.name, iters=distill_iters,
+                                      objective=objective)
     return zeroq.calibration_data(kind, model, real=real, n=n, input_shape=entry.input_shape,
                                   seed=seed, name=entry.name)
 
@@ -122,7 +124,7 @@ def _calib_x(kind: str, entry: ModelEntry, model: nn.Module, real: torch.Tensor 
 def quantize_model(entry: ModelEntry, config: BitConfig, *, repairs: Iterable[str] = (),
                    calib_data: str = "real", qat_epochs: int = 0, seed: int = 0,
                    model: nn.Module | None = None, adaround_iters: int = 300,
-                   distill_iters: int = 500) -> QuantResult:
+                   distill_iters: int = 500, distill_objective: str = "batch") -> QuantResult:
     """Quantize `entry`'s model to `config` and measure it. `model` reuses an already built
     float model (it is not modified). Seeded: same arguments, same result."""
     start = time.perf_counter()
@@ -147,7 +149,12 @@ def quantize_model(entry: ModelEntry, config: BitConfig, *, repairs: Iterable[st
         from .repairs import split_outliers
         fmodel = split_outliers(fmodel)
 
-    calib_x = _calib_x(calib_data, entry, model, data.calib_x, seed, distill_iters)
+    calib_x = _calib_x(calib_data, entry, model, data.calib_x, seed, distill_iters,
+                       distill_objective)
+    if data.test_y is not None:
+        from .data import check_labels
+        with torch.no_grad():
+            check_labels(data, int(model(data.test_x[:1]).shape[-1]))
     if calib_data != "real":
         notes.append(f"calibrated on {len(calib_x)} {calib_data} samples")
     qmodel = calibrate(prepare(fmodel, config, fold=False), batches(calib_x))
@@ -168,11 +175,13 @@ def quantize_model(entry: ModelEntry, config: BitConfig, *, repairs: Iterable[st
     if data.test_y is not None:
         fp32_top1 = top1(model, data.test_x, data.test_y)
         quant_top1 = top1(qmodel, data.test_x, data.test_y)
-    agree = agreement(logits(model, data.test_x), logits(qmodel, data.test_x))
+    agree = None if entry.data_free else agreement(logits(model, data.test_x),
+                                                   logits(qmodel, data.test_x))
 
     infos = layer_infos(fmodel, entry.input_shape)
     extra = _float_param_bits(fmodel, infos)
     fp32_bits = size_bits(infos, BitConfig({})) + extra
     quant_bits = size_bits(infos, config) + extra
     return QuantResult(qmodel, fmodel, fp32_top1, quant_top1, -(-fp32_bits // 8),
-                       -(-quant_bits // 8), config, time.perf_counter() - start, agree, notes)
+                       -(-quant_bits // 8), config, time.perf_counter() - start, agree, notes,
+                       calib_x)

@@ -54,16 +54,41 @@ def _sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).pow(2).sum() / a.numel()
 
 
+OBJECTIVES = ("batch", "sample")
+
+
+def _sample_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel mean and std ([N, C]) over the remaining axes."""
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    return flat.mean(-1), torch.sqrt(flat.var(-1, unbiased=False) + eps)
+
+
+def _sample_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The reference code's distance: ‖a − b‖² over samples and channels, divided by N."""
+    return (a - b).pow(2).sum() / a.shape[0]
+
+
 def bn_loss(model: nn.Module, x: torch.Tensor, *, input_mean: float = 0.0,
-            input_std: float = 1.0) -> torch.Tensor:
-    """ZeroQ's objective on a batch: mean over BatchNorm layers (and the input) of
-    ‖μ − μ_bn‖²/C + ‖σ − σ_bn‖²/C. Differentiable in `x`; the model is used in eval mode."""
+            input_std: float = 1.0, objective: str = "batch") -> torch.Tensor:
+    """The distillation objective on a batch, mean over BatchNorm layers and the input.
+
+    `batch` (hilq's default): the batch's per-channel statistics against the running ones,
+    ‖μ − μ_bn‖²/C + ‖σ − σ_bn‖²/C. `sample` (ZeroQ's reference code,
+    amirgholami/ZeroQ `distill_data.py`): every sample's own per-channel statistics against
+    them, summed over samples and channels and divided by the batch size. Differentiable in
+    `x`; the model is used in eval mode."""
+    if objective not in OBJECTIVES:
+        raise SpecError(f"unknown distillation objective {objective!r} (use "
+                        f"{', '.join(OBJECTIVES)})")
     bns = _require_bn(model, None)
     terms: list[torch.Tensor] = []
+    stats, dist = ((_channel_stats, _sq) if objective == "batch"
+                   else (_sample_stats, _sample_sq))
 
     def hook(bn, inputs):
-        mean, std = _channel_stats(inputs[0], bn.eps)
-        terms.append(_sq(mean, bn.running_mean) + _sq(std, torch.sqrt(bn.running_var + bn.eps)))
+        mean, std = stats(inputs[0], bn.eps)
+        terms.append(dist(mean, bn.running_mean.expand_as(mean))
+                     + dist(std, torch.sqrt(bn.running_var + bn.eps).expand_as(std)))
 
     was_training = model.training
     model.eval()
@@ -74,9 +99,9 @@ def bn_loss(model: nn.Module, x: torch.Tensor, *, input_mean: float = 0.0,
         for h in handles:
             h.remove()
         model.train(was_training)
-    mean, std = _channel_stats(x, 1e-5)
-    terms.append(_sq(mean, torch.full_like(mean, input_mean))
-                 + _sq(std, torch.full_like(std, input_std)))
+    mean, std = stats(x, 1e-5)
+    terms.append(dist(mean, torch.full_like(mean, input_mean))
+                 + dist(std, torch.full_like(std, input_std)))
     return torch.stack(terms).mean()
 
 
@@ -90,12 +115,15 @@ def _input_shape(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[i
 def distill(model: nn.Module, n: int = 32, input_shape: Sequence[int] | None = None, *,
             iters: int = 500, lr: float = 0.5, seed: int = 0, patience: int = 100,
             min_lr: float = 1e-4, input_mean: float = 0.0, input_std: float = 1.0,
-            name: str | None = None,
+            name: str | None = None, objective: str = "batch",
             progress: Callable[[int, int, float], None] | None = None) -> torch.Tensor:
     """A batch of `n` inputs whose activations match every BatchNorm's running statistics.
 
-    ZeroQ's recipe and defaults: Gaussian start (seeded), Adam on the inputs with lr 0.5,
-    ReduceLROnPlateau (patience 100, floor 1e-4) on the loss, 500 iterations. The input term
+    ZeroQ's recipe and defaults: Adam on the inputs with lr 0.5, ReduceLROnPlateau
+    (patience 100, floor 1e-4) on the loss, 500 iterations. `objective="batch"` (hilq's)
+    starts from seeded N(0, 1) and matches the batch's statistics; `"sample"` follows ZeroQ's
+    reference code: near-zero uniform start, U(−0.1, 0.1), and every sample's own statistics
+    (see `bn_loss`). The input term
     pulls each input channel to mean `input_mean`, std `input_std` (0 and 1: ZeroQ assumes
     normalised inputs). The model's weights are untouched (gradients go to the inputs only).
     `progress(i, iters, loss)` is called after each step, for a progress bar.
@@ -105,12 +133,42 @@ def distill(model: nn.Module, n: int = 32, input_shape: Sequence[int] | None = N
     if n < 1 or iters < 0:
         raise SpecError(f"distillation needs n >= 1 and iters >= 0, got n={n}, iters={iters}")
     shape = _input_shape(model, input_shape)
+    if objective not in OBJECTIVES:
+        raise SpecError(f"unknown distillation objective {objective!r} (use "
+                        f"{', '.join(OBJECTIVES)})")
+    key = (_weights_key(model), n, tuple(shape), iters, lr, seed, patience, min_lr, input_mean,
+           input_std, objective)
+    if key not in _DISTILLED:
+        _DISTILLED[key] = _distill(model, n, shape, iters, lr, seed, patience, min_lr,
+                                   input_mean, input_std, objective, progress)
+    return _DISTILLED[key].clone()
+
+
+# Seeded and deterministic, so one process distils each (model, settings) once: a search
+# builds many artifacts of one model, each calibrated on the same distilled batch.
+_DISTILLED: dict[tuple, torch.Tensor] = {}
+
+
+def _weights_key(model: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, t in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _distill(model, n, shape, iters, lr, seed, patience, min_lr, input_mean, input_std,
+             objective, progress) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, *shape), generator=g).requires_grad_(True)
+    x = (torch.randn((n, *shape), generator=g) if objective == "batch"
+         else torch.rand((n, *shape), generator=g) * 0.2 - 0.1).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=patience, min_lr=min_lr)
     for i in range(iters):
-        loss = bn_loss(model, x, input_mean=input_mean, input_std=input_std)
+        loss = bn_loss(model, x, input_mean=input_mean, input_std=input_std,
+                       objective=objective)
         # Gradient w.r.t. the inputs only: the model's .grad fields stay as they were.
         (x.grad,) = torch.autograd.grad(loss, [x])
         opt.step()
@@ -134,8 +192,9 @@ def calibration_data(kind: str, model: nn.Module, *, real: torch.Tensor | None =
     (ZeroQ, `n` samples; `distill_kw` go to `distill`) or `noise` (`n` Gaussian samples)."""
     if kind == "real":
         if real is None:
-            raise SpecError(f"model {name or type(model).__name__!r} has no calibration data; "
-                            "use --calib-data distilled or noise")
+            raise SpecError(f"model {name or type(model).__name__!r} has no calibration data: "
+                            "give --data (a folder of images, .npy/.npz or "
+                            "package.module:factory), or --calib-data distilled or noise")
         return real
     if kind == "distilled":
         return distill(model, n, input_shape, seed=seed, name=name, **distill_kw)

@@ -1,10 +1,13 @@
-"""Models hilq knows by name, and the door for any user model.
+"""Models hilq knows by name, and the one door for any user model.
 
-`load_model(name)` returns a `ModelEntry`: a way to build the `nn.Module` and, when the
-model has any, its data. Built-in names are listed in `BUILTIN` (explicitly: nothing is
-registered behind the reader's back); anything of the form `package.module:factory` is a
-user model whose factory returns an `nn.Module`, and `--data package.module:factory`
-returns its `Data` (or a dict with the same keys).
+`load_model(ref)` returns a `ModelEntry`: a way to build the `nn.Module` and its data. A
+model is a built-in name (`BUILTIN`, listed explicitly: nothing is registered behind the
+reader's back), `package.module:factory` (a function returning an `nn.Module`), or a path to
+an FP32 `.onnx` file (`onnx_file`). Its data (`ModelRef.data`, the `--data` door of
+`quant.data`) is a folder of images, `.npy`/`.npz` arrays or `package.module:factory`. A
+user model needs no data at all for FP32 and data-free variants: its input shape comes from
+the ONNX file or from `--input-shape`, and `entry.data()` then holds seeded Gaussian inputs
+for reference outputs only (`Data.calib_x` None, `data_free` True).
 """
 
 from __future__ import annotations
@@ -42,6 +45,44 @@ class ModelEntry:
     data: Callable[[], Data]
     input_shape: tuple[int, ...]      # one sample, without the batch dimension
     description: str = ""
+    onnx_path: str | None = None      # a user's FP32 file: its fp32 variant is the file itself
+    data_free: bool = False           # no data given: FP32 and distilled/noise calibration only
+    preprocess: dict | None = None    # how images became inputs (recorded in manifests)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What the commands and nightly configs name: the model and, for a user's model, its
+    data, input shape and image preprocessing. `name` is what the store and reports show."""
+
+    name: str
+    data: str | None = None
+    input_shape: tuple[int, ...] | None = None   # with the batch dimension, as --input-shape
+    preprocess: str | dict | None = None
+
+    def key(self) -> dict:
+        """What decides an artifact's content besides the weights (its cache key)."""
+        d = {"data": self.data, "input_shape": list(self.input_shape or ()) or None,
+             "preprocess": self.preprocess}
+        return {k: v for k, v in d.items() if v is not None}
+
+
+def name_of(model: str | ModelRef) -> str:
+    return model.name if isinstance(model, ModelRef) else model
+
+
+def parse_shape(text: str | list | tuple | None) -> tuple[int, ...] | None:
+    """`"1,3,224,224"` -> (1, 3, 224, 224); one line for anything else."""
+    if text is None or isinstance(text, tuple):
+        return text
+    try:
+        dims = tuple(int(s) for s in (text if isinstance(text, list) else text.split(",")))
+    except ValueError:
+        raise ModelError(f"--input-shape {text!r}: expected integers like 1,3,224,224") from None
+    if len(dims) < 2 or any(d < 1 for d in dims):
+        raise ModelError(f"--input-shape {text!r}: expected positive sizes with the batch "
+                         "first, like 1,3,224,224")
+    return dims
 
 
 def _builtin() -> dict[str, Callable[[], ModelEntry]]:
@@ -60,9 +101,16 @@ BUILTIN = ("digits-cnn", "resnet18", "resnet50", "mobilenet_v2", "tiny-transform
 
 
 def _import_factory(spec: str) -> Callable:
+    """`package.module:factory`, found on sys.path or in the current directory (as
+    `python -m` would find it, so `hilq --model mymodels:build` works beside mymodels.py)."""
+    import os
+    import sys
+
     module, _, attr = spec.partition(":")
     if not module or not attr:
         raise ModelError(f"expected package.module:factory, got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
@@ -80,22 +128,89 @@ def _as_data(obj, spec: str) -> Data:
     raise ModelError(f"data factory {spec!r} must return quant.models.Data or a dict")
 
 
-def load_model(name: str, data: str | None = None) -> ModelEntry:
-    """A built-in name or `package.module:factory`; `data` overrides the model's data."""
+def _module_factory(factory: Callable, spec: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        m = factory()
+        if not isinstance(m, nn.Module):
+            raise ModelError(f"model factory {spec!r} returned {type(m).__name__}, "
+                             "not a torch.nn.Module")
+        return m
+    return build
+
+
+def _no_data(name: str, shape: tuple[int, ...], dtype: str = "float32") -> Callable[[], Data]:
+    """Seeded Gaussian inputs for reference outputs; nothing to calibrate on or score."""
+    def data() -> Data:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn((8, *shape), generator=g).to(getattr(torch, dtype))
+        return Data(calib_x=None, test_x=x, name="none")
+    return data
+
+
+def load_model(ref: str | ModelRef, data: str | None = None, *,
+               input_shape: tuple[int, ...] | None = None, preprocess=None) -> ModelEntry:
+    """The `ModelEntry` a model door names (see the module docstring); `data` etc. may come
+    in the `ModelRef` or as arguments (the argument wins)."""
+    from pathlib import Path
+
+    from ..data import check_fits, load_data, parse_preprocess
+
+    if isinstance(ref, ModelRef):
+        data = data if data is not None else ref.data
+        input_shape = input_shape if input_shape is not None else ref.input_shape
+        preprocess = preprocess if preprocess is not None else ref.preprocess
+        name = ref.name
+    else:
+        name = ref
+    input_shape = parse_shape(input_shape)
+    pre = parse_preprocess(preprocess)
+    loaded: dict = {}
+
+    def user_data() -> Data:
+        if "d" not in loaded:
+            loaded["d"] = load_data(data, pre)
+        return loaded["d"]
+
     builtin = _builtin()
     if name in builtin:
         entry = builtin[name]()
-    elif ":" in name:
-        factory = _import_factory(name)
+        if input_shape is not None and tuple(input_shape[1:]) != entry.input_shape:
+            raise ModelError(f"--input-shape: built-in {name} takes "
+                             f"{','.join(map(str, (1, *entry.input_shape)))}")
         if data is None:
-            raise ModelError(f"user model {name!r} needs --data package.module:factory")
-        d = _as_data(_import_factory(data)(), data)
-        entry = ModelEntry(name, factory, lambda: d, tuple(d.calib_x.shape[1:]))
-        return entry
+            return entry
+        shape = entry.input_shape
+        build, desc, onnx_path, dtype = entry.build, entry.description, None, "float32"
+    elif name.endswith(".onnx") or Path(name).suffix == ".onnx":
+        from . import onnx_file
+
+        path = Path(name)
+        proto = onnx_file.read(path)
+        shape = onnx_file.input_shape(proto, path, input_shape)
+        dtype = onnx_file.input_dtype(proto)
+        build = lambda: onnx_file.build(proto, path)  # noqa: E731
+        desc, onnx_path = f"ONNX file {path}", str(path.resolve())
+    elif ":" in name:
+        build = _module_factory(_import_factory(name), name)
+        desc, onnx_path, dtype = f"user model {name}", None, "float32"
+        if input_shape is not None:
+            shape = tuple(input_shape[1:])
+        elif data is not None:
+            shape = tuple(user_data().calib_x.shape[1:])
+        else:
+            raise ModelError(f"user model {name!r} needs --data (images, .npy/.npz or "
+                             "package.module:factory) or --input-shape (e.g. 1,3,224,224)")
     else:
         raise ModelError(f"unknown model {name!r} (built-in: {', '.join(BUILTIN)}; "
-                         "or package.module:factory)")
-    if data is not None:
-        d = _as_data(_import_factory(data)(), data)
-        entry = ModelEntry(entry.name, entry.build, lambda: d, entry.input_shape, entry.description)
-    return entry
+                         "or package.module:factory, or a path to an .onnx file)")
+    if data is None:
+        return ModelEntry(name, build, _no_data(name, shape, dtype), shape, desc, onnx_path,
+                          data_free=True)
+
+    def checked() -> Data:
+        d = user_data()
+        check_fits(d, shape, name)
+        return d
+
+    return ModelEntry(name, build, checked, shape, desc, onnx_path,
+                      preprocess=pre.to_dict() if pre else None)
