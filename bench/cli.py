@@ -22,6 +22,7 @@ COMMANDS = {
     "sensitivity": "per-layer sensitivity table (ZeroQ KL or Hessian trace)",
     "allocate": "choose a precision per layer under budgets (ILP or Pareto DP)",
     "search": "hardware-aware allocation with costs measured on the device, re-benchmarked",
+    "debug": "per-layer error, float vs quantized, on the engine and in simulation",
     "nightly": "the whole loop from a config: bench, search, store, regressions, report",
     "report": "render a Markdown + HTML report from the store",
     "results": "export or inspect the results store",
@@ -30,6 +31,31 @@ COMMANDS = {
 
 class UserError(Exception):
     """Bad input a user can fix; printed as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that rejects a bad flag in one line (`hilq quantize: error: argument --w-bits:
+    invalid int value: 'eight'`): the usage block is what `--help` is for, and in a CI log the
+    seven to twelve lines before the error hide it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message.splitlines()[0] if message else message}\n")
+
+
+# Wider than any line hilq prints: a log file keeps one line per message.
+LOG_WIDTH = 4096
+
+
+def console(**kw):
+    """A rich Console for progress and tables. On a terminal it wraps at the terminal's width;
+    otherwise (`hilq nightly > log`, CI) rich would break lines at column 80, so it does not
+    wrap at all."""
+    from rich.console import Console
+
+    out = Console(**kw)
+    if out.is_terminal or "width" in kw:
+        return out
+    return Console(**{"soft_wrap": True, **kw, "width": LOG_WIDTH})
 
 
 MODEL_HELP = ("built-in name (digits-cnn, resnet18, resnet50, mobilenet_v2, tiny-transformer), "
@@ -65,7 +91,7 @@ def _module(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hilq", description="Hardware-in-the-loop benchmarking "
+    parser = Parser(prog="hilq", description="Hardware-in-the-loop benchmarking "
                                      "of quantized neural networks.")
     parser.add_argument("--version", action="version", version=f"hilq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -104,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 — only user errors are turned into one line
         if isinstance(e, _user_errors()):
             msg = str(e) if not isinstance(e, FileNotFoundError) else f"file not found: {e.filename or e}"
-            print(f"hilq {args.command}: error: {msg}", file=sys.stderr)
-            return 2
-        raise
+        elif isinstance(e, OSError) and e.filename:   # a path the user gave: name it
+            msg = f"{e.filename}: {e.strerror or type(e).__name__}"
+        else:
+            raise
+        print(f"hilq {args.command}: error: {msg.splitlines()[0] if msg else msg}", file=sys.stderr)
+        return 2

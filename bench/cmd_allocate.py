@@ -16,6 +16,7 @@ from pathlib import Path
 from quant.allocate import Allocation, CostTable, frontier, pareto_dp, solve_ilp
 
 from .cli import UserError
+from .cli import console as cli_console
 
 
 def add_arguments(parser) -> None:
@@ -87,8 +88,9 @@ def run(args) -> int:
     budgets = _pairs(args.budget, "--budget", number=True)
     pins = _pairs(args.pin, "--pin", number=False)
     ties = [[x.strip() for x in t.split(",") if x.strip()] for t in args.tie]
-    if any(len(t) < 2 for t in ties):
-        raise UserError("--tie needs at least two layers, comma separated")
+    for item, t in zip(args.tie, ties):
+        if len(t) < 2:
+            raise UserError(f"--tie {item!r}: needs at least two layers, comma separated")
     if not budgets and not args.sweep:
         raise UserError("give at least one --budget COLUMN=VALUE (or --sweep COLUMN)")
     if args.bins is not None and args.bins < 1:
@@ -115,13 +117,12 @@ def run(args) -> int:
 
 
 def _print_allocation(a: Allocation) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     if not a.ok:
         print(a.message)
         return
-    console = Console()
+    console = cli_console()
     layers = Table(title="allocation")
     layers.add_column("layer")
     layers.add_column("precision")
@@ -138,7 +139,6 @@ def _print_allocation(a: Allocation) -> None:
 
 
 def _print_frontier(column: str, points: list[Allocation]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     if len(points) == 1 and not points[0].ok:
@@ -151,4 +151,4 @@ def _print_frontier(column: str, points: list[Allocation]) -> None:
     for a in points:
         t.add_row(f"{a.budgets[column]:.6g}", f"{a.objective:.6g}" if a.ok else a.status,
                   *[f"{a.totals[c]:.6g}" if a.ok else "" for c in cols])
-    Console().print(t)
+    cli_console().print(t)

@@ -21,7 +21,7 @@ _PROTOCOL_FLAGS = ("warmup_iters", "warmup_s", "min_iters", "min_duration_s", "m
 _REPORTED = ("variant", "device", "runtime", "status", "failure", "reason", "latency_ms",
              "throughput", "energy_j_per_inference", "facts", "model", "power", "load",
              "rounds", "protocol", "artifact_sha256", "harness_overhead_ms", "kernels",
-             "device_latency_ms", "outputs_check", "timing")
+             "device_latency_ms", "outputs_check", "timing", "accuracy")
 
 
 def add_arguments(p):
@@ -51,12 +51,31 @@ def add_arguments(p):
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write measurements as JSON")
 
 
+def accuracy_json(acc: dict) -> dict | None:
+    """The documented `accuracy` object of `--json`: fractions in 0..1, null where unknown
+    (no labels, no reference), plus the rest of what the device returned."""
+    if not acc:
+        return None
+    keys = ("top1", "agreement_fp32", "kl", "sqnr_db", "simulated_top1", "n")
+    return {**{k: acc.get(k) for k in keys}, **{k: v for k, v in acc.items() if k not in keys}}
+
+
+def _accuracy_cells(acc: dict) -> str:
+    pct = lambda x, w: f"{100 * x:{w}.2f}" if isinstance(x, float) else "-".rjust(w)  # noqa: E731
+    acc = acc or {}
+    return (f"{pct(acc.get('top1'), 9)} {pct(acc.get('simulated_top1'), 6)} "
+            f"{pct(acc.get('agreement_fp32'), 6)}")
+
+
 def _protocol(args) -> Protocol:
     values = {n: getattr(args, n) for n in _PROTOCOL_FLAGS if getattr(args, n) is not None}
     if args.affinity:
-        values["affinity"] = [int(c) for c in args.affinity.split(",")]
+        try:
+            values["affinity"] = [int(c) for c in args.affinity.split(",")]
+        except ValueError:
+            raise UserError(f"--affinity {args.affinity!r}: expected CPU ids, e.g. 0,1") from None
     if values.get("mode", "latency") not in ("latency", "throughput"):
-        raise UserError("--mode must be latency or throughput")
+        raise UserError(f"--mode {values['mode']!r}: use latency or throughput")
     assert {f.name for f in fields(Protocol)} >= set(values)
     return Protocol.from_dict(values)
 
@@ -69,7 +88,7 @@ def run(args) -> int:
 
         load_model(model_ref(args))      # a bad model or data door fails before any device opens
     if args.rounds < 1:
-        raise UserError("--rounds must be at least 1")
+        raise UserError(f"--rounds must be at least 1, got {args.rounds}")
     devs = inventory.load(args.inventory)
     names = [d.strip() for d in args.device.split(",") if d.strip()]
     devices = [inventory.open_device(n, devs) for n in names]   # all checked before any runs
@@ -100,7 +119,8 @@ def run(args) -> int:
         if store is not None:
             store.close()
     print(f"{'device':10} {'variant':10} {'status':8} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
-          f"{'cv(p50)':>8} {'samples/s':>10} {'J/inf':>9}")
+          f"{'cv(p50)':>8} {'samples/s':>10} {'J/inf':>9} {'top-1 dev':>9} {'sim':>6} "
+          f"{'agree':>6}")
     for m in ms:
         lat = m.latency_ms or {}
         cv = (m.rounds or {}).get("cv_p50")
@@ -110,12 +130,14 @@ def run(args) -> int:
 
         print(f"{m.device:10} {m.variant:10} {m.status:8} {f(lat.get('p50'))} {f(lat.get('p90'))} "
               f"{f(lat.get('p99'))} {f(cv, '8.2%')} {f(m.throughput, '10.1f')} "
-              f"{f(m.energy_j_per_inference, '9.4f')}" + (f"  {m.failure}: {m.reason}"
-                                                          if not m.ok else ""))
+              f"{f(m.energy_j_per_inference, '9.4f')} {_accuracy_cells(m.accuracy)}"
+              + (f"  {m.failure}: {m.reason}" if not m.ok else ""))
         if m.ok and m.reason:
             print(f"{'':21} note: {m.reason}")
     if args.json_out:
         out = {"measurements": [{k: m.to_dict()[k] for k in _REPORTED} for m in ms]}
+        for row in out["measurements"]:
+            row["accuracy"] = accuracy_json(row["accuracy"])
         with open(args.json_out, "w") as fh:
             json.dump(out, fh, indent=2, default=str)
     return 0 if all(m.ok for m in ms) else 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+from .cli import console as cli_console
+
 
 def add_arguments(p):
     p.add_argument("--config", help="nightly TOML (default: configs/nightly-local.toml)")
@@ -21,7 +23,6 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from bench import config
@@ -31,7 +32,7 @@ def run(args) -> int:
     overrides = {k: v for k, v in (("db", args.db), ("reports", args.reports),
                                    ("inventory", args.inventory)) if v}
     cfg = replace(cfg, **overrides)
-    console = Console(stderr=False, highlight=False)
+    console = cli_console(highlight=False)
 
     def say(msg: str) -> None:
         console.print(f"[dim]{msg}[/dim]" if not msg.startswith("run ") else msg)

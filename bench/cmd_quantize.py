@@ -20,6 +20,7 @@ from pathlib import Path
 from quant.spec import CALIBRATIONS, GRANULARITIES
 
 from .cli import UserError, add_model_arguments, model_ref
+from .cli import console as cli_console
 
 
 def add_arguments(parser) -> None:
@@ -125,7 +126,6 @@ def result_dict(args, entry, res, variant: str, repairs: tuple[str, ...]) -> dic
 
 
 def print_table(out: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     title = (f"{out['model']} → {out['variant']} ({out['granularity']} weights, "
@@ -140,7 +140,7 @@ def print_table(out: dict) -> None:
               _pct(out["agreement_top1"]),
               f"{_size(out['quant_size_bytes'])} ({out['compression']:.2f}x)",
               f"{out['seconds']:.1f} s")
-    console = Console()
+    console = cli_console()
     console.print(t)
     for note in out["notes"]:
         console.print(f"note: {note}", highlight=False)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from devices.runtimes import NAMES, module_name
 
+from .cli import console as cli_console
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--json", metavar="PATH", help="write the list as JSON")
@@ -40,7 +42,6 @@ def run(args) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"runtimes": rows}, indent=2) + "\n")
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="Runtimes on this machine")
@@ -53,5 +54,5 @@ def run(args) -> int:
                           ", ".join(p.get("linear", [])))
         else:
             table.add_row(r["name"], f"[dim]{r['reason']}[/dim]", "", "")
-    Console(width=140).print(table)
+    cli_console().print(table)
     return 0

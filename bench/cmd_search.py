@@ -12,6 +12,7 @@ import json
 import statistics
 
 from bench.cli import UserError, add_model_arguments, model_ref
+from bench.cli import console as cli_console
 
 _COLUMNS = ("latency_ms", "size_bits")
 EXIT = {"ok": 0, "failed": 1, "infeasible": 2, "budget_missed": 4}
@@ -86,8 +87,6 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from rich.console import Console
-
     from bench.search import run_search
     from bench.store import open_store
     from devices import inventory
@@ -103,15 +102,16 @@ def run(args) -> int:
         raise UserError("give a latency budget (--budget latency_ms=50%) or an accuracy limit "
                         "(--max-drop top1=0.5 / --min-agreement 0.99), one of them")
     if args.sweep == 1 or args.sweep < 0:
-        raise UserError("--sweep N needs at least 2 points")
+        raise UserError(f"--sweep {args.sweep}: needs at least 2 points")
     if not 0.5 <= args.confidence < 1:
         raise UserError(f"--confidence {args.confidence}: give a value in [0.5, 1)")
     if args.max_iters < 1 or args.tolerance <= 0:
-        raise UserError("--max-iters must be at least 1 and --tolerance positive")
+        raise UserError(f"--max-iters {args.max_iters} / --tolerance {args.tolerance}: "
+                        "need at least 1 iteration and a positive tolerance")
     load_model(model_ref(args))      # a bad model or data door fails before the device opens
     device = inventory.open_device(args.device, inventory.load(args.inventory))
     protocol = Protocol(min_duration_s=args.min_duration_s, threads=args.threads, seed=args.seed)
-    console = Console(highlight=False)
+    console = cli_console(highlight=False)
     store = open_store(args.db)
     try:
         run_id = store.begin_run({"command": "search", "model": args.model, "device": args.device,

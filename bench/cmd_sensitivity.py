@@ -18,6 +18,7 @@ from quant.sensitivity import METHODS, sensitivity_table
 from quant.zeroq import CALIB_DATA, calibration_data
 
 from .cli import UserError, add_model_arguments, model_ref
+from .cli import console as cli_console
 
 
 def add_arguments(parser) -> None:
@@ -75,8 +76,10 @@ def run(args) -> int:
     from quant.models import load_model
 
     bits = _bits(args.bits)
-    if args.samples < 1 or args.iters < 0 or args.hessian_iters < 1:
-        raise UserError("--samples and --hessian-iters must be positive, --iters non-negative")
+    for flag, value, least in (("--samples", args.samples, 1), ("--iters", args.iters, 0),
+                               ("--hessian-iters", args.hessian_iters, 1)):
+        if value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
     if args.act_bits is not None and not 1 <= args.act_bits <= 8:
         raise UserError(f"--act-bits must be in 1..8, got {args.act_bits}")
     entry = load_model(model_ref(args))
@@ -119,7 +122,6 @@ def run(args) -> int:
 
 
 def _print(df, args, data_s: float, sens_s: float) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     precisions = list(dict.fromkeys(df["precision"]))
@@ -131,4 +133,4 @@ def _print(df, args, data_s: float, sens_s: float) -> None:
     for layer, rows in df.groupby("layer", sort=False):
         values = dict(zip(rows["precision"], rows["sensitivity"]))
         t.add_row(layer, *[f"{values[p]:.4g}" if p in values else "" for p in precisions])
-    Console().print(t)
+    cli_console().print(t)

@@ -157,6 +157,9 @@ def observations(measured: Mapping[str, tuple[Mapping[str, str], Sequence[float]
     every configuration measured more than once (two or three rounds give a poor spread
     each, but they share the machine), floored at NOISE_FLOOR; the se of a median of n
     rounds is that noise × its latency / √n."""
+    # a failed round (no p50, or NaN) is no data: it must not become a NaN cost
+    measured = {n: (cfg, good) for n, (cfg, ps) in measured.items()
+                if (good := [float(v) for v in ps if v is not None and math.isfinite(v)])}
     dev = [(v / statistics.median(ps) - 1.0) ** 2 for _, ps in measured.values()
            if len(ps) > 1 for v in ps]
     n_multi = sum(len(ps) for _, ps in measured.values() if len(ps) > 1)
@@ -191,7 +194,7 @@ def prior_from_profiles(layers: Sequence[str], edges: Sequence[tuple[str, str]],
     for cfg, p in profs:
         for lay in layers:
             v = (p.get("layer_ms") or {}).get(lay)
-            if v is not None:
+            if v is not None and math.isfinite(v):
                 at.setdefault((lay, FLOAT if cfg.get(lay, INT8) != INT8 else INT8), []).append(v)
     int8_total = [float(p["total_ms"]) for cfg, p in profs
                   if all(cfg.get(lay, INT8) == INT8 for lay in layers) and p.get("total_ms")]

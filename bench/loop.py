@@ -41,6 +41,11 @@ MAX_REPEATS = 3      # extra batches of rounds for a pick whose CI is wider than
 Measure = Callable[[dict[str, dict[str, str]]], dict[str, list[float]]]
 
 
+class SearchFailure(ValueError):
+    """The numbers a search rests on are unusable (a NaN cost after a failed run): that
+    search fails, typed and in one line; the caller (a nightly) goes on."""
+
+
 @dataclass
 class Iteration:
     index: int
@@ -107,11 +112,14 @@ def _table(model: LatencyModel, sensitivity: Mapping[tuple[str, str], float],
     # KL sensitivities of 8-bit layers are ~1e-6: below HiGHS's tolerances every pick would
     # tie. Scaled so that they sum to 1 (the objective's order is unchanged).
     total = sum(v for v in sensitivity.values() if v > 0) or 1.0
-    return CostTable.from_rows(
-        {"layer": lay, "precision": p,
-         "sensitivity": float(sensitivity.get((lay, p), 0.0)) / total,
-         "latency_ms": v, **{c: float(costs[(lay, p)]) for c, (costs, _) in limits.items()}}
-        for (lay, p), v in rows.items()).with_pairs(pairs)
+    try:
+        return CostTable.from_rows(
+            {"layer": lay, "precision": p,
+             "sensitivity": float(sensitivity.get((lay, p), 0.0)) / total,
+             "latency_ms": v, **{c: float(costs[(lay, p)]) for c, (costs, _) in limits.items()}}
+            for (lay, p), v in rows.items()).with_pairs(pairs)
+    except ValueError as e:
+        raise SearchFailure(f"the latency model's {e}") from None
 
 
 def choose(model: LatencyModel, sensitivity: Mapping[tuple[str, str], float], budget_ms: float,
@@ -187,7 +195,17 @@ def close_loop(layers, edges, sensitivity: Mapping[tuple[str, str], float], prio
     `history` are earlier measurements of this model on this device and runtime (fixed
     observations); `measured` what tonight already measured, name -> (config, p50 per round),
     e.g. the profiled patterns' timed runs: its `uniform-*` entries stand in for the first
-    measurement of the baselines."""
+    measurement of the baselines. Unusable numbers end it `failed` (SearchFailure's message)."""
+    try:
+        return _close_loop(layers, edges, sensitivity, prior, measure, budget, history=history,
+                           measured=measured, z=z, tolerance=tolerance, max_iters=max_iters,
+                           limits=limits, max_repeats=max_repeats, progress=progress)
+    except SearchFailure as e:
+        return LoopResult("failed", math.nan, message=str(e))
+
+
+def _close_loop(layers, edges, sensitivity, prior, measure, budget, *, history, measured, z,
+                tolerance, max_iters, limits, max_repeats, progress) -> LoopResult:
     layers, edges = tuple(layers), tuple(edges)
     q, f = uniform(layers, INT8), uniform(layers, FLOAT)
     rounds = {f"0:{n}": (dict(c), list(ps)) for n, (c, ps) in (measured or {}).items() if ps}

@@ -27,6 +27,12 @@ log(round value) over the history and tonight, and the worse log-change must rea
 history. It needs two runs' worth of round spread (two degrees of freedom) and is skipped
 with fewer; for a steady model (σ ≈ 0.2%) it never binds and the 5% threshold decides.
 
+Accuracy measured on the device (`top1`, `agreement` with FP32) has its own rule: the
+evaluation set is fixed (compared only with history on the same sha256) and the engine is
+deterministic, so any change is real, and what decides is whether it matters: a drop of at
+least `accuracy_threshold` (default 0.5 points) and at least one sample of the set is
+flagged. Its minimum detectable effect is that drop, in points.
+
 Every verdict carries its **minimum detectable effect** (`mde`): the smallest slowdown this
 rule flags with ≥95% probability given the series' round noise σ, tonight's k rounds and the
 history's m. On the log scale tonight's change is seen with standard error s = σ·√(1/k + 1/m);
@@ -54,6 +60,8 @@ MIN_NOISE_DF = 2                     # degrees of freedom before the round sprea
 POWER_Z = 1.645                      # one-sided 95%: the probability a true change is flagged
 SAMPLE_METRICS = frozenset({"p50", "mean"})   # metrics the raw-sample test speaks for
 DEFAULT_METRICS = ("p50", "energy_j")
+ACCURACY_METRICS = ("top1", "agreement")
+ACCURACY_THRESHOLD = 0.005           # fraction: 0.5 points of top-1 or agreement
 
 
 @dataclass(frozen=True)
@@ -193,6 +201,26 @@ def compare(history_values: Sequence[float], current: float | None, *,
                    "+".join(tests), note, mde)
 
 
+def compare_accuracy(history_values: Sequence[float], current: float | None, n: int | None, *,
+                     metric: str = "top1", threshold: float = ACCURACY_THRESHOLD) -> Verdict:
+    """The accuracy rule of the module docstring; `n`: samples in the evaluation set.
+    `change` is relative like latency's; the note and `mde` speak in points."""
+    h = len(history_values)
+    if current is None or h == 0:
+        return Verdict(metric, None, current, None, None, None, h, False, "",
+                       "no history" if current is not None else "no current value")
+    baseline = float(np.median(np.asarray(history_values, float)))
+    drop = baseline - float(current)
+    need = max(threshold, 1.0 / n if n else 0.0)
+    flagged = drop >= need - 1e-12
+    note = (f"{metric} dropped {100 * drop:.2f} pt on the device (threshold "
+            f"{100 * need:.2f} pt)" if flagged else
+            f"{metric} {'dropped' if drop > 0 else 'changed'} {100 * abs(drop):.2f} pt, "
+            f"under {100 * need:.2f} pt" if drop != 0 else "no regression")
+    return Verdict(metric, baseline, float(current), relative_change(baseline, current), None,
+                   None, h, flagged, "points", note, need)
+
+
 def _current(rows: list[dict], metric: str) -> tuple[float | None, list[float]]:
     """Median over tonight's rounds of the metric, and all rounds' raw samples."""
     from bench.store import METRICS
@@ -200,6 +228,28 @@ def _current(rows: list[dict], metric: str) -> tuple[float | None, list[float]]:
     vals = sorted(r[METRICS[metric]] for r in rows if r[METRICS[metric]] is not None)
     samples = [s for r in rows for s in (r["samples_ms"] or [])]
     return (float(np.median(vals)) if vals else None), samples
+
+
+def _accuracy_verdicts(store, run_id: str, key: tuple, rows: list[dict], lookback: int
+                       ) -> list[dict]:
+    """Device top-1 / agreement of one series tonight against its history on the same
+    evaluation set (the first round that measured it: the figure is deterministic)."""
+    from bench.store import METRICS
+
+    out = []
+    row = next((r for r in rows if r.get("eval_sha256")), None)
+    if row is None:
+        return out
+    n = (row.get("accuracy") or {}).get("n")
+    for metric in ACCURACY_METRICS:
+        current = row[METRICS[metric]]
+        if current is None:
+            continue
+        hist = store.history(*key, metric, lookback, before_run=run_id,
+                             eval_sha256=row["eval_sha256"])
+        v = compare_accuracy([h["value"] for h in hist], current, n, metric=metric)
+        out.append(dict(zip(("model", "variant", "device", "runtime"), key), **v.to_dict()))
+    return out
 
 
 def detect(store, run_id: str, *, metrics: Sequence[str] = DEFAULT_METRICS,
@@ -233,5 +283,6 @@ def detect(store, run_id: str, *, metrics: Sequence[str] = DEFAULT_METRICS,
                 v = replace(v, note=f"{v.note}; measured on a busy machine")
             out.append(dict(zip(("model", "variant", "device", "runtime"), key),
                             **v.to_dict()))
+        out += _accuracy_verdicts(store, run_id, key, rows, lookback)
     store.replace_regressions(run_id, out)
     return out

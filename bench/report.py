@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-SECTIONS = ("Summary", "Latency distribution", "Accuracy vs latency", "Energy per inference",
+SECTIONS = ("Summary", "Latency distribution", "Accuracy on the device", "Accuracy vs latency",
+            "Energy per inference",
             "Bit allocation", "Predicted vs measured latency", "Nightly trends", "Regressions",
             "Devices and versions")
 TREND_RUNS = 30
@@ -74,6 +75,15 @@ class Report:
 # ------------------------------------------------------------------------ data
 
 
+def mean_std(mean: float | None, std: float | None) -> str:
+    """"mean ± std" with both at the mean's precision (3 significant digits of the mean):
+    0.0763 ± 0.0041, not 0.0763 ± 0.2."""
+    if mean is None or std is None or not math.isfinite(mean) or not math.isfinite(std):
+        return f"{fmt(mean)} ± {fmt(std, 2)}"
+    decimals = max(0, 2 - math.floor(math.log10(abs(mean)))) if mean else 3
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+
+
 def fmt(x, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
@@ -121,6 +131,11 @@ class Result:
         vals = [r[f"{name}_ms"] for r in self.ok_rows if r.get(f"{name}_ms") is not None]
         return float(np.median(vals)) if vals else None
 
+    @property
+    def accuracy(self) -> dict:
+        """The device's accuracy figures (the first round that measured them)."""
+        return next((r["accuracy"] for r in self.ok_rows if r.get("accuracy")), {})
+
     def median_of(self, column: str) -> float | None:
         vals = [r[column] for r in self.ok_rows if r[column] is not None]
         return float(np.median(vals)) if vals else None
@@ -165,16 +180,55 @@ def _summary(sec, run, results, acc, flagged) -> None:
         energy = r.median_of("energy_j")
         rows.append([r.model, r.variant, r.device, r.runtime, r.status, len(r.rows),
                      fmt(p50), fmt(r.stat("p90")), fmt(r.stat("p99")),
-                     f"{fmt(r.stat('mean'))} ± {fmt(r.stat('std'), 2)}",
+                     mean_std(r.stat("mean"), r.stat("std")),
                      fmt(None if r.round_spread is None else 100 * r.round_spread, 2),
                      fmt(r.median_of("throughput")),
                      fmt(None if energy is None else 1000 * energy),
                      fmt(ref / p50 if ref and p50 else None),
-                     fmt(acc.get((r.model, r.variant))),
+                     _pct(r.accuracy.get("top1")),
+                     _pct(r.accuracy.get("simulated_top1", acc.get((r.model, r.variant)))),
                      "REGRESSION" if r.key in flagged else ""])
     sec.table(["model", "variant", "device", "runtime", "status", "rounds", "p50 ms",
                "p90 ms", "p99 ms", "mean ± std ms", "round spread %", "throughput /s",
-               "energy mJ", "speed-up vs fp32", "top-1", "regression"], rows)
+               "energy mJ", "speed-up vs fp32", "top-1 device %", "top-1 simulated %",
+               "regression"], rows)
+
+
+def _pct(x) -> str:
+    return fmt(None if x is None else 100 * x, 4)
+
+
+def _device_accuracy(sec, results, regs) -> None:
+    """Accuracy measured by the engine on the device over the evaluation set, beside the
+    fake-quant model's on the same set; the gap is what simulation does not see."""
+    have = [r for r in results if r.accuracy]
+    if not have:
+        sec.p("No accuracy measured on a device in this run (no evaluation set).")
+        return
+    flagged = {(g["model"], g["variant"], g["device"], g["runtime"], g["metric"])
+               for g in regs if g["flagged"]}
+    rows, wide = [], []
+    for r in have:
+        a = r.accuracy
+        gap = a.get("gap_top1") if a.get("gap_top1") is not None else a.get("gap_agreement")
+        if gap is not None and abs(gap) > 0.005 and r.variant != "fp32":
+            wide.append(f"{r.model} {r.variant} on {r.device}/{r.runtime}: "
+                        f"{100 * gap:+.2f} pt")
+        drop = [m for m in ("top1", "agreement") if (*r.key, m) in flagged]
+        rows.append([r.model, r.variant, f"{r.device}/{r.runtime}", a.get("n"),
+                     _pct(a.get("top1")), _pct(a.get("simulated_top1")),
+                     fmt(None if a.get("gap_top1") is None else 100 * a["gap_top1"], 3),
+                     _pct(a.get("agreement_fp32")), _pct(a.get("simulated_agreement_fp32")),
+                     fmt(a.get("kl")), fmt(a.get("sqnr_db")),
+                     ", ".join(map(str, (a.get("worst") or [])[:5])) or "–",
+                     (a.get("eval_sha256") or "–")[:12],
+                     "REGRESSION: " + ", ".join(drop) if drop else ""])
+    if wide:
+        sec.alert("Device accuracy differs from the simulation by more than 0.5 pt: "
+                  + "; ".join(wide))
+    sec.table(["model", "variant", "device/runtime", "n", "top-1 device %", "top-1 sim %",
+               "gap pt", "agree device %", "agree sim %", "KL", "SQNR dB", "worst samples",
+               "eval set", "regression"], rows)
 
 
 def _searches(sec, allocs) -> None:
@@ -215,14 +269,21 @@ def _distribution(sec, results) -> None:
     if not have:
         sec.p("No raw latency samples in this run.")
         return
-    fig = Figure(figsize=(9, 0.45 * len(have) + 1.5), layout="constrained")
-    ax = fig.subplots()
-    labels = [f"{r.variant}\n{r.model} · {r.device}/{r.runtime}" for r in have]
-    ax.boxplot([r.samples for r in have], orientation="horizontal", tick_labels=labels, showfliers=True,
-               flierprops={"markersize": 2, "alpha": 0.4})
-    ax.set_xlabel("latency per inference (ms)")
-    ax.set_title("Latency distribution (all rounds pooled)")
-    ax.grid(axis="x", alpha=0.3)
+    # one panel per model, each on its own axis: 0.07 ms beside 25 ms would be a dot
+    models = list(dict.fromkeys(r.model for r in have))
+    fig = Figure(figsize=(9, 0.45 * len(have) + 1.2 * len(models) + 0.6), layout="constrained")
+    heights = [sum(r.model == m for r in have) + 1 for m in models]
+    axes = np.atleast_1d(fig.subplots(len(models), 1, height_ratios=heights, squeeze=False)
+                         .ravel())
+    for ax, model in zip(axes, models):
+        mine = [r for r in have if r.model == model]
+        ax.boxplot([r.samples for r in mine], orientation="horizontal",
+                   tick_labels=[f"{r.variant} · {r.device}/{r.runtime}" for r in mine],
+                   showfliers=True, flierprops={"markersize": 2, "alpha": 0.4})
+        ax.set_title(model, fontsize=10, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1].set_xlabel("latency per inference (ms)")
+    fig.suptitle("Latency distribution (all rounds pooled), one axis per model")
     sec.img("latency_distribution", fig)
 
 
@@ -542,6 +603,7 @@ def render(store, run: str | None = "latest", out_dir: str | Path | None = None)
     _searches(s["Summary"], allocs)
     _summary(s["Summary"], run_row, results, acc, flagged)
     _distribution(s["Latency distribution"], results)
+    _device_accuracy(s["Accuracy on the device"], results, regs)
     _accuracy(s["Accuracy vs latency"], results, acc, allocs)
     _energy(s["Energy per inference"], results)
     _allocation(s["Bit allocation"], allocs)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from devices import stats
 from devices.measurement import Measurement, Protocol
+from quant import evalset
 from quant.artifact import Artifact
 
 
@@ -48,6 +49,22 @@ def reference_for(art: Artifact) -> tuple[str | None, float, float]:
     return str(path), 1e-2, max(1e-3, 4 * float(dev))
 
 
+def with_simulated(accuracy: dict, manifest: dict) -> dict:
+    """The device's accuracy figures with the fake-quant model's beside them (from the
+    manifest, computed at export on the same evaluation set): `simulated_top1`, ...,
+    and `gap_top1` / `gap_agreement` = device − simulated, in fractions."""
+    if not accuracy:
+        return accuracy
+    sim = manifest.get("simulated") or {}
+    out = dict(accuracy)
+    for k in ("top1", "agreement_fp32", "kl", "sqnr_db"):
+        out[f"simulated_{k}"] = sim.get(k)
+    for k, gap in (("top1", "gap_top1"), ("agreement_fp32", "gap_agreement")):
+        out[gap] = (out[k] - sim[k]) if out.get(k) is not None and sim.get(k) is not None \
+            else None
+    return out
+
+
 def _stored(store, run_id: str, kind: str, model: str, device: str, runtime: str
             ) -> dict[tuple[str, int], Measurement]:
     """(variant, round) -> Measurement already stored in this run: what a resumed run skips."""
@@ -64,7 +81,7 @@ def _stored(store, run_id: str, kind: str, model: str, device: str, runtime: str
             kernels=r["kernels"] or {}, protocol=r["protocol"] or {}, load=r["load"] or {},
             artifact_sha256=r["artifact_sha256"], outputs_check=r["outputs_check"],
             harness_overhead_ms=r["harness_overhead_ms"], timing=r["timing"] or {},
-            rounds=r["rounds"] or {})
+            rounds=r["rounds"] or {}, accuracy=r.get("accuracy") or {})
     return out
 
 
@@ -72,8 +89,15 @@ def _line(m: Measurement, r: int) -> str:
     if not m.ok:
         return f"{m.model} {m.variant} on {m.device}/{m.runtime} round {r + 1}: {m.failure}: {m.reason}"
     busy = " (busy machine)" if (m.load or {}).get("busy") else ""
+    a, acc = m.accuracy or {}, ""
+    for k, label in (("top1", "top-1"), ("agreement_fp32", "agreement with fp32")):
+        if a.get(k) is not None:
+            sim = a.get(f"simulated_{k}")
+            acc = (f", {label} on the device {a[k]:.2%}"
+                   + (f" (simulated {sim:.2%})" if sim is not None else ""))
+            break
     return (f"{m.model} {m.variant} on {m.device}/{m.runtime} round {r + 1}: "
-            f"p50 {m.latency_ms.get('p50', float('nan')):.3f} ms, {m.status}{busy}")
+            f"p50 {m.latency_ms.get('p50', float('nan')):.3f} ms, {m.status}{busy}{acc}")
 
 
 def measure_artifacts(device, runtime: str, model: str, arts: dict[str, Artifact],
@@ -97,8 +121,12 @@ def measure_artifacts(device, runtime: str, model: str, arts: dict[str, Artifact
             if done and done[-1].failure not in (None, "timeout", "busy"):
                 continue
             ref, rtol, atol = (reference, 1e-3, 1e-4) if reference else reference_for(art)
-            m = device.run(art, protocol, runtime, reference=ref, rtol=rtol, atol=atol)
-            m = replace(m, model=model or m.model, variant=name)
+            # accuracy once per variant (the engine is deterministic), until a round gives it
+            ev = None if any(d.accuracy for d in done) else evalset.load(art)
+            m = device.run(art, protocol, runtime, reference=ref, rtol=rtol, atol=atol,
+                           **({"evalset": ev} if ev is not None else {}))
+            m = replace(m, model=model or m.model, variant=name,
+                        accuracy=with_simulated(m.accuracy, art.manifest))
             done.append(m)
             if store is not None:
                 store.add_measurement(run_id, m, kind=kind, round=r,
@@ -165,6 +193,7 @@ def combine(runs: list[Measurement], seed: int = 0) -> Measurement:
                        f"{len(runs)} rounds (others' CPU use above the protocol's busy_load)")
     return replace(
         first, latency_ms=stats.summarize(samples, seed), samples_ms=samples,
+        accuracy=next((m.accuracy for m in runs if m.accuracy), {}),
         throughput=statistics.mean(m.throughput for m in runs if m.throughput),
         energy_j_per_inference=(statistics.mean(energies) if None not in energies else None),
         status="degraded" if any(m.status == "degraded" for m in runs) else "ok",

@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy import Column, Float, ForeignKey, Integer, String, Table, Text, UniqueConstraint
 
 DEFAULT_PATH = Path("results") / "hilq.sqlite"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RESUME_WITHIN_H = 12.0      # an unfinished run older than this is not resumed by a new one
 RUN_STATUSES = ("running", "ok", "failed", "regressed", "interrupted", "budget_missed")
 
@@ -44,8 +44,9 @@ VERSIONED = ("numpy", "torch", "onnx", "onnxruntime", "openvino", "tensorrt", "s
              "pandas", "sqlalchemy")
 # Metric name -> measurements column, and which direction is worse.
 METRICS = {"p50": "p50_ms", "p90": "p90_ms", "p99": "p99_ms", "mean": "mean_ms",
-           "energy_j": "energy_j", "throughput": "throughput"}
-HIGHER_IS_BETTER = frozenset({"throughput"})
+           "energy_j": "energy_j", "throughput": "throughput",
+           "top1": "top1", "agreement": "agreement_fp32"}     # accuracy on the device
+HIGHER_IS_BETTER = frozenset({"throughput", "top1", "agreement"})
 
 meta = sa.MetaData()
 _name = String(200)
@@ -110,6 +111,10 @@ measurements = Table(
     Column("load", Text), Column("outputs_check", Text), Column("timing", Text),
     Column("rounds", Text), Column("harness_overhead_ms", Float),
     Column("extra", Text),                           # Measurement fields newer than this table
+    # accuracy measured on the device over an evaluation set (schema v3): the figures as
+    # JSON, device top-1 / agreement with FP32 as numbers to query, and the set's sha256
+    Column("accuracy", Text), Column("top1", Float), Column("agreement_fp32", Float),
+    Column("eval_sha256", String(64)),
     Column("artifact_sha256", String(64)),
     Column("created", String(32)),
     UniqueConstraint("run_id", "model", "variant", "device", "runtime", "kind", "round",
@@ -196,6 +201,9 @@ TABLES = ("runs", "devices", "variants", "measurements", "cost_tables", "allocat
 MIGRATIONS: list[tuple[int, str, object]] = [
     (2, "regressions.mde", lambda c: c.execute(sa.text(
         "ALTER TABLE regressions ADD COLUMN mde FLOAT"))),
+    (3, "measurements.accuracy, top1, agreement_fp32, eval_sha256", lambda c: [c.execute(
+        sa.text(f"ALTER TABLE measurements ADD COLUMN {col}")) for col in (
+            "accuracy TEXT", "top1 FLOAT", "agreement_fp32 FLOAT", "eval_sha256 VARCHAR(64)")]),
 ]
 
 
@@ -464,7 +472,7 @@ class Store:
         facts). Returns False, changing nothing, when its key is already stored."""
         key = dict(run_id=run_id, model=m.model, variant=m.variant, device=m.device,
                    runtime=m.runtime, kind=kind, round=round)
-        lat = m.latency_ms or {}
+        lat, acc = m.latency_ms or {}, getattr(m, "accuracy", None) or {}
         with self.transaction() as c:
             if c.execute(sa.select(measurements.c.id).where(
                     *[measurements.c[k] == v for k, v in key.items()])).first():
@@ -486,7 +494,9 @@ class Store:
                 rounds=dumps(getattr(m, "rounds", None)),
                 harness_overhead_ms=_num(getattr(m, "harness_overhead_ms", None)),
                 extra=dumps(_extra_fields(m)), artifact_sha256=m.artifact_sha256,
-                created=now()))
+                accuracy=dumps(acc or None), top1=_num(acc.get("top1")),
+                agreement_fp32=_num(acc.get("agreement_fp32")),
+                eval_sha256=acc.get("eval_sha256"), created=now()))
 
     def _ensure_device(self, c: sa.Connection, name: str, facts: dict) -> str:
         did = device_id(name, facts)
@@ -582,17 +592,20 @@ class Store:
     def history(self, model: str, variant: str, device: str, runtime: str,
                 metric: str = "p50", last_n: int = 14, *, before_run: str | None = None,
                 through_run: str | None = None, samples: bool = False,
-                respect_resets: bool = True) -> list[dict]:
+                respect_resets: bool = True, eval_sha256: str | None = None) -> list[dict]:
         """Per run (oldest first, the last `last_n`, none before the latest baseline reset
         unless `respect_resets` is False, started before `before_run` or up to and including
         `through_run`): run_id, started, value (median over rounds of `metric`), rounds (each
         round's value, sorted) and, if asked, the raw samples of all its rounds. Failed runs
-        and measurements are left out."""
+        and measurements are left out. `eval_sha256`: only figures measured on that
+        evaluation set (accuracy on another set is not comparable)."""
         col = measurements.c[METRICS[metric]]
         m, r = measurements.c, runs.c
         where = [m.model == model, m.variant == variant, m.device == device,
                  m.runtime == runtime, m.kind == "bench", m.status != "failed",
                  r.status != "failed", col.is_not(None)]
+        if eval_sha256 is not None:
+            where.append(m.eval_sha256 == eval_sha256)
         if before_run is not None:
             where.append(r.started < sa.select(r.started).where(r.id == before_run)
                          .scalar_subquery())
@@ -716,7 +729,8 @@ def _given(conn):
 
 _JSON_COLUMNS = {"latency", "samples_ms", "device_latency", "power", "kernels", "protocol",
                  "load", "outputs_check", "facts", "bit_config", "budgets", "config",
-                 "predicted", "measured", "versions", "timing", "rounds", "extra"}
+                 "predicted", "measured", "versions", "timing", "rounds", "extra",
+                 "accuracy"}
 
 
 def _decode(row: dict) -> dict:
@@ -729,7 +743,8 @@ def _decode(row: dict) -> dict:
 _STORED_FIELDS = {"model", "variant", "device", "runtime", "status", "reason", "failure",
                   "latency_ms", "samples_ms", "device_latency_ms", "throughput",
                   "energy_j_per_inference", "power", "kernels", "facts", "protocol", "load",
-                  "artifact_sha256", "outputs_check", "timing", "rounds", "harness_overhead_ms"}
+                  "artifact_sha256", "outputs_check", "timing", "rounds", "harness_overhead_ms",
+                  "accuracy"}
 
 
 def _extra_fields(m) -> dict | None:

@@ -5,12 +5,17 @@ It is copied to the device with its siblings (`stats.py`, `timing.py`, `power.py
 One artifact per agent process (two engines in one process slow each other down).
 
     python agent.py --artifact FILE --protocol protocol.json --runtime ort
-                    [--reference ref.npz --rtol 1e-3 --atol 1e-4]
+                    [--reference ref.npz --rtol 1e-3 --atol 1e-4] [--eval evalset.npz]
     python agent.py --facts [--runtimes ort,openvino]
 
 The artifact's manifest (`FILE.manifest.json`) is read if present and its sha256 checked.
 The reference `.npz` holds `input:<name>` arrays and `output:<k>` arrays; the outputs the
 engine gives for those inputs must match within the tolerance, else `wrong_answer`.
+
+With `--eval`, after the timed window the artifact runs over the whole evaluation set (see
+`accuracy.py` for its arrays) and the result carries `accuracy`: top-1, agreement with FP32,
+mean KL, SQNR, the worst samples and the set's sha256: accuracy measured on the device, by
+the engine that was timed, never inside the timed window.
 
 A protocol with `profile_iters` N > 0 asks for a *profiled* run instead of a timed one:
 warm-up, then N inferences with the engine's own profiler on (`Loaded.profile`); the result
@@ -44,9 +49,10 @@ import time
 import traceback
 
 if __package__:  # imported as devices.agent (host-side tools, tests)
-    from . import power, stats, timing
+    from . import accuracy, power, stats, timing
 else:  # run as a script, here or on a device: siblings are top-level modules
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import accuracy
     import power
     import stats
     import timing
@@ -228,16 +234,19 @@ def _intended_float(manifest: dict) -> int:
                if v.get("precision") in (None, *FLOAT_VARIANTS))
 
 
-def _run_in_batches(loaded, feeds: dict) -> list:
-    """Run the reference inputs through an engine compiled for a fixed batch (OpenVINO's
-    static reshape, TensorRT profiles): slices of that batch, the last one padded by
-    repeating its rows, outputs joined. An engine whose batch matches runs them at once."""
+def _run_in_batches(loaded, feeds: dict, max_batch: int = 64) -> list:
+    """Run many inputs through an engine compiled for a fixed batch (OpenVINO's static
+    reshape, TensorRT profiles): slices of that batch, the last one padded by repeating its
+    rows, outputs joined. An engine with a dynamic batch gets slices of `max_batch` (an
+    evaluation set of thousands of images would not fit at once)."""
     import numpy as np
 
     batch = {name: shape[0] for name, shape, _ in loaded.inputs if shape}
     n = len(next(iter(feeds.values())))
     b = batch.get(next(iter(feeds)), n)
-    if b == n or b < 1:
+    if not isinstance(b, int) or b < 1:
+        b = min(n, max_batch)
+    if b == n:
         return loaded.run(feeds)
     parts = []
     for start in range(0, n, b):
@@ -271,6 +280,34 @@ def check_outputs(loaded, reference: str, rtol: float, atol: float) -> dict:
             "rtol": rtol, "atol": atol, "outputs": len(want)}
 
 
+def evaluate(loaded, path: str) -> dict:
+    """The artifact over the whole evaluation set: `accuracy.evaluate`'s figures plus the
+    set's sha256 (what the figures were measured on)."""
+    import numpy as np
+
+    try:
+        ev = dict(np.load(path))
+    except (OSError, ValueError) as e:
+        raise Failure("bad_input", f"evaluation set {path}: {e}") from e
+    feeds = {k[len("input:"):]: v for k, v in ev.items() if k.startswith("input:")}
+    if not feeds:
+        raise Failure("bad_input", f"evaluation set {path} holds no input:<name> arrays")
+    t0 = time.perf_counter()
+    outs = [np.asarray(o) for o in _run_in_batches(loaded, feeds)]
+    res = accuracy.evaluate(outs, ev)
+    res["eval_sha256"] = _sha256(path)
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def run(args) -> dict:
     try:
         with open(args.protocol) as f:
@@ -284,11 +321,7 @@ def run(args) -> dict:
     if os.path.isfile(mpath):
         with open(mpath) as f:
             manifest = json.load(f)
-        h = hashlib.sha256()
-        with open(args.artifact, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        if manifest.get("sha256") and h.hexdigest() != manifest["sha256"]:
+        if manifest.get("sha256") and _sha256(args.artifact) != manifest["sha256"]:
             raise Failure("bad_input", "artifact does not match its manifest sha256")
     if protocol.get("affinity"):
         try:
@@ -328,6 +361,8 @@ def run(args) -> dict:
                                         args.runtime))
         else:
             result.update(_timed_run(lambda: loaded.run(feeds), loaded, protocol))
+        if args.eval:
+            result["accuracy"] = evaluate(loaded, args.eval)
         if loaded.kernels is not None:
             result["kernels"] = loaded.kernels()
             floats = result["kernels"].get("float") or []
@@ -496,6 +531,7 @@ def main(argv=None) -> int:
     p.add_argument("--reference")
     p.add_argument("--rtol", type=float, default=1e-3)
     p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--eval", help="evaluation set .npz: accuracy on the device (accuracy.py)")
     p.add_argument("--scratch", help="folder for the engine's scratch files (default: $TMPDIR)")
     try:
         args = p.parse_args(argv)

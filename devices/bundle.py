@@ -17,19 +17,21 @@ EXIT_FAILURES = {1: "agent_crash", 2: "bad_input", 3: "unsupported", 4: "runtime
 
 def files() -> list[tuple[Path, str]]:
     """(local file, path relative to the bundle dir on the device)."""
-    out = [(HERE / n, n) for n in ("agent.py", "stats.py", "timing.py", "power.py")]
+    out = [(HERE / n, n) for n in ("agent.py", "accuracy.py", "stats.py", "timing.py", "power.py")]
     out += [(p, f"runtimes/{p.name}") for p in sorted((HERE / "runtimes").glob("*.py"))]
     return out
 
 
 def agent_args(artifact: str, protocol: str, runtime: str, reference: str | None = None,
-               rtol: float = 1e-3, atol: float = 1e-4) -> list[str]:
+               rtol: float = 1e-3, atol: float = 1e-4, evalset: str | None = None) -> list[str]:
     # --scratch .: engine scratch files live in the session folder the device removes, so
     # even an agent killed at a timeout leaves nothing behind
     args = ["agent.py", "--artifact", artifact, "--protocol", protocol, "--runtime", runtime,
             "--scratch", "."]
     if reference:
         args += ["--reference", reference, "--rtol", repr(rtol), "--atol", repr(atol)]
+    if evalset:
+        args += ["--eval", evalset]
     return args
 
 

@@ -73,15 +73,17 @@ class LocalDevice:
             raise DeviceError("agent_crash", f"agent --facts failed (exit {rc}): {err.strip()[-300:]}") from e
 
     def run(self, artifact, protocol: Protocol, runtime: str = "ort", reference: str | None = None,
-            rtol: float = 1e-3, atol: float = 1e-4) -> Measurement:
-        """Time `artifact` (a quant.artifact.Artifact) here; typed failures come back as a
-        failed Measurement, never as an exception."""
+            rtol: float = 1e-3, atol: float = 1e-4, evalset=None) -> Measurement:
+        """Time `artifact` (a quant.artifact.Artifact) here, then evaluate it over `evalset`
+        (an Artifact too) when given; typed failures come back as a failed Measurement,
+        never as an exception."""
         ident, protocol, timeout = bundle.prepare(artifact, self.name, runtime, protocol,
                                                   self.power, self.command_timeout_s)
         try:
             with self._lock():
                 args = bundle.agent_args(os.path.abspath(artifact.path), "protocol.json", runtime,
-                                         reference and os.path.abspath(reference), rtol, atol)
+                                         reference and os.path.abspath(reference), rtol, atol,
+                                         evalset and os.path.abspath(evalset.path))
                 rc, out, err = self._agent(args, timeout,
                                            {"protocol.json": json.dumps(protocol.to_dict())})
         except DeviceError as e:

@@ -85,6 +85,9 @@ class Measurement:
     timing: dict = field(default_factory=dict)    # warm-up iterations, wall time, caps, mode
     rounds: dict = field(default_factory=dict)    # spread of p50 across alternating rounds
     profile: dict = field(default_factory=dict)   # profiled run: per-engine-node and per-layer ms
+    accuracy: dict = field(default_factory=dict)  # on the device, over an evaluation set (agent
+    #   --eval): n, top1, agreement_fp32, kl, sqnr_db, cosine, worst, outputs, eval_sha256; the
+    #   host adds simulated_top1 / simulated_agreement (the fake-quant model's, from the manifest)
 
     @property
     def ok(self) -> bool:

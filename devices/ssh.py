@@ -323,8 +323,10 @@ class SSHDevice:
         return self._facts
 
     def run(self, artifact, protocol: Protocol, runtime: str = "ort", reference: str | None = None,
-            rtol: float = 1e-3, atol: float = 1e-4) -> Measurement:
-        """Time `artifact` on the device; typed failures come back as a failed Measurement."""
+            rtol: float = 1e-3, atol: float = 1e-4, evalset=None) -> Measurement:
+        """Time `artifact` on the device, then evaluate it over `evalset` (an Artifact, cached
+        by sha256 like artifacts: uploaded once); typed failures come back as a failed
+        Measurement."""
         ident, protocol, timeout = bundle.prepare(artifact, self.name, runtime, protocol,
                                                   self.power, self.command_timeout_s)
         try:
@@ -338,7 +340,8 @@ class SSHDevice:
                     if reference:
                         ref = f"{tmp}/reference.npz"
                         sftp.put(reference, ref)
-                    args = bundle.agent_args(remote, "protocol.json", runtime, ref, rtol, atol)
+                    ev = self._cached(sftp, evalset) if evalset is not None else None
+                    args = bundle.agent_args(remote, "protocol.json", runtime, ref, rtol, atol, ev)
                     rc, out, err = self._exec([self.python, *args], timeout, cwd=tmp,
                                               pidfile=f"{tmp}/agent.pid")
         except DeviceError as e:

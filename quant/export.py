@@ -67,7 +67,7 @@ ACTIVATIONS = ("Relu", "Clip")
 PLACEMENTS = ("ort", "tensorrt")
 ORT_KERNEL = {"Conv": "QLinearConv", "Gemm": "QGemm", "MatMul": "MatMulIntegerToFloat"}
 DISTILL_ITERS = 100  # ZeroQ iterations for --calib-data distilled artifacts
-EXPORT_VERSION = 1   # bump when the exported graph changes: it is part of the cache key
+EXPORT_VERSION = 2   # bump when the exported graph changes: it is part of the cache key
 
 
 class ExportError(SpecError):
@@ -182,6 +182,7 @@ def _calibrate(proto, tensors: list[str], calib_x: torch.Tensor | None,
                           for t in tensors)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3   # host-side helper: no "Removing initializer" warnings per node
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     lo = {t: np.inf for t in tensors}
@@ -631,6 +632,7 @@ def _user_onnx(entry, net, data, path: Path, model: str, variant: str, target: s
     inits = {i.name for i in proto.graph.initializer}
     inp = next(i for i in proto.graph.input if i.name not in inits)
     ref = _reference(net, data, path, seed, input_name=inp.name)
+    evaluation = _evaluation(net, net, data, path.parent, inp.name, model)
     settings.update(source_onnx=entry.onnx_path, opset=max(
         (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None))
     return Artifact.create(
@@ -639,7 +641,7 @@ def _user_onnx(entry, net, data, path: Path, model: str, variant: str, target: s
         input_dtype=str(data.test_x.dtype).replace("torch.", ""), input_name=inp.name,
         output_names=[o.name for o in proto.graph.output], versions=_versions(),
         settings=settings, layer_map={}, runtimes=["ort", "openvino"], reference=ref.name,
-        reference_ort_max_abs_diff=_ort_deviation(path, ref))
+        reference_ort_max_abs_diff=_ort_deviation(path, ref), **evaluation)
 
 
 def _reference(model: nn.Module, data, path: Path, seed: int, n: int = 8,
@@ -658,6 +660,23 @@ def _reference(model: nn.Module, data, path: Path, seed: int, n: int = 8,
     return ref
 
 
+def _evaluation(float_model: nn.Module, model: nn.Module, data, out_dir: Path, input_name: str,
+                name: str) -> dict:
+    """Manifest fields for accuracy on the device: `eval_set` (the shared evaluation set
+    beside the artifact: file, sha256, n, labels) and `simulated` (this model's figures on
+    it, the fake-quant side of the simulated-vs-device comparison); {} without test data."""
+    from . import evalset
+
+    arrays = evalset.arrays(float_model, data, input_name)
+    if arrays is None:
+        return {}
+    ev = evalset.write(out_dir, arrays, name, data.name)
+    return {"eval_set": {"file": Path(ev.path).name, "sha256": ev.sha256,
+                         "n": ev.manifest["n"], "labels": ev.manifest["labels"],
+                         "data": data.name},
+            "simulated": evalset.simulated(model, arrays)}
+
+
 def _ort_deviation(path: Path, ref: Path) -> float | None:
     """Max |ORT − fake-quant| on the reference inputs (ORT's default kernels, here): a
     measured scale for the agent's wrong-answer tolerance, not a guarantee on other CPUs."""
@@ -666,7 +685,9 @@ def _ort_deviation(path: Path, ref: Path) -> float | None:
     except ImportError:
         return None
     with np.load(ref) as r:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        so = ort.SessionOptions()
+        so.log_severity_level = 3   # host-side helper: errors only, not graph warnings
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         inp = sess.get_inputs()[0]
         x = r[f"input:{inp.name}"]
         step = inp.shape[0] if isinstance(inp.shape[0], int) else len(x)   # a static batch
@@ -756,6 +777,7 @@ def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu"
     info = export_onnx(qmodel, entry.input_shape, path, act_dtype=settings["act_dtype"],
                        calib_x=calib_x, input_dtype=calib_x.dtype)
     ref = _reference(qmodel, data, path, seed)
+    evaluation = _evaluation(net, qmodel, data, out_dir, info["input_name"], model)
     runtimes = ["ort", "openvino"] + (["tensorrt"] if target == "tensorrt" else [])
     settings.update(opset=info["opset"], calib_samples=len(calib_x), notes=notes,
                     placement=info.get("placement"),
@@ -771,4 +793,4 @@ def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu"
         input_dtype=str(calib_x.dtype).replace("torch.", ""), input_name=info["input_name"],
         output_names=info["output_names"], versions=_versions(), settings=settings,
         layer_map=info["layer_map"], runtimes=runtimes, reference=ref.name,
-        reference_ort_max_abs_diff=_ort_deviation(path, ref))
+        reference_ort_max_abs_diff=_ort_deviation(path, ref), **evaluation)

@@ -81,6 +81,7 @@ def _profiled_ops(model_path: str, providers, inputs) -> list:
 
     so = ort.SessionOptions()
     so.enable_profiling = True
+    so.log_severity_level = 3   # errors only: graph warnings are not the profile's business
     so.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="hilq-ort-prof-"), "p")
     sess = _session(ort, model_path, so, providers)
     rng = np.random.default_rng(0)

@@ -1,0 +1,94 @@
+"""The evaluation set that travels to the device: the model's test inputs (preprocessed once,
+here), their labels, and the FP32 model's outputs, in one content-addressed `.npz`.
+
+Every variant of a model shares it, so a device receives it once (cached by sha256 like an
+artifact) and every figure measured on it names the same sha256. The arrays are written
+with fixed zip timestamps: the same data gives the same bytes, hence the same sha256, night
+after night, which is what lets accuracy be compared across nights.
+The figures themselves are `devices/accuracy.py`'s, on the host (the fake-quant model's
+`simulated` figures, in the manifest) and on the device (the engine's) alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .artifact import Artifact
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            arr = io.BytesIO()
+            np.lib.format.write_array(arr, np.ascontiguousarray(arrays[name]),
+                                      allow_pickle=False)
+            z.writestr(info, arr.getvalue())
+    return buf.getvalue()
+
+
+def arrays(float_model, data, input_name: str) -> dict[str, np.ndarray] | None:
+    """The evaluation set's arrays for `data.test_x` (None without test inputs)."""
+    import torch
+
+    from .evaluate import logits
+
+    x = data.test_x
+    if x is None or not len(x):
+        return None
+    out = {f"input:{input_name}": x.numpy(),
+           "fp32:0": logits(float_model, x).detach().float().numpy()}
+    if data.test_y is not None:
+        out["labels"] = torch.as_tensor(data.test_y).long().numpy()
+    return out
+
+
+def write(out_dir: str | Path, arrays: dict[str, np.ndarray], model: str, data_name: str
+          ) -> Artifact:
+    """`<out_dir>/evalset-<sha16>.npz` (reused when present) as an Artifact whose manifest
+    says what it holds."""
+    blob = _npz_bytes(arrays)
+    sha = hashlib.sha256(blob).hexdigest()
+    path = Path(out_dir) / f"evalset-{sha[:16]}.npz"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".part-{os.getpid()}")
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+    n = len(next(v for k, v in arrays.items() if k.startswith("input:")))
+    return Artifact.create(path, kind="evalset", model=model, data=data_name, n=n,
+                           labels="labels" in arrays)
+
+
+def load(artifact: Artifact) -> Artifact | None:
+    """The evaluation set an artifact's manifest names, beside it; None when it has none
+    or the file is gone (then there is no device accuracy, not a failure)."""
+    name = (artifact.manifest.get("eval_set") or {}).get("file")
+    path = Path(artifact.path).parent / name if name else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return Artifact.load(path)
+    except (OSError, ValueError):
+        return None
+
+
+def simulated(model, ev: dict[str, np.ndarray]) -> dict:
+    """The fake-quant (or float) model's figures on the evaluation set: what the device's
+    figures are compared with."""
+    import torch
+
+    from devices.accuracy import evaluate
+
+    from .evaluate import logits
+
+    x = torch.from_numpy(next(v for k, v in ev.items() if k.startswith("input:")))
+    res = evaluate([logits(model, x).detach().float().numpy()], ev)
+    return {k: res[k] for k in ("n", "top1", "agreement_fp32", "kl", "sqnr_db", "cosine")}
