@@ -56,7 +56,7 @@ def plot(result: dict, path) -> None:
     figure(result).savefig(path, format="png", dpi=110)
 
 
-def _rows(result: dict) -> list[list[str]]:
+def rows(result: dict) -> list[list[str]]:
     return [[str(i), r["layer"], str(r.get("precision") or ""), _f(r.get("sqnr_db")),
              _f(r.get("sqnr_db_simulated")), _f(r.get("gap_db"), "+.2f"),
              _f(r.get("cosine"), ".5f"), _f(r.get("own_error_db")),
@@ -64,7 +64,7 @@ def _rows(result: dict) -> list[list[str]]:
             for i, r in enumerate(result["layers"], 1)]
 
 
-def _lines(result: dict) -> list[str]:
+def lines(result: dict) -> list[str]:
     out = []
     if result.get("culprits"):
         out.append(f"Error introduced most at `{result['culprits'][0]}` (lowest own error: "
@@ -80,9 +80,9 @@ def section(result: dict) -> str:
     cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
     out = [f"### Per-layer error: {_title(result)}", ""]
     out += ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
-    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in _rows(result)]
+    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows(result)]
     out.append("")
-    for line in _lines(result):
+    for line in lines(result):
         out += [line, ""]
     if result.get("plot"):
         out += [f"![per-layer error]({result['plot']})", ""]
@@ -98,9 +98,9 @@ def html_section(result: dict) -> str:
            "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in HEAD)
            + "</tr></thead><tbody>"]
     out += ["<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>"
-            for row in _rows(result)]
+            for row in rows(result)]
     out.append("</tbody></table>")
-    out += [f"<p>{html.escape(line).replace('`', '')}</p>" for line in _lines(result)]
+    out += [f"<p>{html.escape(line).replace('`', '')}</p>" for line in lines(result)]
     out.append(f'<img alt="per-layer error" src="data:image/png;base64,{data}">')
     out.append("</section>")
     return "\n".join(out)

@@ -255,6 +255,8 @@ def _search(cfg: Config, store, run_id: str, devs, s: Search, artifacts_dir: Pat
                 f"{res.measured['latency_ms']:.3f} ± {res.measured['latency_ci_ms']:.3f} ms "
                 f"within the budget {res.resolved_budgets['latency_ms']:.3f} ms "
                 f"({len(res.iterations)} iteration(s))" + (f"; {res.message}" if res.message else ""))
+        if res.config and res.variant and res.status != "failed":
+            _debug_pick(cfg, store, run_id, s, res, artifacts_dir, say)
         d = res.to_dict()
         d.pop("cost_table", None)
         return d
@@ -265,6 +267,47 @@ def _search(cfg: Config, store, run_id: str, devs, s: Search, artifacts_dir: Pat
         return {"model": s.model, "device": s.device, "runtime": s.runtime, "status": "failed"}
     finally:
         device.close()
+
+
+def _debug_pick(cfg: Config, store, run_id: str, s: Search, res, artifacts_dir: Path, say
+                ) -> None:
+    """`hilq debug` on the searched configuration, on the same device and runtime: where its
+    error comes from, layer by layer, kept with the chosen allocation for the report. A
+    failure here is a note, not a failed search."""
+    from . import cli
+    from .cmd_debug import debug
+    from .latmodel import FLOAT
+
+    if all(v == FLOAT for v in res.config.values()):
+        say(f"debug {s.model} on {s.device}/{s.runtime}: the pick is all float, nothing "
+            "quantized to debug")
+        return
+    ref = s.ref
+    argv = ["debug", "--model", ref.name, "--variant", res.variant, "--device", s.device,
+            "--runtime", s.runtime, "--calib-data", s.calib_data, "--samples", "32",
+            "--seed", str(cfg.seed)]
+    for flag, value in (("--data", ref.data), ("--inventory", cfg.inventory),
+                        ("--preprocess", ref.preprocess if isinstance(ref.preprocess, str)
+                         else None),
+                        ("--input-shape", ",".join(map(str, ref.input_shape or ())) or None)):
+        if value:
+            argv += [flag, str(value)]
+    try:
+        # the search's own work folder: its artifact of the pick is reused from the cache
+        result, _ = debug(cli.build_parser().parse_args(argv), artifacts_dir / "search")
+    except Exception as e:  # noqa: BLE001
+        say(f"debug {s.model} on {s.device}/{s.runtime}: not run: {_one_line(e)}")
+        return
+    chosen = next((r for r in store.rows("allocations", run_id) if r["name"] == "chosen"
+                   and (r["model"], r["device"], r["runtime"]) == (s.model, s.device,
+                                                                    s.runtime)), None)
+    if chosen is not None:
+        store.set_allocation_measured(run_id, s.model, s.device, s.runtime, "chosen",
+                                      {**(chosen["measured"] or {}), "debug": result})
+    worst = result["layers"][0] if result.get("layers") else {}
+    say(f"debug {s.model} on {s.device}/{s.runtime}: worst layer {worst.get('layer')} "
+        f"({worst.get('sqnr_db') or worst.get('sqnr_db_simulated'):.1f} dB), error introduced "
+        f"most at {', '.join(result.get('culprits', [])[:1]) or '–'}")
 
 
 def _one_line(e: BaseException) -> str:

@@ -20,7 +20,8 @@ import numpy as np
 
 SECTIONS = ("Summary", "Latency distribution", "Accuracy on the device", "Accuracy vs latency",
             "Energy per inference",
-            "Bit allocation", "Predicted vs measured latency", "Nightly trends", "Regressions",
+            "Bit allocation", "Predicted vs measured latency",
+            "Per-layer error of the searched configuration", "Nightly trends", "Regressions",
             "Devices and versions")
 TREND_RUNS = 30
 MAX_TREND_PANELS = 12
@@ -381,6 +382,25 @@ def _allocation(sec, allocs) -> None:
               [[layer, *[cfg.get(layer, "–") for cfg in names]] for layer in layers])
 
 
+def _debug(sec, allocs) -> None:
+    """`hilq debug` of each searched configuration (the nightly runs it on the pick): the
+    worst-first per-layer table and its plot, engine beside simulation."""
+    from . import debug_report
+
+    found = [(a, (a.get("measured") or {}).get("debug")) for a in allocs if a["name"] == "chosen"]
+    found = [(a, d) for a, d in found if d and d.get("layers")]
+    if not found:
+        sec.p("No per-layer debug of a searched configuration in this run.")
+        return
+    for a, d in found:
+        sec.p(f"{a['model']} on {a['device']}/{a['runtime']}, the chosen configuration "
+              f"({d.get('n')} samples, status {d.get('status')}).")
+        for line in debug_report.lines(d):
+            sec.p(line)
+        sec.table(debug_report.HEAD, debug_report.rows(d))
+        sec.img(f"debug-{a['model']}-{a['device']}-{a['runtime']}", debug_report.figure(d))
+
+
 def _layer_names(config: dict) -> dict[str, str]:
     """layer -> `w4a8`-style name, through `BitConfig` so the spelling is the project's."""
     from quant.spec import BitConfig, SpecError
@@ -608,6 +628,7 @@ def render(store, run: str | None = "latest", out_dir: str | Path | None = None)
     _energy(s["Energy per inference"], results)
     _allocation(s["Bit allocation"], allocs)
     _predicted(s["Predicted vs measured latency"], allocs)
+    _debug(s["Per-layer error of the searched configuration"], allocs)
     _trends(s["Nightly trends"], store, run_id, results)
     _regressions(s["Regressions"], regs, (run_row.get("config") or {}).get("detect"))
     _devices(s["Devices and versions"], run_row, devs)

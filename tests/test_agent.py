@@ -188,3 +188,54 @@ def test_device_timer_samples_kept_beside_wall_time():
                        device_timer=ThreadTimer(), mark=lambda: marks.append(time.perf_counter()))
     assert len(t.device_samples_ms) == len(t.samples_ms) == 20
     assert marks[0] <= t.t_start and t.t_end <= marks[1]
+
+
+def _cpuinfo_flags() -> set[str]:
+    """The CPU's flags read straight from /proc/cpuinfo, not through the agent's parser."""
+    text = Path("/proc/cpuinfo").read_text()
+    line = next(ln for ln in text.splitlines() if ln.split(":")[0].strip() in ("flags", "Features"))
+    return set(line.split(":", 1)[1].split())
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="no /proc/cpuinfo (not Linux)")
+def test_cpu_flags_agree_with_proc_cpuinfo(bundle_dir):
+    """Each flag the agent reports is on exactly when /proc/cpuinfo lists it (and this CPU has
+    at least one of them, so an agent that says "no" to everything fails here)."""
+    rc, facts = agent(bundle_dir, "--facts")
+    assert rc == 0
+    truth = _cpuinfo_flags()
+    flags = facts["cpu"]["flags"]
+    assert flags == {f: f in truth for f in flags}
+    assert any(flags.values()), truth
+
+
+def _hogs(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def test_busy_is_set_by_a_cpu_hog_and_clear_without_one(bundle_dir, art, tmp_path):
+    """A process spinning on every core while the agent idles and times: `busy`, with the
+    others' share measured. Without it the same run is not busy (the machine is shared, so up
+    to three tries for a quiet moment)."""
+    import os
+
+    proto = {**QUICK, "min_duration_s": 0.5, "idle_s": 0.5, "threads": 1}
+    args = ("--artifact", art.path, "--protocol", "p.json")
+    for _ in range(3):
+        rc, quiet = agent(bundle_dir, *args, protocol=proto, tmp=tmp_path)
+        assert rc == 0, quiet
+        if not quiet["load"]["busy"]:
+            break
+    assert quiet["load"]["busy"] is False, quiet["load"]
+    hogs = _hogs(os.cpu_count() or 1)
+    try:
+        time.sleep(0.2)
+        rc, loud = agent(bundle_dir, *args, protocol=proto, tmp=tmp_path)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert rc == 0, loud
+    assert loud["load"]["busy"] is True, loud["load"]
+    assert loud["load"]["others_busy_during"] >= 0.5
+    assert loud["load"]["others_busy_during"] > quiet["load"]["others_busy_during"]

@@ -4,6 +4,7 @@ lock, and the runner's alternating rounds, with real ONNX Runtime."""
 import json
 import os
 import threading
+from pathlib import Path
 
 import pytest
 from onnx_tiny import reference_npz, tiny_artifact
@@ -195,3 +196,35 @@ def test_a_layer_left_float_on_purpose_is_not_a_degraded_run(tmp_path):
         m = dev.run(art, proto, "ort")
         assert m.status == want, m.reason
         assert len(m.kernels["float"]) == (1 if variant.startswith("config:") else 0)
+
+
+def test_an_integer_claim_that_the_engine_runs_in_float_is_degraded(tmp_path):
+    """The real engine runs a layer in float that the manifest says is INT8 (fc left float in
+    the graph, the manifest claiming w8a8 throughout): `degraded`, the float layer named."""
+    import shutil
+
+    from quant.artifact import Artifact
+    from quant.export import build_artifact
+    from quant.models import load_model
+    from quant.pipeline import variant_bit_config
+    from quant.spec import BitConfig
+    from quant.transform import fold_bn
+
+    folded = fold_bn(load_model("digits-cnn").build())
+    int8 = variant_bit_config(folded, "w8a8")
+    path = tmp_path / "mix.json"
+    path.write_text(json.dumps(BitConfig({k: v for k, v in int8.layers.items()
+                                          if k != "fc"}).to_dict()))
+    mix = build_artifact("digits-cnn", f"config:{path}", tmp_path / "art")
+    claimed = tmp_path / "claimed.onnx"
+    shutil.copyfile(mix.path, claimed)
+    manifest = dict(mix.manifest, variant="w8a8")
+    manifest["layer_map"] = {n: {**v, "precision": "w8a8"}
+                             for n, v in (mix.manifest.get("layer_map") or {}).items()}
+    manifest.pop("reference", None)
+    Path(str(claimed) + ".manifest.json").write_text(json.dumps(manifest))
+    proto = Protocol(warmup_iters=2, warmup_s=0.0, min_iters=5, min_duration_s=0.0, threads=1)
+    m = LocalDevice(workdir=str(tmp_path / "work")).run(Artifact.load(claimed), proto, "ort")
+    assert m.status == "degraded", (m.status, m.reason)
+    assert m.kernels["float"] and all("fc" in k for k in m.kernels["float"])
+    assert "float" in m.reason and "fc" in m.reason

@@ -103,8 +103,26 @@ def test_nightly_with_search_stores_everything_and_reports(tmp_path, monkeypatch
     # the fitted model as a cost table: 6 layers x 2 precisions
     assert db.execute("select count(*) from cost_tables").fetchone()[0] == 12
     assert db.execute("select count(*) from accuracy").fetchone()[0] == 2
-    assert db.execute("select measured from allocations where name='chosen'").fetchone()[0]
     html = Path(out["report"]).read_text()
+    chosen = json.loads(db.execute("select measured from allocations where name='chosen'")
+                        .fetchone()[0])
+    # hilq debug ran on the pick, on the engine: one row per layer, worst first
+    from bench.latmodel import FLOAT
+
+    if all(v == FLOAT for v in search["config"].values()):
+        assert "debug" not in chosen                  # nothing quantized to debug
+    else:
+        dbg = chosen["debug"]
+        assert dbg["status"] == "ok" and len(dbg["layers"]) == 6
+        assert all(r["sqnr_db"] is not None for r in dbg["layers"])
+        assert [r["sqnr_db"] for r in dbg["layers"]] == sorted(r["sqnr_db"] for r in dbg["layers"])
+        assert "Per-layer error of the searched configuration" in html and "own dB" in html
+    # device accuracy beside the simulation, for every bench variant (digits has labels)
+    rows = db.execute("select variant, top1, accuracy from measurements where kind='bench' "
+                      "and top1 is not null").fetchall()
+    assert {v for v, _, _ in rows} == {"fp32", "w8a8"}
+    assert all(json.loads(a)["simulated_top1"] is not None for _, _, a in rows)
+    assert "top-1 device %" in html
     assert "data:image/png;base64," in html and "Predicted vs measured" in html
     assert "search digits-cnn on local/ort: OK: budget" in html
 

@@ -1,0 +1,159 @@
+"""Resume, measured: a nightly (bench matrix, then a search) is killed with SIGKILL at several
+points, counted in agent starts, some of them inside the search's cost table (the profile
+patterns' timed runs and their profiles) and inside its loop; the rerun must start exactly
+the agents whose rows were missing, leave every row stored before the kill unchanged, store no
+duplicate, and leave SQLite's integrity check ok.
+
+The store's unique keys would hide a runner that measures everything again (ON CONFLICT DO
+NOTHING), so the agent starts themselves are counted: the inventory's `python` for `local` is
+a wrapper that logs each call, then execs the real interpreter."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CONFIG = """
+name = "resume-{k}"
+db = "{db}"
+inventory = "{inventory}"
+rounds = 2
+[protocol]
+warmup_iters = 3
+warmup_s = 0.0
+min_iters = 10
+min_duration_s = 0.05
+idle_s = 0.05
+threads = 1
+[[bench]]
+model = "digits-cnn"
+variants = ["fp32", "w8a8"]
+[[search]]
+model = "digits-cnn"
+budgets = {{ latency_ms = "50%" }}
+calib_data = "real"
+"""
+
+# Agent starts, in order (one device, so one at a time): 1-4 the bench matrix (2 variants x
+# 2 rounds), 5-12 the search's four profile patterns timed x 2 rounds, 13-16 their profiles,
+# 17- the loop's picks beside the uniforms. A kill point k kills the nightly while its k-th
+# agent runs.
+KILL_POINTS = {"bench": 3, "cost-table-timing": 7, "cost-table-profiles": 14, "loop": 19}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Path:
+    """One folder for every kill point: the artifacts (built once, cached by their settings)
+    sit beside the stores, each kill point with its own store."""
+    d = tmp_path_factory.mktemp("resume")
+    wrapper = d / "python"
+    wrapper.write_text(f'#!/bin/sh\necho "$$ $*" >> "$HILQ_TEST_AGENT_LOG"\n'
+                       f'exec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    (d / "devices.toml").write_text(f'[devices.local]\nkind = "local"\npython = "{wrapper}"\n'
+                                    f'workdir = "{d / "work"}"\n')
+    return d
+
+
+def _env(log: Path) -> dict:
+    env = dict(os.environ, HILQ_TEST_AGENT_LOG=str(log))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("HILQ_CACHE", str(ROOT / ".cache"))
+    return env
+
+
+def _starts(log: Path) -> list[tuple[int, list[str]]]:
+    """(pid, argv) of each measuring agent start (`--facts` calls are not runs)."""
+    if not log.exists():
+        return []
+    out = []
+    for line in log.read_text().splitlines():
+        pid, *argv = line.split()
+        if "--artifact" in argv:
+            out.append((int(pid), argv))
+    return out
+
+
+def _sha(argv: list[str]) -> str | None:
+    manifest = Path(argv[argv.index("--artifact") + 1] + ".manifest.json")
+    return json.loads(manifest.read_text()).get("sha256") if manifest.exists() else None
+
+
+def _rows(db_path: Path) -> dict[int, tuple]:
+    with sqlite3.connect(db_path) as db:
+        return {r[0]: tuple(r) for r in db.execute("select * from measurements")}
+
+
+def _kill_at(cmd, cwd: Path, log: Path, k: int, timeout_s: float = 400) -> None:
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(log), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(_starts(log)) < k:
+            assert proc.poll() is None, f"the nightly ended after {len(_starts(log))} starts"
+            assert time.monotonic() < deadline, "the kill point was never reached"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for pid, _ in _starts(log):        # the agent runs in a session of its own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", list(KILL_POINTS))
+def test_a_killed_nightly_reruns_exactly_the_missing_agents(shared, where):
+    k = KILL_POINTS[where]
+    db_path = shared / f"{where}.sqlite"
+    cfg = shared / f"{where}.toml"
+    cfg.write_text(CONFIG.format(k=where, db=db_path, inventory=shared / "devices.toml"))
+    cmd = [sys.executable, "-m", "bench", "nightly", "--config", str(cfg), "--no-report"]
+    first, second = shared / f"{where}-1.log", shared / f"{where}-2.log"
+    _kill_at(cmd, shared, first, k)
+
+    before = _rows(db_path)
+    with sqlite3.connect(db_path) as db:
+        (run_id, status), = db.execute("select id, status from runs").fetchall()
+    assert status == "running"
+    assert len(before) == k - 1           # every run before the k-th stored, the k-th killed
+
+    done = subprocess.run(cmd, cwd=shared, env=_env(second), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode in (0, 4), done.stdout[-3000:] + done.stderr[-3000:]
+    after = _rows(db_path)
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+        assert db.execute("select id, status from runs").fetchall() == [
+            (run_id, "ok" if done.returncode == 0 else "budget_missed")]
+        keys = db.execute("select count(distinct run_id || model || variant || device || "
+                          "runtime || kind || round), count(*) from measurements").fetchone()
+        kinds = dict(db.execute("select kind, count(*) from measurements group by kind"))
+        sha_of = dict(db.execute("select id, artifact_sha256 from measurements"))
+    assert keys[0] == keys[1], "duplicate rows"
+    assert {i: after[i] for i in before} == before, "a row stored before the kill changed"
+    assert kinds["bench"] == 4 and kinds["profile"] == 4 and kinds["search"] >= 14
+
+    # every measuring agent the rerun started made one new row, and no new row came without
+    # one: the rerun measured exactly what was missing (the debug run on the pick is the one
+    # start that stores no measurement, so starts count only artifacts that were measured)
+    measured = set(sha_of.values())
+    reruns = Counter(s for s in map(_sha, (a for _, a in _starts(second))) if s in measured)
+    new = Counter(sha_of[i] for i in after if i not in before)
+    assert reruns == new
+    assert sum(new.values()) == len(after) - len(before) > 0
+    first_starts = len(_starts(first))
+    assert first_starts == k
