@@ -126,6 +126,9 @@ class SSHDevice:
             if "known_hosts" in str(e):
                 raise DeviceError("hostkey", f"{self.name}: host {self.host}:{self.port} is "
                                   "not in known_hosts: refused") from e
+            if not getattr(client.get_transport(), "remote_version", ""):   # a mute host
+                raise DeviceError("unreachable", f"{self.name}: {self.host}:{self.port} sent no "
+                                  f"SSH banner within {t:g} s") from e
             raise DeviceError("unreachable", f"{self.name}: SSH handshake failed: {e}") from e
         except FileNotFoundError as e:
             raise DeviceError("auth", f"{self.name}: key file {self.key_file} not found") from e

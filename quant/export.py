@@ -57,6 +57,7 @@ from torch import nn
 from .artifact import Artifact
 from .spec import BitConfig, LayerPrecision, QuantSpec, SpecError, parse_variant
 from .transform import QuantLayer, _set_module, fold_bn, has_batchnorm, quant_layers
+from .zeroq import weights_sha256
 
 FORMAT_QDQ, FORMAT_FP32 = "onnx-qdq", "onnx-fp32"
 TARGETS = ("cpu", "tensorrt", "torch")
@@ -696,15 +697,6 @@ def _ort_deviation(path: Path, ref: Path) -> float | None:
         return max(float(np.abs(g - r[f"output:{i}"]).max()) for i, g in enumerate(got))
 
 
-def _weights_hash(net: nn.Module) -> str:
-    """The float weights are part of the cache key: a retrained model is a new artifact."""
-    h = hashlib.sha256()
-    for name, t in sorted(net.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu", *,
                    calib: str = "minmax", granularity: str = "channel", group_size: int = 128,
                    repairs=(), seed: int = 0, calib_data: str = "real",
@@ -739,7 +731,7 @@ def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu"
                 "export_version": EXPORT_VERSION}
     entry = load_model(ref)
     net = entry.build().eval()
-    settings["float_weights_sha256"] = _weights_hash(net)
+    settings["float_weights_sha256"] = weights_sha256(net)
     if calib_data != "real":
         settings["calib_data"] = calib_data
     if calib_data == "distilled":

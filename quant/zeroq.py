@@ -136,7 +136,7 @@ def distill(model: nn.Module, n: int = 32, input_shape: Sequence[int] | None = N
     if objective not in OBJECTIVES:
         raise SpecError(f"unknown distillation objective {objective!r} (use "
                         f"{', '.join(OBJECTIVES)})")
-    key = (_weights_key(model), n, tuple(shape), iters, lr, seed, patience, min_lr, input_mean,
+    key = (weights_sha256(model), n, tuple(shape), iters, lr, seed, patience, min_lr, input_mean,
            input_std, objective)
     if key not in _DISTILLED:
         _DISTILLED[key] = _distill(model, n, shape, iters, lr, seed, patience, min_lr,
@@ -149,7 +149,9 @@ def distill(model: nn.Module, n: int = 32, input_shape: Sequence[int] | None = N
 _DISTILLED: dict[tuple, torch.Tensor] = {}
 
 
-def _weights_key(model: nn.Module) -> str:
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over the model's state (names and tensors): the identity of its weights, in
+    the distillation memo here and in the export's cache key (a retrained model is new)."""
     import hashlib
 
     h = hashlib.sha256()
