@@ -361,7 +361,7 @@ def run(args) -> dict:
                                         args.runtime))
         else:
             result.update(_timed_run(lambda: loaded.run(feeds), loaded, protocol))
-        if args.eval:
+        if getattr(args, "eval", None):   # host-side callers may pass a bare Namespace
             result["accuracy"] = evaluate(loaded, args.eval)
         if loaded.kernels is not None:
             result["kernels"] = loaded.kernels()
