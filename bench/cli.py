@@ -86,6 +86,28 @@ def model_ref(args):
                     preprocess=args.preprocess)
 
 
+def add_runtime_option_argument(p) -> None:
+    p.add_argument("--runtime-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine setting of the runtime (hilq runtimes lists them); "
+                        "repeatable")
+
+
+def runtime_options(args) -> dict:
+    """`--runtime-option key=value`s, checked against the runtime's declared OPTIONS."""
+    from devices.runtimes import check_options
+
+    given = {}
+    for item in args.runtime_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--runtime-option {item!r}: expected KEY=VALUE")
+        given[key.strip()] = value.strip()
+    try:
+        return check_options(args.runtime, given)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def _module(name: str):
     return importlib.import_module(f"bench.cmd_{name}")
 

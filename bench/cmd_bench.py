@@ -8,20 +8,29 @@ from __future__ import annotations
 import json
 from dataclasses import fields
 
-from bench.cli import UserError, add_model_arguments, model_ref
+from bench.cli import (
+    UserError,
+    add_model_arguments,
+    add_runtime_option_argument,
+    model_ref,
+    runtime_options,
+)
 from bench.runner import bench_variants
 from devices import inventory
 from devices.measurement import Protocol
 from devices.runtimes import NAMES
+from devices.scenario import SCENARIOS
 from quant.artifact import Artifact
 
 # Protocol fields settable from the command line: --min-iters, --min-duration-s, ...
 _PROTOCOL_FLAGS = ("warmup_iters", "warmup_s", "min_iters", "min_duration_s", "max_iters",
-                   "max_duration_s", "batch", "threads", "mode", "power", "idle_s", "seed")
+                   "max_duration_s", "batch", "threads", "mode", "power", "idle_s", "seed",
+                   "scenario", "target_qps", "target_latency_ms", "samples_per_query",
+                   "min_queries")
 _REPORTED = ("variant", "device", "runtime", "status", "failure", "reason", "latency_ms",
              "throughput", "energy_j_per_inference", "facts", "model", "power", "load",
              "rounds", "protocol", "artifact_sha256", "harness_overhead_ms", "kernels",
-             "device_latency_ms", "outputs_check", "timing", "accuracy")
+             "device_latency_ms", "outputs_check", "timing", "accuracy", "memory", "scenario")
 
 
 def add_arguments(p):
@@ -39,11 +48,14 @@ def add_arguments(p):
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     p.add_argument("--reference", help=".npz of input:/output: arrays for the answer check")
     p.add_argument("--affinity", help="CPU ids to pin the agent to, e.g. 0,1")
+    add_runtime_option_argument(p)
     defaults = Protocol()
+    helps = {"scenario": "an MLPerf scenario run through LoadGen after hilq's own timing: "
+                         + ", ".join(SCENARIOS) + " (default: none)"}
     for name in _PROTOCOL_FLAGS:
         kind = type(getattr(defaults, name))
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                       help=f"protocol {name} (default {getattr(defaults, name)})")
+                       help=helps.get(name, f"protocol {name} (default {getattr(defaults, name)})"))
     p.add_argument("--db", "--store", dest="db", metavar="URL|PATH",
                    help="results store (SQLite path or database URL; default $HILQ_DB or "
                         "results/hilq.sqlite)")
@@ -76,6 +88,9 @@ def _protocol(args) -> Protocol:
             raise UserError(f"--affinity {args.affinity!r}: expected CPU ids, e.g. 0,1") from None
     if values.get("mode", "latency") not in ("latency", "throughput"):
         raise UserError(f"--mode {values['mode']!r}: use latency or throughput")
+    if values.get("scenario", "") not in ("", *SCENARIOS):
+        raise UserError(f"--scenario {values['scenario']!r}: use {', '.join(SCENARIOS)}")
+    values["runtime_options"] = runtime_options(args)
     assert {f.name for f in fields(Protocol)} >= set(values)
     return Protocol.from_dict(values)
 
@@ -134,10 +149,34 @@ def run(args) -> int:
               + (f"  {m.failure}: {m.reason}" if not m.ok else ""))
         if m.ok and m.reason:
             print(f"{'':21} note: {m.reason}")
+        if m.scenario:
+            print(f"{'':21} {scenario_line(m)}")
     if args.json_out:
         out = {"measurements": [{k: m.to_dict()[k] for k in _REPORTED} for m in ms]}
         for row in out["measurements"]:
             row["accuracy"] = accuracy_json(row["accuracy"])
         with open(args.json_out, "w") as fh:
             json.dump(out, fh, indent=2, default=str)
-    return 0 if all(m.ok for m in ms) else 1
+    invalid = [m for m in ms if m.scenario and not m.scenario.get("valid")]
+    if invalid:
+        print(f"LoadGen judged {len(invalid)} scenario run(s) INVALID: "
+              + "; ".join(f"{m.variant}: {', '.join(m.scenario.get('reasons') or ['?'])}"
+                          for m in invalid))
+    return 0 if all(m.ok for m in ms) and not invalid else 1
+
+
+def scenario_line(m) -> str:
+    """One line of LoadGen's verdict, beside hilq's own figure it should agree with."""
+    sc = m.scenario
+    v, unit = sc.get("value"), sc.get("unit")
+    fig = f"{v:.3f} ms" if unit == "ms" and v is not None else \
+        f"{v:.1f} samples/s" if v is not None else "-"
+    line = f"LoadGen {sc.get('scenario')}: {sc.get('result')}, {sc.get('metric')} {fig}"
+    own = (m.latency_ms or {}).get("p90")
+    if sc.get("scenario") == "single-stream" and own and v:
+        line += f" (hilq p90 {own:.3f} ms, {100 * (v - own) / own:+.1f}%)"
+    if sc.get("early_stopping_ms"):
+        line += f", early-stopping estimate {sc['early_stopping_ms']:.3f} ms"
+    if not sc.get("valid"):
+        line += f": {'; '.join(sc.get('reasons') or [])}"
+    return line

@@ -22,7 +22,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .cli import UserError, add_model_arguments, model_ref
+from .cli import (
+    UserError,
+    add_model_arguments,
+    add_runtime_option_argument,
+    model_ref,
+    runtime_options,
+)
 
 GAP_DB = 1.0   # engine vs simulation agreement asked of every layer
 
@@ -37,6 +43,7 @@ def add_arguments(p) -> None:
     p.add_argument("--runtime", default="ort", choices=NAMES,
                    help="engine that runs the debug copy (ort or openvino; default ort)")
     p.add_argument("--inventory", help="devices.toml (not needed for --device local)")
+    add_runtime_option_argument(p)
     p.add_argument("--no-engine", action="store_true", help="simulation only, no device run")
     p.add_argument("--samples", type=int, default=64, help="test inputs compared (default 64)")
     p.add_argument("--calib", default="minmax", help="activation calibration method")
@@ -82,7 +89,8 @@ def _artifact(args, out: Path):
                        input_shape=parse_shape(args.input_shape), preprocess=args.preprocess)
         return art, ref
     repairs = tuple(r.strip() for r in args.repair.split(",") if r.strip())
-    art = build_artifact(model_ref(args), args.variant, out, target_for(args.runtime),
+    target, device = target_for(args.runtime)
+    art = build_artifact(model_ref(args), args.variant, out, target, device=device,
                          calib=args.calib, granularity=args.granularity,
                          group_size=args.group_size, repairs=repairs, seed=args.seed,
                          calib_data=args.calib_data)
@@ -98,7 +106,8 @@ def _engine(args, dbg, taps, arrays, out: Path, model: str, data_name: str):
     ev = evalset.write(out, arrays, model, data_name)
     device = inventory.open_device(args.device, inventory.load(args.inventory))
     protocol = Protocol(warmup_iters=1, warmup_s=0.0, min_iters=1, min_duration_s=0.0,
-                        idle_s=0.0)   # timing is not the point: one pass, then the eval set
+                        idle_s=0.0,   # timing is not the point: one pass, then the eval set
+                        runtime_options=runtime_options(args))
     try:
         return device.run(dbg, protocol, args.runtime, evalset=ev), ev
     finally:
@@ -145,7 +154,7 @@ def debug(args, out: Path) -> tuple[dict, int]:
               "device": None if args.no_engine else args.device,
               "n": len(x), "artifact": art.path, "artifact_sha256": art.sha256,
               "debug_artifact_sha256": dbg.sha256, "status": "simulated", "notes": notes}
-    code, engine = 0, None
+    code, engine, flags = 0, None, None
     if not args.no_engine:
         arrays = qd.evalset_arrays(cap, taps, m["input_name"], len(m.get("output_names") or [1]),
                                    labels)
@@ -157,19 +166,31 @@ def debug(args, out: Path) -> tuple[dict, int]:
         result.update({k: acc.get(k) for k in ("top1", "agreement_fp32", "sqnr_db")})
         if meas.ok and acc.get("outputs"):
             engine = qd.engine_rows(taps, acc["outputs"])
+            flags = result["cpu_flags"] = ((meas.facts or {}).get("cpu") or {}).get("flags")
         else:
             code = 1
             notes.append(f"engine run failed: {meas.failure}: {meas.reason}")
     rows = qd.merge(sim, engine, info)
     result["layers"] = rows
     result["culprits"] = qd.culprits(rows)
-    notes += _gap_notes(rows)
+    notes += _gap_notes(rows, args.runtime if engine is not None else None, flags)
     return result, code
 
 
-def _gap_notes(rows: list[dict]) -> list[str]:
+def _saturates(runtime: str | None, flags: dict | None) -> bool:
+    """ONNX Runtime on an x86 CPU with AVX2 but no VNNI multiplies u8×s8 with VPMADDUBSW,
+    which sums each pair of products in int16 with saturation (ORT's quantization guide:
+    'reduce_range or the U8U8 format' avoids it); VNNI sums in int32."""
+    f = flags or {}
+    return runtime == "ort" and bool(f.get("avx2")) and not (
+        f.get("avx512_vnni") or f.get("avx_vnni") or f.get("amx_int8"))
+
+
+def _gap_notes(rows: list[dict], runtime: str | None = None,
+               flags: dict | None = None) -> list[str]:
     """Layers whose engine and simulated SQNR differ by more than GAP_DB, grouped by what the
-    deployed-graph simulation (`sqnr_db_deployed_sim`) says about them."""
+    deployed-graph simulation (`sqnr_db_deployed_sim`) says about them, and by what the
+    device's CPU says about the rest."""
     over = [r for r in sorted(rows, key=lambda r: r["index"])
             if r.get("gap_db") is not None and abs(r["gap_db"]) > GAP_DB]
     dep = lambda r: r.get("sqnr_db_deployed_sim")  # noqa: E731
@@ -186,10 +207,14 @@ def _gap_notes(rows: list[dict]) -> list[str]:
                    "a residual Add, the skip operand)")
     for r in over:
         if r not in explained:
+            why = ("the engine's own arithmetic: this CPU has AVX2 without VNNI, where "
+                   "ONNX Runtime sums u8×s8 product pairs in int16 with saturation "
+                   "(VPMADDUBSW); 7-bit weights (reduce_range) or a VNNI CPU avoid it"
+                   if _saturates(runtime, flags) else
+                   "the engine's own arithmetic (kernels, fusions, saturation)")
             out.append(f"{r['layer']}: engine {r['sqnr_db']:.2f} dB vs simulated "
                        f"{r['sqnr_db_simulated']:.2f} dB ({r['gap_db']:+.2f}), not explained "
-                       "by the exported graph's Q nodes: the engine's own arithmetic "
-                       "(kernels, fusions, saturation)")
+                       f"by the exported graph's Q nodes: {why}")
     return out
 
 

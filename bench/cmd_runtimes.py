@@ -1,4 +1,5 @@
-"""`hilq runtimes`: the runtimes available on this machine, their versions and precisions.
+"""`hilq runtimes`: the runtimes available on this machine, their versions, precisions, the
+artifact each consumes and the engine settings it takes (`--runtime-option key=value`).
 
     hilq runtimes [--json OUT]
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from devices.runtimes import NAMES, module_name
@@ -23,10 +25,14 @@ def add_arguments(parser) -> None:
 
 
 def probe(name: str) -> dict:
-    """{name, available, version, precisions, reason} for one runtime."""
+    """{name, available, version, precisions, consumes, options, reason} for one runtime."""
     row = {"name": name, "available": False, "version": None, "precisions": {}, "reason": None}
     try:
         mod = importlib.import_module(f"devices.runtimes.{module_name(name)}")
+        row["consumes"] = asdict(mod.CONSUMES)
+        row["options"] = {k: {"type": o.type.__name__, "default": o.default, "help": o.help,
+                              **({"choices": list(o.choices)} if o.choices else {})}
+                          for k, o in mod.OPTIONS.items()}
         row["precisions"] = mod.precisions()
         row["version"] = mod.version()
         row["available"] = True
@@ -45,14 +51,25 @@ def run(args) -> int:
     from rich.table import Table
 
     table = Table(title="Runtimes on this machine")
-    for col in ("runtime", "version", "conv", "linear"):
+    for col in ("runtime", "version", "conv", "linear", "consumes"):
         table.add_column(col)
     for r in rows:
+        c = r.get("consumes") or {}
+        what = f"{c.get('format')} ({c.get('activations')}, {c.get('device')})" if c else ""
         if r["available"]:
             p = r["precisions"]
             table.add_row(r["name"], r["version"], ", ".join(p.get("conv", [])),
-                          ", ".join(p.get("linear", [])))
+                          ", ".join(p.get("linear", [])), what)
         else:
-            table.add_row(r["name"], f"[dim]{r['reason']}[/dim]", "", "")
-    cli_console().print(table)
+            table.add_row(r["name"], f"[dim]{r['reason']}[/dim]", "", "", what)
+    out = cli_console()
+    out.print(table)
+    opts = Table(title="Runtime options (--runtime-option KEY=VALUE)")
+    for col in ("runtime", "option", "type", "default", "what"):
+        opts.add_column(col)
+    for r in rows:
+        for k, o in (r.get("options") or {}).items():
+            kind = o["type"] + (f": {' | '.join(map(str, o['choices']))}" if o.get("choices") else "")
+            opts.add_row(r["name"], k, kind, repr(o["default"]), o["help"])
+    out.print(opts)
     return 0

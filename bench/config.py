@@ -47,6 +47,9 @@ class Bench(_ModelDoor):
     input_shape: tuple[int, ...] | None = None
     preprocess: str | None = None
     calib_data: str = "real"      # real | distilled | noise, for the INT8 variants
+    # runtime -> its engine settings, e.g. {"openvino": {"hint": "throughput"}} (checked
+    # against the runtime's declared OPTIONS)
+    runtime_options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,25 @@ def _door(where: str, d: dict, base: Path) -> dict:
     return out
 
 
+def _runtime_options(where: str, b: dict, runtimes: tuple[str, ...]) -> dict:
+    from devices.runtimes import check_options
+
+    given = b.get("runtime_options", {})
+    if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
+        raise ConfigError(f"{where}.runtime_options: a table per runtime, e.g. "
+                          "runtime_options = {{ openvino = {{ hint = \"throughput\" }} }}")
+    out = {}
+    for runtime, opts in given.items():
+        if runtime not in runtimes:
+            raise ConfigError(f"{where}.runtime_options.{runtime}: not one of this entry's "
+                              f"runtimes ({', '.join(runtimes)})")
+        try:
+            out[runtime] = check_options(runtime, opts)
+        except ValueError as e:
+            raise ConfigError(f"{where}.runtime_options.{runtime}: {e}") from None
+    return out
+
+
 def parse(d: dict, source: str = "") -> Config:
     top = _names(Config) - {"protocol", "bench", "search", "source"}
     base = Path(source).resolve().parent if source else Path.cwd()
@@ -182,11 +204,12 @@ def parse(d: dict, source: str = "") -> Config:
         for v in variants:
             parse_variant(v)
         door = {k: b[k] for k in ("data", "input_shape", "preprocess", "calib_data") if k in b}
+        runtimes = _tuple(f"{where}.runtimes", b.get("runtimes", ["ort"]))
         benches.append(Bench(**{"model": b["model"], **door, **_door(where, b, base)},
                              variants=variants,
                              devices=_tuple(f"{where}.devices", b.get("devices", ["local"])),
-                             runtimes=_tuple(f"{where}.runtimes", b.get("runtimes", ["ort"])),
-                             accuracy=bool(b.get("accuracy", True))))
+                             runtimes=runtimes, accuracy=bool(b.get("accuracy", True)),
+                             runtime_options=_runtime_options(where, b, runtimes)))
     searches = []
     for i, s in enumerate(d.get("search", [])):
         where = f"search[{i}]"

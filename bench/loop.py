@@ -139,7 +139,10 @@ def choose(model: LatencyModel, sensitivity: Mapping[tuple[str, str], float], bu
         return table.total(cfg, "sensitivity")
 
     best, best_margin = None, 0.0
-    obs = list((measured or {}).values())
+    # one verdict per configuration, from all its measurements: judged one at a time, the
+    # one that happened to read low (an earlier night's, say) admits a configuration its
+    # newer measurements put over the budget, and the loop picks it again and again
+    obs = pooled((measured or {}).values())
     # the fastest measured uniform configuration is the floor the budget was resolved from: at or
     # above its measured latency a budget is never refused (re-measuring it decides)
     floor = min((o for o in obs if len(set(o.config.values())) == 1),
@@ -179,6 +182,31 @@ def choose(model: LatencyModel, sensitivity: Mapping[tuple[str, str], float], bu
         return None, margin, (f"no configuration is predicted under {budget_ms:.3g} ms with "
                               f"{_confidence(z)} confidence")
     return best, best_margin, ""
+
+
+def pooled(observations) -> list[Observation]:
+    """One Observation per configuration: the random-effects (DerSimonian–Laird) mean of its
+    measurements. Measurements from different processes and nights disagree by more than
+    each one's own error says; the between-measurement variance τ² they show is added to
+    every one's, so one confident low reading cannot outvote the rest."""
+    groups: dict[tuple, list[Observation]] = {}
+    for ob in observations:
+        groups.setdefault(tuple(sorted(ob.config.items())), []).append(ob)
+    out = []
+    for obs in groups.values():
+        if len(obs) == 1:
+            out.append(obs[0])
+            continue
+        x = [o.latency_ms for o in obs]
+        w = [1.0 / max(o.se_ms, 1e-9) ** 2 for o in obs]
+        fixed = sum(wi * xi for wi, xi in zip(w, x)) / sum(w)
+        q = sum(wi * (xi - fixed) ** 2 for wi, xi in zip(w, x))
+        tau2 = max(0.0, (q - (len(x) - 1)) / (sum(w) - sum(wi * wi for wi in w) / sum(w)))
+        w = [1.0 / (max(o.se_ms, 1e-9) ** 2 + tau2) for o in obs]
+        mean = sum(wi * xi for wi, xi in zip(w, x)) / sum(w)
+        out.append(Observation(obs[0].config, mean, sum(w) ** -0.5,
+                               "+".join(o.name for o in obs)))
+    return out
 
 
 def _confidence(z: float) -> str:

@@ -15,7 +15,7 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from devices import inventory
@@ -82,6 +82,11 @@ def series_mde(cfg: Config, store, run_id: str, key: tuple, tonight: list[float]
             sigma, m)
 
 
+def protocol_for(cfg: Config, b, runtime: str):
+    """The night's protocol with this entry's settings of `runtime`'s engine."""
+    return replace(cfg.protocol, runtime_options=b.runtime_options.get(runtime, {}))
+
+
 def _adaptive_rounds(cfg: Config, store, run_id, device, b, runtime, arts, per, say,
                      budget_s: float) -> tuple[dict, float]:
     """More rounds for the series that cannot yet see `cfg.detect`, alternating among them,
@@ -105,7 +110,8 @@ def _adaptive_rounds(cfg: Config, store, run_id, device, b, runtime, arts, per, 
         say(f"{b.model} on {device.name}/{runtime}: round {k + 1} for {', '.join(lagging)} "
             f"(cannot yet see {cfg.detect:.0%})")
         more = runner.measure_artifacts(device, runtime, b.model, {n: arts[n] for n in lagging},
-                                        cfg.protocol, rounds=k + 1, store=store, run_id=run_id,
+                                        protocol_for(cfg, b, runtime), rounds=k + 1,
+                                        store=store, run_id=run_id,
                                         kind="bench", on_result=say)
         per = {**per, **more}
         k += 1
@@ -118,7 +124,8 @@ def _bench_device(cfg: Config, store, run_id: str, device, tasks: list[tuple[Ben
     left = cfg.detect_budget_s          # one budget of extra rounds per device and night
     for b, runtime, arts in tasks:
         try:
-            per = runner.measure_artifacts(device, runtime, b.model, arts, cfg.protocol,
+            per = runner.measure_artifacts(device, runtime, b.model, arts,
+                                           protocol_for(cfg, b, runtime),
                                            rounds=cfg.rounds, store=store, run_id=run_id,
                                            kind="bench", on_result=say)
         except DeviceError as e:
@@ -137,6 +144,10 @@ def _bench_device(cfg: Config, store, run_id: str, device, tasks: list[tuple[Ben
             if not m.ok:
                 failures.append((f"{b.model} {name} on {device.name}/{runtime}",
                                  f"{m.failure}: {m.reason}"))
+            elif m.scenario and not m.scenario.get("valid"):
+                failures.append((f"{b.model} {name} on {device.name}/{runtime} "
+                                 f"{m.scenario.get('scenario')}", "LoadGen INVALID: "
+                                 + "; ".join(m.scenario.get("reasons") or [])))
     return rows, failures
 
 

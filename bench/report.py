@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 SECTIONS = ("Summary", "Latency distribution", "Accuracy on the device", "Accuracy vs latency",
-            "Energy per inference",
+            "Energy per inference", "Memory", "MLPerf scenarios (LoadGen)",
             "Bit allocation", "Predicted vs measured latency",
             "Per-layer error of the searched configuration", "Nightly trends", "Regressions",
             "Devices and versions")
@@ -351,6 +351,57 @@ def _energy(sec, results) -> None:
                 (r.ok_rows[0]["power"] or {}).get("meter", "–")] for r, e in have])
 
 
+def _first(r: Result, field: str) -> dict:
+    """A Measurement field kept in the store's `extra` (memory, scenario), first round's."""
+    return next(((x.get("extra") or {}).get(field) for x in r.ok_rows
+                 if (x.get("extra") or {}).get(field)), {})
+
+
+def _memory(sec, results) -> None:
+    have = [(r, _first(r, "memory")) for r in results]
+    have = [(r, m) for r, m in have if m]
+    if not have:
+        sec.p("No memory figures in this run (measured by agents before this version).")
+        return
+    sec.p("Peak resident memory of the agent process (MiB): while loading the artifact and in "
+          "the timed window on its own (the peak is reset between phases), beside the "
+          "artifact's size on disk. The engine's own figures where it reports them.")
+    sec.table(["model", "variant", "device", "runtime", "artifact MiB", "load peak",
+               "timed peak", "loading added", "engine"],
+              [[r.model, r.variant, r.device, r.runtime, fmt(m.get("artifact_mb")),
+                fmt(r.median_of("load_peak_mb")), fmt(r.median_of("timed_peak_mb")),
+                fmt(m.get("load_delta_mb")), _kv(m.get("engine") or {}) or "–"]
+               for r, m in have])
+
+
+def _scenarios(sec, results) -> None:
+    have = [(r, _first(r, "scenario")) for r in results]
+    have = [(r, sc) for r, sc in have if sc]
+    if not have:
+        sec.p("No MLPerf scenario in this run (`--scenario`, or `scenario` in the protocol).")
+        return
+    sec.p("Each scenario run by MLPerf LoadGen in the same agent process, right after hilq's "
+          "own single-stream timing of the same artifact; LoadGen's verdict is its own.")
+    invalid = [(r, sc) for r, sc in have if not sc.get("valid")]
+    for r, sc in invalid:
+        sec.alert(f"INVALID: {r.model} {r.variant} on {r.device}/{r.runtime}, "
+                  f"{sc.get('scenario')}: {'; '.join(sc.get('reasons') or ['no reason given'])}")
+    rows = []
+    for r, sc in have:
+        own, lat = r.stat("p90"), sc.get("latency_ms") or {}
+        agree = (f"{100 * (lat['p90'] - own) / own:+.1f}%" if own and lat.get("p90")
+                 and sc.get("scenario") == "single-stream" else "–")
+        value = sc.get("value")
+        rows.append([r.model, r.variant, f"{r.device}/{r.runtime}", sc.get("scenario"),
+                     sc.get("result"), sc.get("metric"),
+                     fmt(value) + (" ms" if sc.get("unit") == "ms" else ""),
+                     fmt(lat.get("p90")), fmt(own), agree, fmt(sc.get("qps")),
+                     sc.get("query_count"), fmt(sc.get("early_stopping_ms"))])
+    sec.table(["model", "variant", "device", "scenario", "LoadGen", "metric", "value",
+               "LoadGen p90 ms", "hilq p90 ms", "LoadGen vs hilq", "samples/s", "queries",
+               "early-stop est. ms"], rows)
+
+
 def _allocation(sec, allocs) -> None:
     from matplotlib.figure import Figure
 
@@ -626,6 +677,8 @@ def render(store, run: str | None = "latest", out_dir: str | Path | None = None)
     _device_accuracy(s["Accuracy on the device"], results, regs)
     _accuracy(s["Accuracy vs latency"], results, acc, allocs)
     _energy(s["Energy per inference"], results)
+    _memory(s["Memory"], results)
+    _scenarios(s["MLPerf scenarios (LoadGen)"], results)
     _allocation(s["Bit allocation"], allocs)
     _predicted(s["Predicted vs measured latency"], allocs)
     _debug(s["Per-layer error of the searched configuration"], allocs)

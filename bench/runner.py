@@ -12,7 +12,7 @@ import contextlib
 import statistics
 import tempfile
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from devices import stats
@@ -21,8 +21,12 @@ from quant import evalset
 from quant.artifact import Artifact
 
 
-def target_for(runtime: str) -> str:
-    return {"tensorrt": "tensorrt", "torch": "torch", "torch-cuda": "torch"}.get(runtime, "cpu")
+def target_for(runtime: str) -> tuple[str, str]:
+    """(export target, device) of the artifact `runtime` consumes: its own declaration."""
+    from devices.runtimes import declaration
+
+    consumes = declaration(runtime)[0]
+    return consumes.target, consumes.device
 
 
 def artifact_for(model, variant, out_dir, runtime: str = "ort", seed: int = 0,
@@ -33,7 +37,8 @@ def artifact_for(model, variant, out_dir, runtime: str = "ort", seed: int = 0,
         return variant
     from quant.export import build_artifact
 
-    return build_artifact(model, variant, out_dir, target=target_for(runtime), seed=seed,
+    target, device = target_for(runtime)
+    return build_artifact(model, variant, out_dir, target=target, device=device, seed=seed,
                           calib_data=calib_data)
 
 
@@ -65,6 +70,9 @@ def with_simulated(accuracy: dict, manifest: dict) -> dict:
     return out
 
 
+_FIELDS = {f.name for f in fields(Measurement)}
+
+
 def _stored(store, run_id: str, kind: str, model: str, device: str, runtime: str
             ) -> dict[tuple[str, int], Measurement]:
     """(variant, round) -> Measurement already stored in this run: what a resumed run skips."""
@@ -73,6 +81,7 @@ def _stored(store, run_id: str, kind: str, model: str, device: str, runtime: str
         if (r["model"], r["device"], r["runtime"]) != (model, device, runtime):
             continue
         out[(r["variant"], r["round"])] = Measurement(
+            **{k: v for k, v in (r.get("extra") or {}).items() if k in _FIELDS},
             model=r["model"], variant=r["variant"], device=r["device"], runtime=r["runtime"],
             status=r["status"], reason=r["reason"], failure=r["failure"],
             latency_ms=r["latency"] or {}, samples_ms=r["samples_ms"] or [],
@@ -123,7 +132,9 @@ def measure_artifacts(device, runtime: str, model: str, arts: dict[str, Artifact
             ref, rtol, atol = (reference, 1e-3, 1e-4) if reference else reference_for(art)
             # accuracy once per variant (the engine is deterministic), until a round gives it
             ev = None if any(d.accuracy for d in done) else evalset.load(art)
-            m = device.run(art, protocol, runtime, reference=ref, rtol=rtol, atol=atol,
+            # and the LoadGen scenario once per variant, after a round of hilq's own timing
+            proto = replace(protocol, scenario="") if any(d.scenario for d in done) else protocol
+            m = device.run(art, proto, runtime, reference=ref, rtol=rtol, atol=atol,
                            **({"evalset": ev} if ev is not None else {}))
             m = replace(m, model=model or m.model, variant=name,
                         accuracy=with_simulated(m.accuracy, art.manifest))
@@ -173,6 +184,18 @@ def profile_artifacts(device, runtime: str, model: str, arts: dict[str, Artifact
     return out
 
 
+def _peaks(runs: list[Measurement]) -> dict:
+    """A variant's memory over its rounds: the largest of each figure (one agent process
+    each round, so a peak is a peak of one process)."""
+    keys = {k for m in runs for k, v in (m.memory or {}).items() if isinstance(v, (int, float))
+            and not isinstance(v, bool)}
+    out = {k: max(m.memory[k] for m in runs if isinstance((m.memory or {}).get(k), (int, float)))
+           for k in keys}
+    first = next((m.memory for m in runs if m.memory), {})
+    out.update({k: v for k, v in first.items() if k not in out})
+    return out
+
+
 def combine(runs: list[Measurement], seed: int = 0) -> Measurement:
     """One Measurement from a variant's rounds: pooled samples, spread of p50 across rounds."""
     first = runs[0]
@@ -194,6 +217,8 @@ def combine(runs: list[Measurement], seed: int = 0) -> Measurement:
     return replace(
         first, latency_ms=stats.summarize(samples, seed), samples_ms=samples,
         accuracy=next((m.accuracy for m in runs if m.accuracy), {}),
+        scenario=next((m.scenario for m in runs if m.scenario), {}),
+        memory=_peaks(runs),
         throughput=statistics.mean(m.throughput for m in runs if m.throughput),
         energy_j_per_inference=(statistics.mean(energies) if None not in energies else None),
         status="degraded" if any(m.status == "degraded" for m in runs) else "ok",

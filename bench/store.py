@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy import Column, Float, ForeignKey, Integer, String, Table, Text, UniqueConstraint
 
 DEFAULT_PATH = Path("results") / "hilq.sqlite"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 RESUME_WITHIN_H = 12.0      # an unfinished run older than this is not resumed by a new one
 RUN_STATUSES = ("running", "ok", "failed", "regressed", "interrupted", "budget_missed")
 
@@ -115,6 +115,13 @@ measurements = Table(
     # JSON, device top-1 / agreement with FP32 as numbers to query, and the set's sha256
     Column("accuracy", Text), Column("top1", Float), Column("agreement_fp32", Float),
     Column("eval_sha256", String(64)),
+    # peak resident memory of the agent while loading and in the timed window (schema v4);
+    # all of the agent's memory figures are in `extra` (Measurement.memory)
+    Column("load_peak_mb", Float), Column("timed_peak_mb", Float),
+    # an MLPerf scenario run by LoadGen (schema v4): its name, VALID or not, and its metric;
+    # LoadGen's whole result, its summary log included, is in `extra` (Measurement.scenario)
+    Column("scenario", String(16)), Column("scenario_valid", sa.Boolean),
+    Column("scenario_value", Float),
     Column("artifact_sha256", String(64)),
     Column("created", String(32)),
     UniqueConstraint("run_id", "model", "variant", "device", "runtime", "kind", "round",
@@ -204,6 +211,10 @@ MIGRATIONS: list[tuple[int, str, object]] = [
     (3, "measurements.accuracy, top1, agreement_fp32, eval_sha256", lambda c: [c.execute(
         sa.text(f"ALTER TABLE measurements ADD COLUMN {col}")) for col in (
             "accuracy TEXT", "top1 FLOAT", "agreement_fp32 FLOAT", "eval_sha256 VARCHAR(64)")]),
+    (4, "measurements.load_peak_mb, timed_peak_mb, scenario, scenario_valid, scenario_value",
+     lambda c: [c.execute(sa.text(f"ALTER TABLE measurements ADD COLUMN {col}")) for col in (
+         "load_peak_mb FLOAT", "timed_peak_mb FLOAT", "scenario VARCHAR(16)",
+         "scenario_valid BOOLEAN", "scenario_value FLOAT")]),
 ]
 
 
@@ -496,7 +507,12 @@ class Store:
                 extra=dumps(_extra_fields(m)), artifact_sha256=m.artifact_sha256,
                 accuracy=dumps(acc or None), top1=_num(acc.get("top1")),
                 agreement_fp32=_num(acc.get("agreement_fp32")),
-                eval_sha256=acc.get("eval_sha256"), created=now()))
+                eval_sha256=acc.get("eval_sha256"),
+                load_peak_mb=_num((m.memory or {}).get("load_peak_mb")),
+                timed_peak_mb=_num((m.memory or {}).get("timed_peak_mb")),
+                scenario=(m.scenario or {}).get("scenario"),
+                scenario_valid=(m.scenario or {}).get("valid"),
+                scenario_value=_num((m.scenario or {}).get("value")), created=now()))
 
     def _ensure_device(self, c: sa.Connection, name: str, facts: dict) -> str:
         did = device_id(name, facts)

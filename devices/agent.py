@@ -32,6 +32,11 @@ Exit codes (typed, so the host can tell failures apart even without the JSON):
     3  unsupported   — the runtime is not installed on this device (or cannot profile)
     4  runtime_error — the engine failed to load or run the artifact
     5  wrong_answer  — outputs differ from the reference beyond tolerance
+    6  timeout       — `--deadline-s` passed: the agent ended itself
+
+`--deadline-s S` ends the agent S seconds after it starts, whatever it is doing: the host
+kills a late agent through its pid file, but a host cut off by a silent partition cannot,
+and the agent must not run on, holding the device, after the host has given up on it.
 """
 
 from __future__ import annotations
@@ -39,26 +44,30 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
 if __package__:  # imported as devices.agent (host-side tools, tests)
-    from . import accuracy, power, stats, timing
+    from . import accuracy, memory, power, scenario, stats, timing
 else:  # run as a script, here or on a device: siblings are top-level modules
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import accuracy
+    import memory
     import power
+    import scenario
     import stats
     import timing
 
 EXIT_CODES = {"ok": 0, "agent_crash": 1, "bad_input": 2, "unsupported": 3,
-              "runtime_error": 4, "wrong_answer": 5}
+              "runtime_error": 4, "wrong_answer": 5, "timeout": 6}
 FAILURE_OF_EXIT = {v: k for k, v in EXIT_CODES.items()}
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "amx_tile",
              "fma", "f16c", "asimd", "asimddp", "i8mm", "sve")
@@ -334,10 +343,19 @@ def run(args) -> dict:
         rt_version = rt.version()
     except ImportError as e:
         raise Failure("unsupported", f"runtime {args.runtime} not available here: {e}") from e
+    if protocol.get("scenario"):
+        if protocol["scenario"] not in scenario.SCENARIOS:
+            raise Failure("bad_input", f"scenario {protocol['scenario']!r}: use "
+                          f"{', '.join(scenario.SCENARIOS)}")
+        if importlib.util.find_spec("mlperf_loadgen") is None:
+            raise Failure("unsupported", f"scenario {protocol['scenario']} needs MLPerf LoadGen "
+                          "on the device: pip install mlcommons-loadgen")
     facts = device_facts([args.runtime])
+    mem = memory.Tracker()     # resident memory: loading, then the timed window on its own
     try:
         scratch = {"scratch_dir": os.path.abspath(args.scratch)} if args.scratch else {}
         loaded = rt.load(args.artifact, {**protocol, **scratch})
+        mem.mark("load")
     except Exception as e:  # noqa: BLE001 — the engine's own error, typed
         raise Failure("runtime_error", f"{args.runtime} could not load the artifact: "
                       f"{type(e).__name__}: {e}") from e
@@ -356,11 +374,20 @@ def run(args) -> dict:
                               f"{check['max_abs_diff']:.3g}, rtol {args.rtol}, atol {args.atol})",
                               outputs_check=check, facts=facts)
         feeds = _inputs(loaded, int(protocol.get("seed", 0)))
+        mem.mark("setup")
         if profile_iters > 0:
             result.update(_profiled_run(loaded, feeds, protocol, profile_iters, manifest,
                                         args.runtime))
         else:
             result.update(_timed_run(lambda: loaded.run(feeds), loaded, protocol))
+        mem.mark("timed")
+        result["memory"] = {**mem.figures(loaded.memory() if loaded.memory else None),
+                            "artifact_mb": round(os.path.getsize(args.artifact) / 2**20, 3)}
+        if protocol.get("scenario") and profile_iters == 0:
+            est = (result.get("latency_ms") or {}).get("p50") or 1.0
+            result["scenario"] = scenario.run(
+                lambda: loaded.run(feeds), int(protocol.get("batch", 1)), protocol,
+                os.path.join(os.path.abspath(args.scratch or "."), "loadgen"), est)
         if getattr(args, "eval", None):   # host-side callers may pass a bare Namespace
             result["accuracy"] = evaluate(loaded, args.eval)
         if loaded.kernels is not None:
@@ -518,6 +545,21 @@ def _timed_run(fn, loaded, protocol: dict) -> dict:
     return out
 
 
+def _deadline(seconds: float, stdout) -> None:
+    """End this process `seconds` from now, with a `timeout` result, from a daemon thread
+    (the main thread may be inside the engine, where no signal handler runs)."""
+    def end():
+        stdout.write(json.dumps({"status": "failed", "failure": "timeout",
+                                 "reason": f"agent ended itself at its {seconds:.0f} s "
+                                           "deadline"}) + "\n")
+        stdout.flush()
+        os._exit(EXIT_CODES["timeout"])
+
+    t = threading.Timer(seconds, end)
+    t.daemon = True
+    t.start()
+
+
 def main(argv=None) -> int:
     stdout = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # anything the engine prints goes to stderr; stdout is ours alone
@@ -533,10 +575,13 @@ def main(argv=None) -> int:
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--eval", help="evaluation set .npz: accuracy on the device (accuracy.py)")
     p.add_argument("--scratch", help="folder for the engine's scratch files (default: $TMPDIR)")
+    p.add_argument("--deadline-s", type=float, help="end the agent after this many seconds")
     try:
         args = p.parse_args(argv)
     except SystemExit:
         return EXIT_CODES["bad_input"]
+    if args.deadline_s:
+        _deadline(args.deadline_s, stdout)
     code = 0
     try:
         if args.facts:

@@ -8,26 +8,35 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .agent import FAILURE_OF_EXIT
 from .measurement import Measurement, Protocol
 
+EXIT_FAILURES = {c: k for c, k in FAILURE_OF_EXIT.items() if c}  # the agent's exit codes
+
 HERE = Path(__file__).resolve().parent
-EXIT_FAILURES = {1: "agent_crash", 2: "bad_input", 3: "unsupported", 4: "runtime_error",
-                 5: "wrong_answer"}  # devices/agent.py's documented exit codes
 
 
 def files() -> list[tuple[Path, str]]:
     """(local file, path relative to the bundle dir on the device)."""
-    out = [(HERE / n, n) for n in ("agent.py", "accuracy.py", "stats.py", "timing.py", "power.py")]
+    out = [(HERE / n, n) for n in ("agent.py", "accuracy.py", "memory.py", "scenario.py",
+                                   "stats.py", "timing.py", "power.py")]
     out += [(p, f"runtimes/{p.name}") for p in sorted((HERE / "runtimes").glob("*.py"))]
     return out
 
 
+DEADLINE_GRACE_S = 10.0   # the agent's own deadline, past the host's: the host kills first
+
+
 def agent_args(artifact: str, protocol: str, runtime: str, reference: str | None = None,
-               rtol: float = 1e-3, atol: float = 1e-4, evalset: str | None = None) -> list[str]:
+               rtol: float = 1e-3, atol: float = 1e-4, evalset: str | None = None,
+               timeout_s: float | None = None) -> list[str]:
     # --scratch .: engine scratch files live in the session folder the device removes, so
-    # even an agent killed at a timeout leaves nothing behind
+    # even an agent killed at a timeout leaves nothing behind; --deadline-s: an agent the
+    # host cannot reach to kill (a partition) ends itself soon after the host gave up
     args = ["agent.py", "--artifact", artifact, "--protocol", protocol, "--runtime", runtime,
             "--scratch", "."]
+    if timeout_s:
+        args += ["--deadline-s", f"{timeout_s + DEADLINE_GRACE_S:.0f}"]
     if reference:
         args += ["--reference", reference, "--rtol", repr(rtol), "--atol", repr(atol)]
     if evalset:
@@ -38,7 +47,8 @@ def agent_args(artifact: str, protocol: str, runtime: str, reference: str | None
 def run_timeout(protocol: Protocol, margin_s: float = 120.0) -> float:
     """Longest a healthy run can take: warm-up, idle baseline, the measuring cap, plus
     margin for loading the engine (and warm-up counts on slow models)."""
-    return protocol.warmup_s + protocol.idle_s + protocol.max_duration_s + margin_s
+    scenario = protocol.max_duration_s if protocol.scenario else 0.0   # LoadGen's run after ours
+    return protocol.warmup_s + protocol.idle_s + protocol.max_duration_s + scenario + margin_s
 
 
 def to_measurement(rc: int | None, stdout: str, stderr: str, *, model: str, variant: str,

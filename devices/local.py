@@ -83,7 +83,7 @@ class LocalDevice:
             with self._lock():
                 args = bundle.agent_args(os.path.abspath(artifact.path), "protocol.json", runtime,
                                          reference and os.path.abspath(reference), rtol, atol,
-                                         evalset and os.path.abspath(evalset.path))
+                                         evalset and os.path.abspath(evalset.path), timeout)
                 rc, out, err = self._agent(args, timeout,
                                            {"protocol.json": json.dumps(protocol.to_dict())})
         except DeviceError as e:

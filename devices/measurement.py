@@ -36,6 +36,17 @@ class Protocol:
     busy_load: float = 0.5         # 1-min load average per core above which a run is flagged busy
     profile_iters: int = 0         # >0: a profiled run (warm-up, then this many inferences with
     #                                the engine's profiler on); no latency statistics from it
+    # an MLPerf scenario run through LoadGen after hilq's own timing, in the same agent
+    # process (devices/scenario.py): single-stream | multi-stream | server | offline; "" = none
+    scenario: str = ""
+    target_qps: float = 0.0        # server: arrival rate (0: half the measured rate); offline:
+    #                                expected rate (0: 1.5× the measured rate)
+    target_latency_ms: float = 0.0  # server: latency bound (0: LoadGen's default)
+    samples_per_query: int = 8     # multi-stream
+    min_queries: int = 0           # 0: what LoadGen's early stopping needs for the scenario
+    # the engine's own settings, checked against the runtime's OPTIONS on the host
+    # (devices/runtimes: --runtime-option key=value); recorded with every measurement
+    runtime_options: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -88,6 +99,10 @@ class Measurement:
     accuracy: dict = field(default_factory=dict)  # on the device, over an evaluation set (agent
     #   --eval): n, top1, agreement_fp32, kl, sqnr_db, cosine, worst, outputs, eval_sha256; the
     #   host adds simulated_top1 / simulated_agreement (the fake-quant model's, from the manifest)
+    scenario: dict = field(default_factory=dict)  # LoadGen's result (devices/scenario.py):
+    #   scenario, valid, result, reasons, metric, value, latency_ms, qps, early_stopping, summary
+    memory: dict = field(default_factory=dict)    # resident MiB of the agent (devices/memory.py):
+    #   rss_start, load_rss/peak, setup_*, timed_rss/peak (the timed window's own peak), engine
 
     @property
     def ok(self) -> bool:

@@ -199,8 +199,11 @@ class SSHDevice:
                                       f"the run ({' '.join(argv[:2])})")
                 if time.monotonic() > deadline:
                     chan.close()
-                    if pidfile:
-                        self._kill(pidfile)
+                    if pidfile and not self._kill(pidfile):
+                        # the host cannot be reached (a silent partition keeps the transport
+                        # "active"): drop it, so nothing else waits on it; the agent's own
+                        # --deadline-s ends it there
+                        self.close()
                     raise DeviceError("timeout", f"{self.name}: command ran past {timeout:.0f} s")
                 if not busy:
                     time.sleep(0.01)
@@ -212,13 +215,15 @@ class SSHDevice:
         finally:
             chan.close()
 
-    def _kill(self, pidfile: str):
+    def _kill(self, pidfile: str) -> bool:
+        """Kill the process group in `pidfile`; False when the host could not be reached."""
         try:
             q = shlex.quote(pidfile)
             self._exec(["sh", "-c", f"kill -KILL -- -$(cat {q}) 2>/dev/null; "
                         f"kill -KILL $(cat {q}) 2>/dev/null; true"], 10)
+            return True
         except DeviceError:
-            pass
+            return False
 
     def _rm(self, path: str, sftp: paramiko.SFTPClient | None = None):
         """Remove a tree: over SFTP when a session is open (no process start), else rm -rf."""
@@ -344,7 +349,8 @@ class SSHDevice:
                         ref = f"{tmp}/reference.npz"
                         sftp.put(reference, ref)
                     ev = self._cached(sftp, evalset) if evalset is not None else None
-                    args = bundle.agent_args(remote, "protocol.json", runtime, ref, rtol, atol, ev)
+                    args = bundle.agent_args(remote, "protocol.json", runtime, ref, rtol, atol,
+                                             ev, timeout)
                     rc, out, err = self._exec([self.python, *args], timeout, cwd=tmp,
                                               pidfile=f"{tmp}/agent.pid")
         except DeviceError as e:

@@ -700,14 +700,14 @@ def _ort_deviation(path: Path, ref: Path) -> float | None:
 def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu", *,
                    calib: str = "minmax", granularity: str = "channel", group_size: int = 128,
                    repairs=(), seed: int = 0, calib_data: str = "real",
-                   distill_iters: int | None = None, distill_objective: str = "batch"
-                   ) -> Artifact:
+                   distill_iters: int | None = None, distill_objective: str = "batch",
+                   device: str = "cpu") -> Artifact:
     """The benchmark runner's single entry point: model (a name or `ModelRef`) + variant ->
     Artifact.
 
     `target`: `cpu` (ONNX Q/DQ, UINT8 asymmetric activations), `tensorrt` (ONNX Q/DQ, INT8
     symmetric activations, narrow-range weights), `torch` (delegates to
-    `quant.export_torch.build`). `calib_data`: real | distilled | noise (ZeroQ data-free).
+    `quant.export_torch.build`, on `device`: cpu or cuda, as the runtime declares). `calib_data`: real | distilled | noise (ZeroQ data-free).
     A user's ONNX file is its own fp32 artifact. Files are cached in `out_dir` under a hash
     of everything that decides their content, so repeated calls reuse them."""
     if target not in TARGETS:
@@ -715,7 +715,7 @@ def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu"
     if target == "torch":
         from .export_torch import build
 
-        return build(model, variant, out_dir, seed=seed)
+        return build(model, variant, out_dir, seed=seed, device=device)
     from .models import ModelRef, load_model, name_of
 
     ref = model if isinstance(model, ModelRef) else ModelRef(model)

@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     cases = build_cases(args, out)
     protocol = {"warmup_iters": args.warmup, "warmup_s": 1.0, "min_iters": args.min_iters,
                 "min_duration_s": args.min_s, "batch": 1, "threads": args.threads,
-                "mode": "latency", "seed": 0, "torch_mode": "compile"}
+                "mode": "latency", "seed": 0, "runtime_options": {"mode": "compile"}}
     with open(out / "bench.log", "w") as log:
         for r in range(args.rounds):
             k = r % len(cases)

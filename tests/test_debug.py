@@ -17,6 +17,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from bench import cli, debug_report
+from bench.cmd_debug import _saturates
 from quant import debug as qd
 from quant.artifact import Artifact
 from quant.debug_onnx import write_debug_artifact
@@ -130,7 +131,14 @@ def test_engine_agrees_with_simulation_or_says_why(digits):
     rows = _layers(res)
     for name in ("stem.0", "block.conv1", "block.conv2"):    # before the Add: no extra Q
         assert abs(rows[name]["gap_db"]) < 0.1, rows[name]
+    saturates = _saturates("ort", res["cpu_flags"])
     for r in res["layers"]:
+        if saturates and r["op"] == "Gemm" and r["own_error_db"] < r["own_error_db_simulated"] - 1:
+            # AVX2 without VNNI (e.g. Zen 3): ORT's u8×s8 Gemm sums product pairs in int16
+            # with saturation; the layer's own error is worse on the engine, and it is named
+            assert any(n.startswith(f"{r['layer']}:") and "VPMADDUBSW" in n
+                       for n in res["notes"]), res["notes"]
+            continue
         assert abs(r["sqnr_db"] - r["sqnr_db_deployed_sim"]) < 0.25, r
         assert abs(r["own_error_db"] - r["own_error_db_simulated"]) < 0.1, r
         if abs(r["gap_db"]) > 1.0:
@@ -170,8 +178,11 @@ def test_corrupted_weight_scale_is_ranked_first_on_the_engine(digits, tmp_path, 
                     f"{layer}.weight_scale", factor)
     rc, res = _debug(["--artifact", str(path)], tmp_path)
     assert rc == 0
-    assert res["layers"][0]["layer"] == layer           # worst SQNR on the engine
-    assert res["culprits"][0] == layer                  # and where the error is introduced
+    # worst SQNR on the engine: the layer, or the conv fed by it (it inherits all of it and
+    # adds its own; on AVX2 without VNNI ORT's saturating u8×s8 sums can order them so)
+    worst = [r["layer"] for r in res["layers"][:2]]
+    assert worst[0] == layer or (_saturates("ort", res["cpu_flags"]) and layer in worst), worst
+    assert res["culprits"][0] == layer                  # where the error is introduced
     bad, before = _layers(res)[layer], _layers(clean)[layer]
     assert bad["own_error_db"] < 0 < before["own_error_db"] - 25
     # the simulation is the uncorrupted fake-quant model: it does not see it
@@ -187,7 +198,8 @@ def test_inherited_error_is_told_apart_from_own(digits, tmp_path):
     rc, res = _debug(["--artifact", str(path)], tmp_path)
     rows = _layers(res)
     assert rc == 0 and res["culprits"][0] == "conv.0"
-    assert rows["fc"]["sqnr_db"] < 10 and rows["fc"]["own_error_db"] > 35
+    intact = 30 if _saturates("ort", res["cpu_flags"]) else 35   # saturation costs ~7 dB
+    assert rows["fc"]["sqnr_db"] < 10 and rows["fc"]["own_error_db"] > intact
     assert rows["fc"]["inherited_db"] < 10
 
 

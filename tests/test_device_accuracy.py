@@ -199,12 +199,13 @@ def test_migration_adds_accuracy_columns(tmp_path):
     path = tmp_path / "old.sqlite"
     open_store(path).close()
     con = sqlite3.connect(path)        # make it a v2 store: drop the v3 columns and stamp
-    for col in ("accuracy", "top1", "agreement_fp32", "eval_sha256"):
+    for col in ("accuracy", "top1", "agreement_fp32", "eval_sha256", "load_peak_mb",
+                "timed_peak_mb", "scenario", "scenario_valid", "scenario_value"):   # v3, v4
         con.execute(f"ALTER TABLE measurements DROP COLUMN {col}")
     con.execute("UPDATE schema_version SET version = 2")
     con.commit()
     con.close()
     store = open_store(path)
-    assert store.schema_version() == 3
+    assert store.schema_version() == 4
     run = _night(store, 0.9)
     assert [r["top1"] for r in store.measurements(run)] == [0.9, None]

@@ -192,3 +192,26 @@ def test_tiny_sensitivities_still_order_the_picks():
     best = min((c for c in configs if sim.latency(c) <= budget),
                key=lambda c: sum(sens[(k, v)] for k, v in c.items()))
     assert loop.choose(model, sens, budget, z=0.0)[0] == best
+
+
+def test_one_low_reading_of_a_configuration_does_not_admit_it_over_its_newer_ones():
+    """Seen on the Zen 3: at the 75% budget the all-float configuration, read low once on an
+    earlier night, was admissible on that one reading; its pick measured 28 ms against a
+    23.9 ms budget and was picked again. A configuration's measurements are judged together."""
+    sim = simulate.resnet_like(6, seed=0)
+    q, f = dict.fromkeys(sim.layers, INT8), dict.fromkeys(sim.layers, FLOAT)
+    lo, hi = sim.latency(q), sim.latency(f)
+    budget = lo + 0.75 * (hi - lo)
+    prior = latmodel.flat_prior(sim.layers, sim.edges, 10.0)
+    obs = [Observation(c, sim.latency(c), 0.01, f"c{i}") for i, c in enumerate(_basis(sim))]
+    obs += [Observation(f, 0.97 * budget, 0.01 * hi, "uniform-fp32 (an old night)"),
+            Observation(f, hi * 1.05, 0.05 * hi, "it1-pick"),
+            Observation(f, hi * 1.02, 0.05 * hi, "it2-pick")]
+    model = latmodel.fit(sim.layers, sim.edges, prior, obs)
+    sens = simulate.sensitivities(sim, seed=1)
+    cfg, _, _ = loop.choose(model, sens, budget, z=1.64, measured={o.name: o for o in obs})
+    assert cfg is not None and cfg != f
+    (pooled,) = [o for o in loop.pooled(obs) if o.config == f]
+    assert pooled.latency_ms > budget and "it1-pick" in pooled.name
+    alone = loop.pooled(obs[:1])
+    assert alone == obs[:1]                                    # one reading: itself

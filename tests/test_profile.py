@@ -176,7 +176,8 @@ def test_tensorrt_layer_names_split_into_onnx_nodes(arts):
 def test_torch_eager_profile_names_modules(tmp_path):
     art = build_artifact("digits-cnn", "w8a8", tmp_path, target="torch", seed=0)
     # eager PT2E computes on dequantized tensors: float kernels, so the run says degraded
-    prof = profiled(art, "torch", tmp_path, "degraded", torch_mode="eager")["profile"]
+    prof = profiled(art, "torch", tmp_path, "degraded",
+                    runtime_options={"mode": "eager"})["profile"]
     check_consistent(prof)
     want = {"stem.0", "block.conv1", "block.conv2", "down.0", "conv.0", "fc"}
     assert set(prof["layer_ms"]) == want and all(v > 0 for v in prof["layer_ms"].values())

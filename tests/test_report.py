@@ -36,6 +36,17 @@ def _device_accuracy(v: str) -> dict:
             "simulated_agreement_fp32": 0.99, "gap_top1": dev - sim}
 
 
+def _scenario(v: str, lat: dict) -> dict:
+    """LoadGen's SingleStream verdict; w4a8's Server run INVALID (the report must say so)."""
+    if v == "w4a8":
+        return {"scenario": "server", "valid": False, "result": "INVALID", "metric":
+                "completed samples/s", "unit": "samples/s", "value": 40.0,
+                "reasons": ["latency bound missed at the target QPS"], "latency_ms": {}}
+    return {"scenario": "single-stream", "valid": True, "result": "VALID", "metric":
+            "p90 latency", "unit": "ms", "value": lat["p90"], "reasons": [],
+            "latency_ms": {"p50": lat["p50"], "p90": lat["p90"]}, "query_count": 500}
+
+
 def synthetic_store(path, nights=6, slow_last=1.15):
     """A week of nightly runs of three variants in two alternating rounds; the last night
     w8a8 is 15% slower; the last run also has a search (cost table and two allocations)."""
@@ -58,7 +69,11 @@ def synthetic_store(path, nights=6, slow_last=1.15):
                     power={"avg_w": 1.5, "meter": "rapl"}, facts=FACTS,
                     status="degraded" if v == "w4a8" else "ok",
                     reason="2 layers ran in float" if v == "w4a8" else None,
-                    accuracy=_device_accuracy(v) if r == 0 else {}), round=r)
+                    accuracy=_device_accuracy(v) if r == 0 else {},
+                    memory={"artifact_mb": 44.7 if v == "fp32" else 11.3, "rss_start_mb": 60.0,
+                            "load_peak_mb": 180.0, "load_rss_mb": 170.0,
+                            "load_delta_mb": 110.0, "timed_peak_mb": 175.0},
+                    scenario=_scenario(v, lat) if r == 0 else {}), round=r)
         for v, (_, top1) in VARIANTS.items():
             store.add_accuracy(run, "resnet18", v, top1, 1000, "imagenette")
         store.finish_run(run)

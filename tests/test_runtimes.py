@@ -177,7 +177,7 @@ def pt2_files(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 def test_torch_fp32_matches_float_model(pt2_files, mode, restore_torch_state):
-    loaded = torch_rt.load(str(pt2_files["fp32"]), {"threads": 2, "torch_mode": mode})
+    loaded = torch_rt.load(str(pt2_files["fp32"]), {"threads": 2, "runtime_options": {"mode": mode}})
     x = feed()["input"]
     want = tiny_cnn()(torch.from_numpy(x)).detach().numpy()
     got = loaded.run({loaded.inputs[0][0]: x})[0]
@@ -189,7 +189,7 @@ def test_torch_fp32_matches_float_model(pt2_files, mode, restore_torch_state):
 
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 def test_torch_w8a8_agrees_and_reports_kernels(pt2_files, mode, restore_torch_state):
-    loaded = torch_rt.load(str(pt2_files["w8a8"]), {"threads": 2, "torch_mode": mode,
+    loaded = torch_rt.load(str(pt2_files["w8a8"]), {"threads": 2, "runtime_options": {"mode": mode},
                                                     "batch": 8})
     x = calib_data(8).numpy()
     want = tiny_cnn()(torch.from_numpy(x)).detach().numpy()
@@ -210,8 +210,8 @@ def test_torch_refuses_precision_it_lacks(pt2_files, tmp_path):
     (tmp_path / "m.pt2.manifest.json").write_text(json.dumps({"variant": "w4a16"}))
     with pytest.raises(ValueError, match="does not run 'w4a16'"):
         torch_rt.load(str(path), {})
-    with pytest.raises(ValueError, match="torch_mode"):
-        torch_rt.load(str(pt2_files["fp32"]), {"torch_mode": "jit"})
+    with pytest.raises(ValueError, match="torch mode"):
+        torch_rt.load(str(pt2_files["fp32"]), {"runtime_options": {"mode": "jit"}})
     (tmp_path / "m.pt2.manifest.json").write_text(json.dumps(
         {"variant": "w8a8", "settings": {"quantized_at_load": True}}))
     with pytest.raises(ValueError, match="applied by the torch-cuda runtime"):
@@ -227,7 +227,7 @@ def test_export_torch_build_writes_manifest(tmp_path, monkeypatch, restore_torch
     assert m["format"] == "torch-export" and m["variant"] == "fp32"
     assert m["input_shape"] == [1, 1, 8, 8] and m["versions"]["torch"] == torch.__version__
     assert m["runtimes"] == ["torch"] and m["settings"]["bn_folded"]
-    loaded = torch_rt.load(art.path, {"torch_mode": "eager", "batch": 2})
+    loaded = torch_rt.load(art.path, {"runtime_options": {"mode": "eager"}, "batch": 2})
     assert loaded.run({loaded.inputs[0][0]: np.zeros((2, 1, 8, 8), np.float32)})[0].shape \
         == (2, 10)
     with pytest.raises(ValueError, match="supports fp32, w8a8"):
@@ -342,7 +342,7 @@ def test_builder_settings_fp16_baseline_and_strong_typing():
     int8 = trt_rt.builder_settings("w8a8", {})
     assert int8["strongly_typed"] and not int8["fp16_flag"]
     assert trt_rt.builder_settings("fp16", {}, onnx_is_fp16=True)["strongly_typed"]
-    mixed = trt_rt.builder_settings("w8a8", {"trt_fp16_rest": True})
+    mixed = trt_rt.builder_settings("w8a8", {"runtime_options": {"fp16_rest": True}})
     assert not mixed["strongly_typed"] and mixed["fp16_flag"] and mixed["int8_flag"]
     with pytest.raises(ValueError, match="does not run 'w4a4'"):
         check_variant("tensorrt", "w4a4", trt_rt.precisions())
@@ -384,7 +384,7 @@ def test_tensorrt_builds_and_runs_int8(onnx_files, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs an NVIDIA GPU")
     _, int8 = onnx_files
-    proto = {"engine_cache": str(tmp_path), "variant": "w8a8"}
+    proto = {"runtime_options": {"engine_cache": str(tmp_path)}, "variant": "w8a8"}
     loaded = trt_rt.load(str(int8), proto)
     got = loaded.run(feed())[0]
     want = ort_rt.load(str(int8), {}).run(feed())[0]

@@ -41,33 +41,37 @@ def _keygen(path: Path):
 
 
 class Sshd:
-    """One sshd -D on a free port, with its own host key, client key and known_hosts."""
+    """One sshd -D with its own host key, client key and known_hosts, listening on `addr`
+    (a free port of 127.0.0.1 by default; inside network namespace `netns` when given)."""
 
-    def __init__(self, root: Path):
-        self.root, self.port = root, _free_port()
+    def __init__(self, root: Path, addr: str = "127.0.0.1", port: int | None = None,
+                 netns: str | None = None, log_level: str = "ERROR"):
+        self.root, self.addr, self.port = root, addr, port or _free_port()
         root.mkdir(parents=True, exist_ok=True)
         _keygen(root / "host_key")
         _keygen(root / "client_key")
         shutil.copy(root / "client_key.pub", root / "authorized_keys")
         host_pub = (root / "host_key.pub").read_text().split()
-        (root / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+        (root / "known_hosts").write_text(f"[{addr}]:{self.port} {host_pub[0]} {host_pub[1]}\n")
         (root / "sshd_config").write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {root}/host_key\n"
+            f"Port {self.port}\nListenAddress {addr}\nHostKey {root}/host_key\n"
             f"PidFile {root}/sshd.pid\nAuthorizedKeysFile {root}/authorized_keys\n"
             "StrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\n"
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-            "PubkeyAuthentication yes\nSubsystem sftp internal-sftp\nLogLevel ERROR\nMaxStartups 100\nMaxSessions 100\n")
+            f"PubkeyAuthentication yes\nSubsystem sftp internal-sftp\nLogLevel {log_level}\n"
+            "MaxStartups 100\nMaxSessions 100\n")
         try:
             os.makedirs("/run/sshd", exist_ok=True)  # privilege separation dir (sshd as root)
         except PermissionError:
             pass
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(root / "sshd_config")],
+        wrap = ["ip", "netns", "exec", netns] if netns else []   # ip execs sshd: same pid
+        self.proc = subprocess.Popen([*wrap, SSHD, "-D", "-e", "-f", str(root / "sshd_config")],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=open(root / "sshd.log", "w"), start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                socket.create_connection((addr, self.port), 0.2).close()
                 return
             except OSError:
                 if self.proc.poll() is not None:
@@ -75,8 +79,12 @@ class Sshd:
                 time.sleep(0.05)
         raise RuntimeError(f"sshd did not start: {(root / 'sshd.log').read_text()}")
 
+    def connections(self) -> int:
+        """TCP connections sshd accepted so far (its log at LogLevel VERBOSE or more)."""
+        return (self.root / "sshd.log").read_text().count("Connection from ")
+
     def device(self, name="edge", **kw) -> SSHDevice:
-        cfg = dict(host="127.0.0.1", port=self.port, user=pwd.getpwuid(os.getuid()).pw_name,
+        cfg = dict(host=self.addr, port=self.port, user=pwd.getpwuid(os.getuid()).pw_name,
                    key_file=str(self.root / "client_key"),
                    known_hosts=str(self.root / "known_hosts"), python=sys.executable,
                    workdir=str(self.root / "remote"), connect_timeout_s=5, retries=2,

@@ -249,7 +249,9 @@ def test_a_version_1_store_gains_the_mde_column_and_keeps_its_data(backend):
     engine = sa.create_engine(backend if "://" in str(backend) else f"sqlite:///{backend}")
     with engine.begin() as c:                       # make it what version 1 wrote
         c.execute(sa.text("ALTER TABLE regressions DROP COLUMN mde"))
-        for col in ("accuracy", "top1", "agreement_fp32", "eval_sha256"):   # version 3's
+        for col in ("accuracy", "top1", "agreement_fp32", "eval_sha256",    # version 3's
+                    "load_peak_mb", "timed_peak_mb", "scenario", "scenario_valid",
+                    "scenario_value"):                                       # version 4's
             c.execute(sa.text(f"ALTER TABLE measurements DROP COLUMN {col}"))
         c.execute(sa.text("UPDATE schema_version SET version = 1"))
     engine.dispose()

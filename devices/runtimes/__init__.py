@@ -13,6 +13,15 @@ Every runtime module exposes the same three functions:
 
 `Loaded` is the plain record below; the agent times `run` and reads the rest.
 
+And two declarations, as plain data the host reads without importing the engine:
+
+- `CONSUMES: Consumes` — the artifact the runtime runs (format, export target, activation
+  dtype, the device its tensors live on): `quant.export.build_artifact` builds exactly that.
+- `OPTIONS: dict[str, Option]` — the engine settings it takes, with type, default and help;
+  set with `--runtime-option key=value` or `runtime_options` in a protocol, checked on the
+  host (`check_options`: an unknown key or a bad value is a one-line error) and read by the
+  module with `options(protocol, OPTIONS)`.
+
 Profiling (a separate, never-timed agent run: `protocol["profile_iters"]` > 0). A runtime
 that can profile sets `Loaded.profile(feeds, iters) -> list[dict]`: it runs `iters`
 inferences with the engine's own profiler on (in a separate session / compiled model /
@@ -41,6 +50,72 @@ from typing import Any
 NAMES = ("ort", "openvino", "torch", "torch-cuda", "tensorrt")
 
 
+@dataclass(frozen=True)
+class Consumes:
+    """The artifact a runtime runs."""
+
+    format: str                # onnx-qdq | torch-pt2
+    target: str                # quant.export's target: cpu | tensorrt | torch
+    activations: str           # integer activations of its INT8 variants: uint8 | int8 | float
+    device: str = "cpu"        # where the artifact's weights live: cpu | cuda
+
+
+@dataclass(frozen=True)
+class Option:
+    """One engine setting a runtime takes."""
+
+    type: type                 # bool | int | float | str | list (of str)
+    default: Any
+    help: str
+    choices: tuple = ()
+
+
+def declaration(runtime: str) -> tuple[Consumes, dict[str, Option]]:
+    """(CONSUMES, OPTIONS) of a runtime module; imports the module, never its engine."""
+    import importlib
+
+    mod = importlib.import_module(f"{__name__}.{module_name(runtime)}")
+    return mod.CONSUMES, mod.OPTIONS
+
+
+def parse_option(runtime: str, key: str, value, table: dict[str, Option]):
+    """A checked value for `key` (a string from the command line, or a config's value)."""
+    if key not in table:
+        known = ", ".join(sorted(table)) or "none"
+        raise ValueError(f"runtime {runtime} has no option {key!r} (its options: {known})")
+    opt = table[key]
+    try:
+        if opt.type is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError
+                value = value.lower() in ("1", "true", "yes", "on")
+            elif not isinstance(value, bool):
+                raise ValueError
+        elif opt.type is list:
+            value = [v for v in value.split(",") if v] if isinstance(value, str) else list(value)
+        else:
+            value = opt.type(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"runtime option {key}={value!r}: expected "
+                         f"{opt.type.__name__}") from None
+    if opt.choices and value not in opt.choices:
+        raise ValueError(f"runtime option {key}={value!r}: use {', '.join(map(str, opt.choices))}")
+    return value
+
+
+def check_options(runtime: str, given: dict) -> dict:
+    """`given` checked against the runtime's OPTIONS: the same keys, typed values."""
+    table = declaration(runtime)[1]
+    return {k: parse_option(runtime, k, v, table) for k, v in (given or {}).items()}
+
+
+def options(protocol: dict, table: dict[str, Option]) -> dict:
+    """Every option of `table`: the protocol's `runtime_options` value, else the default."""
+    given = protocol.get("runtime_options") or {}
+    return {k: given.get(k, o.default) for k, o in table.items()}
+
+
 @dataclass
 class Loaded:
     """An artifact ready to run. `run(feeds)` does one inference and returns the outputs as
@@ -53,6 +128,7 @@ class Loaded:
     device_timer: Any = None                      # GPU: object with start()/stop() -> ms
     close: Callable[[], None] = lambda: None
     profile: Callable[[dict, int], list[dict]] | None = None  # (feeds, iters) -> node records
+    memory: Callable[[], dict] | None = None      # the engine's own memory figures (MiB)
 
 
 def module_name(runtime: str) -> str:

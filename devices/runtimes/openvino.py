@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import Consumes, Option, options
+
 COMPUTE = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul",
            "Gemm", "FullyConnectedCompressed")
 INTEGER = ("i8", "u8", "i4", "u4")
@@ -28,6 +30,14 @@ def version() -> str:
     import openvino
 
     return openvino.get_version()
+
+
+CONSUMES = Consumes(format="onnx-qdq", target="cpu", activations="uint8")
+OPTIONS = {
+    "hint": Option(str, "", "PERFORMANCE_HINT (default: the protocol's mode)",
+                   ("", "latency", "throughput", "cumulative_throughput")),
+    "num_streams": Option(int, 0, "NUM_STREAMS (0: the hint decides)"),
+}
 
 
 def precisions() -> dict[str, list[str]]:
@@ -80,8 +90,9 @@ def load(path: str, protocol: dict):
                        np.dtype(port.get_element_type().to_dtype()).name))
     if any(port.get_partial_shape().is_dynamic for port in model.inputs):
         model.reshape(shapes)  # static shapes: the CPU plugin picks better kernels
-    hint = str(protocol.get("ov_hint") or protocol.get("mode") or "latency").upper()
-    if hint not in ("LATENCY", "THROUGHPUT"):
+    opts = options(protocol, OPTIONS)
+    hint = str(opts["hint"] or protocol.get("mode") or "latency").upper()
+    if hint not in ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"):
         raise ValueError(f"openvino performance hint must be latency or throughput, not {hint!r}")
     # DYNAMIC_QUANTIZATION_GROUP_SIZE 0: on AVX-512/VNNI CPUs the plugin otherwise quantizes
     # the activations of compressed-weight (w4a16) matmuls to int8 on the fly, which is not
@@ -91,6 +102,8 @@ def load(path: str, protocol: dict):
     threads = int(protocol.get("threads", 0))
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
+    if opts["num_streams"]:
+        config["NUM_STREAMS"] = opts["num_streams"]
     compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
     n_out = len(compiled.outputs)
@@ -104,7 +117,8 @@ def load(path: str, protocol: dict):
              "INFERENCE_PRECISION_HINT", "ENABLE_CPU_PINNING")}
     facts = {"engine": "openvino", "version": ov.get_version(), "device": "CPU",
              "cpu": core.get_property("CPU", "FULL_DEVICE_NAME"), "variant": variant,
-             "requested": {k: str(v) for k, v in config.items()}, "compiled": used}
+             "requested": {k: str(v) for k, v in config.items()}, "compiled": used,
+             "options": opts}
     warmup = max(1, int(protocol.get("warmup_iters", 10)))
 
     def profile(feeds: dict, iters: int) -> list[dict]:

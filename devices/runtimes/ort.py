@@ -28,6 +28,8 @@ import weakref
 
 import numpy as np
 
+from . import Consumes, Option, options
+
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
            "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
 
@@ -153,22 +155,35 @@ def profile_records(events: list, iters: int, names) -> list[dict]:
     return out
 
 
+CONSUMES = Consumes(format="onnx-qdq", target="cpu", activations="uint8")
+_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+           "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+OPTIONS = {
+    "graph_optimization_level": Option(str, "all", "graph optimizations before the run",
+                                       tuple(_LEVELS)),
+    "providers": Option(list, ["CPUExecutionProvider"], "execution providers, in order"),
+    # x86 without VNNI: ORT's default U8S8 kernels (vpmaddubsw) saturate int16 pair sums;
+    # true selects exact (slower) kernels. Off by default, as deployed.
+    "x64_quant_precision": Option(bool, False, "exact u8×s8 kernels on x86 without VNNI"),
+}
+
+
 def precisions() -> dict[str, list[str]]:
     return {"conv": ["fp32", "w8a8"], "linear": ["fp32", "w8a8", "w4a16", "w8a16"]}
 
 
 def _options(ort, protocol: dict):
     """Session options from the protocol (the timed session and the profiling one alike)."""
+    opts = options(protocol, OPTIONS)
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(protocol.get("threads", 0))
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                          _LEVELS[opts["graph_optimization_level"]])
     so.log_severity_level = 3   # the "hardware-specific optimized model" notice is expected
-    # x86 without VNNI: ORT's default U8S8 kernels (vpmaddubsw) saturate int16 pair sums;
-    # "1" selects exact (slower) kernels. Off by default, as deployed; recorded in facts.
-    precise = bool(protocol.get("ort_x64_quant_precision", False))
-    so.add_session_config_entry("session.x64quantprecision", "1" if precise else "0")
+    so.add_session_config_entry("session.x64quantprecision",
+                                "1" if opts["x64_quant_precision"] else "0")
     return so
 
 
@@ -190,8 +205,8 @@ def load(path: str, protocol: dict):
 
     so = _options(ort, protocol)
     threads = int(protocol.get("threads", 0))
-    precise = bool(protocol.get("ort_x64_quant_precision", False))
-    providers = protocol.get("providers") or ["CPUExecutionProvider"]
+    opts = options(protocol, OPTIONS)
+    providers = opts["providers"]
     tmp = tempfile.mkdtemp(prefix="hilq-ort-", dir=protocol.get("scratch_dir"))
     optimized = os.path.join(tmp, "optimized.onnx")
     so.optimized_model_filepath = optimized
@@ -220,7 +235,8 @@ def load(path: str, protocol: dict):
 
     facts = {"engine": "onnxruntime", "version": ort.__version__,
              "providers": sess.get_providers(), "intra_op_threads": threads,
-             "graph_optimization_level": "ORT_ENABLE_ALL", "x64_quant_precision": precise,
+             "graph_optimization_level": _LEVELS[opts["graph_optimization_level"]],
+             "x64_quant_precision": opts["x64_quant_precision"], "options": opts,
              "disabled_optimizers": DISABLED_OPTIMIZERS}
 
     def kernels() -> dict:

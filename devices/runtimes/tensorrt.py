@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import Consumes, Option, options
+
 COMPUTE = re.compile(r"convolution|conv|matrixmultiply|matmul|gemm|fullyconnected", re.I)
 INTEGER = re.compile(r"int8|int4", re.I)
 FLOAT = re.compile(r"fp32|fp16|half|float|bf16", re.I)
@@ -48,6 +50,18 @@ def version() -> str:
     if not torch.cuda.is_available():
         raise ImportError(f"tensorrt {trt.__version__} is installed but torch sees no CUDA GPU")
     return trt.__version__
+
+
+CONSUMES = Consumes(format="onnx-qdq", target="tensorrt", activations="int8", device="cuda")
+OPTIONS = {
+    "fp16_rest": Option(bool, False, "integer variants built weakly typed with the FP16 flag: "
+                                     "layers left FP32 by the Q/DQ file may run in FP16"),
+    "workspace_mb": Option(int, 4096, "builder workspace memory pool (MiB)"),
+    "optimization_level": Option(int, 3, "builder optimization level (0-5)",
+                                 (0, 1, 2, 3, 4, 5)),
+    "cuda_graph": Option(bool, False, "replay each inference from a captured CUDA graph"),
+    "engine_cache": Option(str, "", "engine cache folder (default $HILQ_CACHE/trt-engines)"),
+}
 
 
 def precisions() -> dict[str, list[str]]:
@@ -73,14 +87,15 @@ def engine_cache_key(onnx_sha256: str, trt_version: str, gpu: str, capability: s
 
 def builder_settings(variant: str, protocol: dict, onnx_is_fp16: bool = False) -> dict:
     """The settings the engine is built with (all of them go into the cache key and facts).
-    `trt_fp16_rest` (protocol): build an integer variant weakly typed with the INT8 and FP16
+    `fp16_rest` (runtime option): build an integer variant weakly typed with the INT8 and FP16
     flags, so layers the Q/DQ file leaves in FP32 may run in FP16 (TensorRT's choice)."""
+    opts = options(protocol, OPTIONS)
     weak = variant == "fp16" and not onnx_is_fp16 or \
-        bool(protocol.get("trt_fp16_rest")) and variant not in ("fp32", "fp16")
+        opts["fp16_rest"] and variant not in ("fp32", "fp16")
     return {"strongly_typed": not weak, "fp16_flag": weak,
             "int8_flag": weak and variant not in ("fp32", "fp16"),
-            "workspace_mb": int(protocol.get("trt_workspace_mb", 4096)),
-            "optimization_level": int(protocol.get("trt_optimization_level", 3)),
+            "workspace_mb": opts["workspace_mb"],
+            "optimization_level": opts["optimization_level"],
             "batch": int(protocol.get("batch", 1))}
 
 
@@ -138,8 +153,8 @@ def _layer_profiler(trt):
 
 
 def _cache_dir(protocol: dict) -> Path:
-    if protocol.get("engine_cache"):
-        return Path(protocol["engine_cache"])
+    if options(protocol, OPTIONS)["engine_cache"]:
+        return Path(options(protocol, OPTIONS)["engine_cache"])
     base = os.environ.get("HILQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hilq")
     return Path(base) / "trt-engines"
 
@@ -244,7 +259,7 @@ def load(path: str, protocol: dict):
         raise RuntimeError("TensorRT execute_async_v3 failed")
     stream.synchronize()
     graph = None
-    if protocol.get("cuda_graph"):
+    if options(protocol, OPTIONS)["cuda_graph"]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             context.execute_async_v3(stream.cuda_stream)
@@ -318,5 +333,8 @@ def load(path: str, protocol: dict):
              "capability": capability, "variant": variant, "builder": settings,
              "cuda_graph": bool(graph), "engine_cache": str(engine_path),
              "engine_cached": cached, "build_or_read_s": round(build_s, 3)}
+    # the engine's own figure: device memory its execution context needs (activations)
+    need = getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size
     return Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels, device_timer=Timer(),
-                  profile=profile)
+                  profile=profile,
+                  memory=lambda: {"trt_context_device_mb": round(need / 2**20, 2)})

@@ -35,6 +35,8 @@ import re
 
 import numpy as np
 
+from . import Consumes, Option, options
+
 _INT_KERNEL = re.compile(r"(^|\.)q(conv|linear)(?!.*prepack)")
 _FLOAT_KERNEL = re.compile(r"(^|\.)(convolution|conv\d?d|_convolution_pointwise|addmm|mm|bmm|"
                            r"linear|_linear_pointwise|_mkl_linear|baddbmm)(\.|$)")
@@ -45,6 +47,11 @@ def version() -> str:
     import torch
 
     return torch.__version__
+
+
+CONSUMES = Consumes(format="torch-pt2", target="torch", activations="uint8")
+OPTIONS = {"mode": Option(str, "compile", "torch.compile (inductor) or eager",
+                          ("compile", "eager"))}
 
 
 def precisions() -> dict[str, list[str]]:
@@ -178,9 +185,9 @@ def load(path: str, protocol: dict):
 
     variant = _variant(path, protocol)
     check_variant("torch", variant, precisions())
-    mode = protocol.get("torch_mode") or "compile"
+    mode = options(protocol, OPTIONS)["mode"]
     if mode not in ("eager", "compile"):
-        raise ValueError(f"torch_mode must be eager or compile, not {mode!r}")
+        raise ValueError(f"torch mode must be eager or compile, not {mode!r}")
     threads = int(protocol.get("threads", 0))
     if threads:
         torch.set_num_threads(threads)

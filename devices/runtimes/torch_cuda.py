@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import Consumes, Option
+
 GROUP = 128          # int4 group size along K (also tinygemm's K tile with inner_k_tiles=8)
 INNER_K_TILES = 8
 
@@ -41,6 +43,11 @@ def version() -> str:
         raise ImportError(f"torch {torch.__version__} sees no CUDA GPU "
                           f"(built with CUDA {torch.version.cuda or 'none'})")
     return f"{torch.__version__} (CUDA {torch.version.cuda}, {torch.cuda.get_device_name()})"
+
+
+# the .pt2 program is exported on the CUDA device: its weights and constants live there
+CONSUMES = Consumes(format="torch-pt2", target="torch", activations="float", device="cuda")
+OPTIONS: dict[str, Option] = {}
 
 
 def precisions() -> dict[str, list[str]]:
@@ -375,4 +382,13 @@ def load(path: str, protocol: dict):
 
     return Loaded(run=run, inputs=inputs, facts=facts,
                   kernels=lambda: {"integer": list(integer), "float": list(floats)},
-                  device_timer=CudaEventTimer(), profile=profile)
+                  device_timer=CudaEventTimer(), profile=profile, memory=cuda_memory)
+
+
+def cuda_memory() -> dict:
+    """Peak GPU memory of this process: PyTorch's caching allocator (allocated: tensors;
+    reserved: what it holds from the driver), since the process started."""
+    import torch
+
+    return {"cuda_max_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 2),
+            "cuda_max_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20, 2)}

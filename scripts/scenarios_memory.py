@@ -1,0 +1,105 @@
+"""MLPerf scenarios through LoadGen beside hilq's own timing, and the agent's memory beside
+the artifact's size (issue: scenarios, memory).
+
+    python scripts/scenarios_memory.py [--db .cache/scenarios.sqlite] [--min-s 3]
+
+1. `resnet18` FP32 and W8A8 on ORT and OpenVINO under SingleStream, Server (at the default
+   rate: half the single-stream rate) and Offline: LoadGen's verdict and metric, and its p90
+   beside hilq's own p90 of the same agent process. Then one Server run at 3× the
+   single-stream rate, which the device cannot carry: INVALID, with LoadGen's reasons.
+2. Peak resident memory of the agent, loading and timed, for `resnet18` and
+   `tiny-transformer` (FP32, W8A8, and W4A16 weight-only), against the file sizes.
+Everything goes into one results store (`hilq report --db DB` renders it). Run it alone on a
+quiet machine; prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.runner import artifact_for, combine, measure_artifacts  # noqa: E402
+from bench.store import open_store  # noqa: E402
+from devices.local import LocalDevice  # noqa: E402
+from devices.measurement import Protocol  # noqa: E402
+from scripts.closed_loop_real import cpu  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--db", default=str(ROOT / ".cache" / "scenarios.sqlite"))
+    ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "scenarios")
+    ap.add_argument("--min-s", type=float, default=3.0)
+    args = ap.parse_args()
+    print(f"CPU: {cpu()}\n")
+    store = open_store(args.db)
+    run_id = store.begin_run({"command": "scenarios_memory"}, seed=0)
+    dev = LocalDevice(workdir=str(args.work / "device"))
+    base = Protocol(warmup_iters=10, warmup_s=1.0, min_iters=50, min_duration_s=args.min_s,
+                    max_duration_s=120, idle_s=0.05)
+    rows, mem = [], []
+
+    def one(model, variant, runtime, protocol, label):
+        art = artifact_for(model, variant, args.work / "art", runtime, calib_data="real")
+        per = measure_artifacts(dev, runtime, model, {label: art}, protocol, rounds=1,
+                                store=store, run_id=run_id, kind="bench",
+                                on_result=lambda s: print("  " + s, flush=True))
+        return combine(per[label]), art
+
+    for runtime in ("ort", "openvino"):
+        for variant in ("fp32", "w8a8"):
+            for sc in ("single-stream", "server", "offline"):
+                m, art = one("resnet18", variant, runtime, replace(base, scenario=sc),
+                             f"{variant}-{sc}")
+                s = m.scenario or {}
+                rows.append((runtime, variant, sc, s.get("result"), s.get("metric"),
+                             s.get("value"), (s.get("latency_ms") or {}).get("p90"),
+                             (m.latency_ms or {}).get("p90"), s.get("qps"),
+                             s.get("query_count"), "; ".join(s.get("reasons") or []) or m.reason))
+            if variant == "w8a8":
+                rate = 1000.0 / m.latency_ms["p50"]
+                m, _ = one("resnet18", variant, runtime,
+                           replace(base, scenario="server", target_qps=round(3 * rate, 1)),
+                           f"{variant}-server-3x")
+                s = m.scenario or {}
+                rows.append((runtime, variant, f"server @ {3 * rate:.0f}/s", s.get("result"),
+                             s.get("metric"), s.get("value"), (s.get("latency_ms") or {}).get("p90"),
+                             (m.latency_ms or {}).get("p90"), s.get("qps"), s.get("query_count"),
+                             "; ".join(s.get("reasons") or [])))
+    quick = replace(base, min_duration_s=1.0)
+    for model, variants in (("resnet18", ("fp32", "w8a8")),
+                            ("tiny-transformer", ("fp32", "w8a8", "w4a16"))):
+        for variant in variants:
+            m, art = one(model, variant, "ort", quick, f"{variant}-memory")
+            mm = m.memory or {}
+            mem.append((model, variant, mm.get("artifact_mb"), mm.get("rss_start_mb"),
+                        mm.get("load_peak_mb"), mm.get("load_delta_mb"), mm.get("timed_peak_mb")))
+    store.finish_run(run_id, "ok")
+    print(f"\nrun {run_id} in {store.name}\n")
+    print("| runtime | variant | scenario | LoadGen | metric | value | LoadGen p90 ms | "
+          "hilq p90 ms | LoadGen vs hilq | samples/s | queries | reasons |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        agree = f"{100 * (r[6] - r[7]) / r[7]:+.1f}%" if r[6] and r[7] else "–"
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {_f(r[5])} | {_f(r[6])} | "
+              f"{_f(r[7])} | {agree} | {_f(r[8])} | {r[9]} | {r[10] or ''} |")
+    print("\n| model | variant (ORT) | file MiB | RSS at start | load peak | loading added | "
+          "timed peak |")
+    print("|---|---|---|---|---|---|---|")
+    for r in mem:
+        print("| " + " | ".join([r[0], r[1], *(_f(x) for x in r[2:])]) + " |")
+    return 0
+
+
+def _f(x) -> str:
+    return f"{x:.3f}" if isinstance(x, float) and x < 10 else f"{x:.1f}" if isinstance(
+        x, float) else "–" if x is None else str(x)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""MLPerf scenarios through the real LoadGen (`mlcommons-loadgen`), driven by the agent in its
+own process on `digits-cnn`, with short settings: every scenario's fields, VALID where the
+device can carry the load, INVALID (with LoadGen's reason, and a non-zero exit of
+`hilq bench`) where it cannot; stored and reported beside hilq's own timing."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from bench import cli
+from bench.report import render
+from bench.runner import bench_variants
+from bench.store import open_store
+from devices import scenario
+from devices.local import LocalDevice
+from devices.measurement import Protocol
+from quant.export import build_artifact
+
+SHORT = Protocol(warmup_iters=20, warmup_s=0.0, min_iters=50, min_duration_s=0.5,
+                 max_duration_s=20, idle_s=0.05, threads=1)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return build_artifact("digits-cnn", "fp32", tmp_path_factory.mktemp("digits"))
+
+
+def _run(art, tmp_path, **kw):
+    dev = LocalDevice(workdir=str(tmp_path / "w"))
+    (m,) = bench_variants("digits-cnn", [art], dev, "ort", replace(SHORT, **kw), rounds=1)
+    return m
+
+
+@pytest.mark.parametrize("name", list(scenario.SCENARIOS))
+def test_each_scenario_is_valid_where_the_device_carries_it(digits, tmp_path, name):
+    m = _run(digits, tmp_path, scenario=name)
+    assert m.status == "ok", m.reason
+    sc = m.scenario
+    assert sc["scenario"] == name and sc["result"] == "VALID" and sc["valid"], sc["reasons"]
+    assert sc["reasons"] == [] and "MLPerf Results Summary" in sc["summary"]
+    assert sc["metric"] == scenario.METRICS[name][0] and sc["value"] > 0
+    assert sc["query_count"] >= scenario.MIN_QUERIES[name]
+    assert sc["effective"]["scenario"] == scenario.SCENARIOS[name].replace("-", "")
+    assert m.latency_ms["p50"] > 0          # hilq's own timing ran too, same process
+    if name in ("single-stream", "multi-stream", "server"):
+        lat = sc["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    if name == "single-stream":
+        assert sc["value"] == pytest.approx(sc["latency_ms"]["p90"])
+        assert sc["early_stopping_ms"] and sc["early_stopping_ms"] >= sc["latency_ms"]["p50"]
+    if name == "server":
+        assert sc["settings_chosen"]["target_qps_from"] > 0     # half the measured rate
+
+
+def test_a_server_rate_the_device_cannot_meet_is_invalid_with_the_reason(digits, tmp_path):
+    one = 1000.0 / _run(digits, tmp_path).latency_ms["p50"]         # one stream's rate
+    m = _run(digits, tmp_path, scenario="server", target_qps=round(20 * one),
+             target_latency_ms=5.0)
+    sc = m.scenario
+    assert m.status == "ok" and sc["result"] == "INVALID" and not sc["valid"]
+    assert any("latency bound" in r for r in sc["reasons"]), sc["reasons"]
+    assert any(r.startswith("LoadGen recommends") for r in sc["reasons"]), sc["reasons"]
+
+
+def test_bench_cli_stores_reports_and_exits_nonzero_on_invalid(digits, tmp_path, capsys):
+    db = tmp_path / "r.sqlite"
+    common = ["bench", "--artifact", digits.path, "--rounds", "2", "--min-iters", "50",
+              "--min-duration-s", "0.5", "--warmup-s", "0", "--threads", "1", "--db", str(db)]
+    assert cli.main([*common, "--scenario", "single-stream", "--json",
+                     str(tmp_path / "ok.json")]) == 0
+    out = capsys.readouterr().out
+    assert "LoadGen single-stream: VALID, p90 latency" in out and "hilq p90" in out
+    (row,) = json.loads((tmp_path / "ok.json").read_text())["measurements"]
+    assert row["scenario"]["valid"] and row["memory"]["timed_peak_mb"] > 0
+    assert cli.main([*common, "--scenario", "server", "--target-qps", "1000000",
+                     "--target-latency-ms", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "LoadGen server: INVALID" in out and "judged 1 scenario run(s) INVALID" in out
+    store = open_store(db)
+    runs = [r["id"] for r in store.rows("runs")]
+    rows = store.measurements(runs[-1])
+    assert len(rows) == 2                                     # two rounds of hilq's timing
+    with_sc = [r for r in rows if r["scenario"]]
+    assert len(with_sc) == 1 and with_sc[0]["scenario_valid"] is False   # LoadGen once
+    assert "MLPerf Results Summary" in with_sc[0]["extra"]["scenario"]["summary"]
+    rep = render(store, runs[-1], tmp_path / "rep")
+    text = rep.markdown.read_text()
+    assert rep.sections["MLPerf scenarios (LoadGen)"] and "INVALID" in text
+    rep = render(store, runs[0], tmp_path / "rep0")
+    assert "LoadGen vs hilq" in rep.markdown.read_text()
+    assert cli.main([*common, "--scenario", "tarot"]) == 2
+    assert "--scenario 'tarot'" in capsys.readouterr().err
+
+
+def test_settings_follow_the_protocol(digits):
+    import mlperf_loadgen as lg
+
+    s, chosen = scenario.settings_for(lg, {"scenario": "multi-stream", "min_duration_s": 1.5,
+                                           "samples_per_query": 4}, estimate_ms=2.0)
+    assert s.min_duration_ms == 1500 and s.multi_stream_samples_per_query == 4
+    assert s.min_query_count == scenario.MIN_QUERIES["multi-stream"]
+    assert s.multi_stream_expected_latency_ns == 8_000_000 and chosen["samples_per_query"] == 4
+    s, chosen = scenario.settings_for(lg, {"scenario": "offline"}, estimate_ms=4.0)
+    assert s.offline_expected_qps == pytest.approx(375.0) and chosen["expected_qps"] == 375.0
