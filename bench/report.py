@@ -351,15 +351,20 @@ def _energy(sec, results) -> None:
                 (r.ok_rows[0]["power"] or {}).get("meter", "–")] for r, e in have])
 
 
-def _first(r: Result, field: str) -> dict:
-    """A Measurement field kept in the store's `extra` (memory, scenario), first round's."""
-    return next(((x.get("extra") or {}).get(field) for x in r.ok_rows
-                 if (x.get("extra") or {}).get(field)), {})
+def _having(results, field: str) -> list[tuple[Result, dict]]:
+    """(result, its first round's `field`) for the results that have it: a Measurement field
+    kept in the store's `extra` (memory, scenario)."""
+    out = []
+    for r in results:
+        v = next(((x.get("extra") or {}).get(field) for x in r.ok_rows
+                  if (x.get("extra") or {}).get(field)), None)
+        if v:
+            out.append((r, v))
+    return out
 
 
 def _memory(sec, results) -> None:
-    have = [(r, _first(r, "memory")) for r in results]
-    have = [(r, m) for r, m in have if m]
+    have = _having(results, "memory")
     if not have:
         sec.p("No memory figures in this run (measured by agents before this version).")
         return
@@ -375,8 +380,7 @@ def _memory(sec, results) -> None:
 
 
 def _scenarios(sec, results) -> None:
-    have = [(r, _first(r, "scenario")) for r in results]
-    have = [(r, sc) for r, sc in have if sc]
+    have = _having(results, "scenario")
     if not have:
         sec.p("No MLPerf scenario in this run (`--scenario`, or `scenario` in the protocol).")
         return

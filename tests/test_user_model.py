@@ -150,44 +150,48 @@ def test_factory_without_data_is_data_free(tmp_path):
 
 
 def test_bad_inputs_one_line_each(onnx_model, images, tmp_path):
+    said = []
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a protobuf at all")
-    one_line_error(hilq("export", "--model", bad, "--variant", "fp32", "--out", tmp_path),
-                   "cannot load ONNX file", "bad.onnx")
-    one_line_error(hilq("export", "--model", tmp_path / "missing.onnx", "--variant", "fp32",
-                        "--out", tmp_path), "no such ONNX file")
-    one_line_error(hilq("export", "--model", onnx_model, "--input-shape", "1,3,64,64",
-                        "--variant", "fp32", "--out", tmp_path), "does not match")
+    said.append(one_line_error(hilq("export", "--model", bad, "--variant", "fp32", "--out", tmp_path),
+                   "cannot load ONNX file", "bad.onnx"))
+    said.append(one_line_error(hilq("export", "--model", tmp_path / "missing.onnx", "--variant", "fp32",
+                        "--out", tmp_path), "no such ONNX file"))
+    said.append(one_line_error(hilq("export", "--model", onnx_model, "--input-shape", "1,3,64,64",
+                        "--variant", "fp32", "--out", tmp_path), "does not match"))
     # images of the wrong size for the model
-    one_line_error(hilq("quantize", "--model", onnx_model, "--data", images, "--preprocess",
+    said.append(one_line_error(hilq("quantize", "--model", onnx_model, "--data", images, "--preprocess",
                         "resize=40,crop=40", "--w-bits", 8, "--a-bits", 8),
-                   "shape (3, 40, 40)", "(3, 32, 32)")
+                   "shape (3, 40, 40)", "(3, 32, 32)"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    one_line_error(hilq("quantize", "--model", onnx_model, "--data", empty, "--w-bits", 8,
-                        "--a-bits", 8), "no images")
+    said.append(one_line_error(hilq("quantize", "--model", onnx_model, "--data", empty, "--w-bits", 8,
+                        "--a-bits", 8), "no images"))
     broken = tmp_path / "broken"
     broken.mkdir()
     for i in range(2):
         (broken / f"{i}.png").write_bytes(b"\x89PNG not really")
-    one_line_error(hilq("quantize", "--model", onnx_model, "--data", broken, "--w-bits", 8,
-                        "--a-bits", 8), "cannot decode image", "0.png")
+    said.append(one_line_error(hilq("quantize", "--model", onnx_model, "--data", broken, "--w-bits", 8,
+                        "--a-bits", 8), "cannot decode image", "0.png"))
     x = np.zeros((6, 3, 32, 32), np.float32)
     np.savez(tmp_path / "lab.npz", x=x, y=np.array([0, 1, 2, 3, 4, 99]))
-    one_line_error(hilq("quantize", "--model", onnx_model, "--data", tmp_path / "lab.npz",
-                        "--w-bits", 8, "--a-bits", 8), "labels", "outside", "3 outputs")
-    one_line_error(hilq("export", "--model", "tests.user_models:not_a_module", "--input-shape",
+    said.append(one_line_error(hilq("quantize", "--model", onnx_model, "--data", tmp_path / "lab.npz",
+                        "--w-bits", 8, "--a-bits", 8), "labels", "outside", "3 outputs"))
+    said.append(one_line_error(hilq("export", "--model", "tests.user_models:not_a_module", "--input-shape",
                         "1,3,32,32", "--variant", "fp32", "--out", tmp_path),
-                   "returned dict", "nn.Module")
-    one_line_error(hilq("bench", "--model", "tests.user_models:tiny_cnn", "--variants", "fp32",
-                        "--no-store"), "needs --data", "--input-shape")
-    one_line_error(hilq("export", "--model", onnx_model, "--variant", "w8a8", "--calib-data",
-                        "distilled", "--out", tmp_path), "no BatchNorm")
-    one_line_error(hilq("export", "--model", onnx_model, "--preprocess", "size=3",
+                   "returned dict", "nn.Module"))
+    said.append(one_line_error(hilq("bench", "--model", "tests.user_models:tiny_cnn", "--variants", "fp32",
+                        "--no-store"), "needs --data", "--input-shape"))
+    said.append(one_line_error(hilq("export", "--model", onnx_model, "--variant", "w8a8", "--calib-data",
+                        "distilled", "--out", tmp_path), "no BatchNorm"))
+    said.append(one_line_error(hilq("export", "--model", onnx_model, "--preprocess", "size=3",
                         "--data", images, "--variant", "fp32", "--out", tmp_path),
-                   "unknown preprocessing key 'size'")
-    one_line_error(hilq("export", "--model", onnx_model, "--variant", "fp32", "--out",
-                        "/proc/version/out"), "--out")
+                   "unknown preprocessing key 'size'"))
+    said.append(one_line_error(hilq("export", "--model", onnx_model, "--variant", "fp32", "--out",
+                        "/proc/version/out"), "--out"))
+    # every bad input got its own message (none generic, none a traceback)
+    assert len(said) == 12 and len(set(said)) == len(said), said
+    assert not any("Traceback" in line or "Error:" in line.split(":", 1)[0] for line in said)
 
 
 def test_dynamic_onnx_needs_input_shape(onnx_model, tmp_path):

@@ -153,8 +153,8 @@ def _layer_profiler(trt):
 
 
 def _cache_dir(protocol: dict) -> Path:
-    if options(protocol, OPTIONS)["engine_cache"]:
-        return Path(options(protocol, OPTIONS)["engine_cache"])
+    if cache := options(protocol, OPTIONS)["engine_cache"]:
+        return Path(cache)
     base = os.environ.get("HILQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hilq")
     return Path(base) / "trt-engines"
 
