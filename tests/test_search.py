@@ -60,8 +60,10 @@ def test_search_on_the_local_cpu_closes_the_loop_and_stores_every_iteration(tmp_
     names = {r[0] for r in db.execute("select name from allocations")}
     assert {"chosen", "iteration-1"} <= names
     # a second search takes the first one's measurements into its fit
+    # (on a noisy VM it may honestly miss a 0.08 ms budget: then it must say so, exit 4)
     rc, again = _search(tmp_path, "--budget", "latency_ms=50%")
-    assert rc == 0
+    assert (rc, again["status"]) in {(0, "ok"), (4, "budget_missed")}, again["message"]
+    assert again["measured"]["within_budget"] == (rc == 0)
     assert again["latency_model"]["observations"] > res["latency_model"]["observations"]
 
 
