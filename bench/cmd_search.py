@@ -14,30 +14,20 @@ import statistics
 from bench.cli import UserError, add_model_arguments, model_ref
 from bench.cli import console as cli_console
 
-_COLUMNS = ("latency_ms", "size_bits")
 EXIT = {"ok": 0, "failed": 1, "infeasible": 2, "budget_missed": 4}
 
 
 def _budget(text: str) -> tuple[str, float | str]:
+    from .loop import BUDGETS, parse_budget
+
     key, sep, value = text.partition("=")
-    if not sep or key not in _COLUMNS:
+    if not sep or key not in BUDGETS:
         raise UserError(f"--budget {text!r}: expected COLUMN=VALUE with COLUMN one of "
-                        f"{', '.join(_COLUMNS)} (VALUE a number or 'NN%')")
-    if value.endswith("%"):
-        try:
-            pct = float(value[:-1])
-        except ValueError:
-            raise UserError(f"--budget {text!r}: {value!r} is not a percentage") from None
-        if not 0 <= pct <= 100:
-            raise UserError(f"--budget {text!r}: percentages run from 0% to 100%")
-        return key, value
+                        f"{', '.join(BUDGETS)} (VALUE a number or 'NN%')")
     try:
-        v = float(value)
-    except ValueError:
-        raise UserError(f"--budget {text!r}: {value!r} is not a number") from None
-    if v <= 0:
-        raise UserError(f"--budget {text!r}: must be positive")
-    return key, v
+        return key, parse_budget(key, value)
+    except ValueError as e:
+        raise UserError(f"--budget {text!r}: {e}") from None
 
 
 def _max_drop(text: str) -> float:
@@ -87,7 +77,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from bench.search import run_search
+    from bench.search import SearchOptions, run_search
     from bench.store import open_store
     from devices import inventory
     from devices.measurement import Protocol
@@ -119,13 +109,14 @@ def run(args) -> int:
                                   "sensitivity": args.sensitivity, "calib_data": args.calib_data,
                                   "confidence": args.confidence, "tolerance": args.tolerance,
                                   "max_iters": args.max_iters}, seed=args.seed)
-        res = run_search(model_ref(args), device, args.runtime, budgets, protocol=protocol,
+        options = SearchOptions(budgets, max_drop=max_drop, min_agreement=args.min_agreement,
+                                sensitivity=args.sensitivity, calib_data=args.calib_data,
+                                rounds=args.rounds, reuse_costs=not args.no_history,
+                                seed=args.seed, z=statistics.NormalDist().inv_cdf(args.confidence),
+                                tolerance=args.tolerance, max_iters=args.max_iters,
+                                sweep=args.sweep)
+        res = run_search(model_ref(args), device, args.runtime, options, protocol=protocol,
                          work_dir=args.work_dir, store=store, run_id=run_id,
-                         sensitivity=args.sensitivity, calib_data=args.calib_data,
-                         rounds=args.rounds, reuse_costs=not args.no_history, seed=args.seed,
-                         z=statistics.NormalDist().inv_cdf(args.confidence),
-                         tolerance=args.tolerance, max_iters=args.max_iters,
-                         max_drop=max_drop, min_agreement=args.min_agreement, sweep=args.sweep,
                          progress=lambda s: console.print(f"[dim]{s}[/dim]"))
         store.finish_run(run_id, res.status if res.status in ("ok", "budget_missed") else "failed")
     finally:

@@ -87,6 +87,33 @@ def uniform(layers, precision: str) -> dict[str, str]:
     return dict.fromkeys(layers, precision)
 
 
+BUDGETS = ("latency_ms", "size_bits")   # what the search holds a pick to (size is counted
+#                                         exactly; an energy model is not built yet)
+
+
+def parse_budget(key: str, value) -> float | str:
+    """A budget as a user writes it, checked: a positive number, or "NN%" of the way from the
+    all-INT8 to the all-float figure. ValueError names the problem (the CLI and the nightly
+    config add where it was written)."""
+    if key not in BUDGETS:
+        raise ValueError(f"unknown budget {key!r} (use {', '.join(BUDGETS)})")
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            pct = float(value.strip()[:-1])
+        except ValueError:
+            raise ValueError(f"{value!r} is not a percentage") from None
+        if not 0 <= pct <= 100:
+            raise ValueError(f"{value!r}: relative budgets run from 0% to 100%")
+        return value.strip()
+    try:
+        v = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a number or 'NN%'") from None
+    if not v > 0 or v == float("inf"):
+        raise ValueError(f"{value!r}: a budget must be a positive number or 'NN%'")
+    return v
+
+
 def resolve(budget, int8_ms: float, float_ms: float) -> float:
     """"NN%" -> ms between the *measured* all-INT8 (0%) and all-float (100%) latencies; a
     number passes through."""

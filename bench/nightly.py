@@ -42,9 +42,11 @@ class NightlyResult:
         return asdict(self)
 
 
-def _accuracy(store, run_id: str, b, seed: int, say) -> None:
+def _accuracy(store, run_id: str, b, seed: int, say, arts: dict | None = None) -> None:
     """Top-1 of each variant on the model's labelled test split (fake-quant model; the ONNX
-    artifact agrees within 0.3 pt, see tests/test_export.py). Stored once per run."""
+    artifact agrees within 0.3 pt, see tests/test_export.py). Stored once per run. A built
+    artifact's manifest already holds it (`simulated`): only a variant without one is
+    quantized again here."""
     from quant.export import DISTILL_ITERS
     from quant.models import load_model
     from quant.pipeline import quantize_model, variant_bit_config
@@ -56,13 +58,17 @@ def _accuracy(store, run_id: str, b, seed: int, say) -> None:
     data = entry.data()
     if data.test_y is None:
         return
-    folded = fold_bn(entry.build().eval())
+    folded = None
     for v in variants:
         if (model, v) in stored:
             continue
-        res = quantize_model(entry, variant_bit_config(folded, v), seed=seed,
-                             calib_data=b.calib_data, distill_iters=DISTILL_ITERS)
-        top1 = res.quant_top1 if res.bit_config.layers else res.fp32_top1
+        art = (arts or {}).get(v)
+        top1 = (art.manifest.get("simulated") or {}).get("top1") if art is not None else None
+        if top1 is None:
+            folded = folded or fold_bn(entry.build().eval())
+            res = quantize_model(entry, variant_bit_config(folded, v), seed=seed,
+                                 calib_data=b.calib_data, distill_iters=DISTILL_ITERS)
+            top1 = res.quant_top1 if res.bit_config.layers else res.fp32_top1
         store.add_accuracy(run_id, model, v, top1, len(data.test_y), data.name or model)
         say(f"accuracy {model} {v}: top-1 {top1:.2%}")
 
@@ -171,6 +177,7 @@ def run_nightly(cfg: Config, *, say: Callable[[str], None] = print,
 
         # 1. build every bench artifact first, on the host, before any timing
         per_device: dict[str, list] = {}
+        built: dict[str, dict] = {}         # model -> its artifacts (the first runtime's)
         for b in cfg.bench:
             for runtime in b.runtimes:
                 try:
@@ -180,6 +187,7 @@ def run_nightly(cfg: Config, *, say: Callable[[str], None] = print,
                 except Exception as e:  # noqa: BLE001 — a model that will not build is a failure
                     result.failures.append((f"build {b.model} for {runtime}", _one_line(e)))
                     continue
+                built.setdefault(b.model, arts)
                 for d in b.devices:
                     per_device.setdefault(d, []).append((b, runtime, arts))
             say(f"built {b.model}: {', '.join(b.variants)}")
@@ -206,7 +214,7 @@ def run_nightly(cfg: Config, *, say: Callable[[str], None] = print,
         for b in cfg.bench:
             if b.accuracy:
                 try:
-                    _accuracy(store, run_id, b, cfg.seed, say)
+                    _accuracy(store, run_id, b, cfg.seed, say, built.get(b.model))
                 except Exception as e:  # noqa: BLE001
                     result.failures.append((f"accuracy {b.model}", _one_line(e)))
 
@@ -235,6 +243,8 @@ def run_nightly(cfg: Config, *, say: Callable[[str], None] = print,
 
 def _search(cfg: Config, store, run_id: str, devs, s: Search, artifacts_dir: Path, say,
             failures: list, run_search) -> dict:
+    from .search import SearchOptions
+
     name = f"search {s.model} on {s.device}/{s.runtime}"
     done = [r for r in store.rows("allocations", run_id) if r["model"] == s.model
             and r["device"] == s.device and r["runtime"] == s.runtime and r["name"] == "chosen"]
@@ -250,12 +260,13 @@ def _search(cfg: Config, store, run_id: str, devs, s: Search, artifacts_dir: Pat
         failures.append((name, f"{e.kind}: {e}"))
         return {"model": s.model, "device": s.device, "runtime": s.runtime, "status": "failed"}
     try:
-        res = run_search(s.ref, device, s.runtime, s.budgets, protocol=cfg.protocol,
+        options = SearchOptions(s.budgets, sensitivity=s.sensitivity, calib_data=s.calib_data,
+                                samples=s.samples, distill_iters=s.distill_iters,
+                                rounds=cfg.rounds, sweep=s.points if s.sweep else 0,
+                                seed=cfg.seed)   # reuse_costs: history joins, scaled to tonight
+        res = run_search(s.ref, device, s.runtime, options, protocol=cfg.protocol,
                          work_dir=artifacts_dir / "search", store=store, run_id=run_id,
-                         sensitivity=s.sensitivity, calib_data=s.calib_data, samples=s.samples,
-                         distill_iters=s.distill_iters, rounds=cfg.rounds,
-                         reuse_costs=True,   # history joins the fit, scaled to tonight
-                         sweep=s.points if s.sweep else 0, seed=cfg.seed, progress=say)
+                         progress=say)
         if res.status in ("failed", "infeasible"):
             failures.append((name, f"{res.status}: {res.message}"))
         elif res.status == "budget_missed":

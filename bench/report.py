@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from devices.stats import Stats
+
 SECTIONS = ("Summary", "Latency distribution", "Accuracy on the device", "Accuracy vs latency",
             "Energy per inference", "Memory", "MLPerf scenarios (LoadGen)",
             "Bit allocation", "Predicted vs measured latency",
@@ -127,8 +129,7 @@ class Result:
     def stat(self, name: str) -> float | None:
         s = self.samples
         if len(s) and name in ("p50", "p90", "p99", "mean", "std"):
-            return float({"p50": np.median, "mean": np.mean, "std": np.std}.get(
-                name, lambda a: np.percentile(a, int(name[1:])))(s))
+            return getattr(Stats(s), name)               # devices/stats.py, as on the device
         vals = [r[f"{name}_ms"] for r in self.ok_rows if r.get(f"{name}_ms") is not None]
         return float(np.median(vals)) if vals else None
 
@@ -145,10 +146,9 @@ class Result:
     def round_spread(self) -> float | None:
         """(max - min) / median of the per-round p50s: drift across alternating rounds."""
         p = [r["p50_ms"] for r in self.ok_rows if r["p50_ms"] is not None]
-        if len(p) > 1:
-            return (max(p) - min(p)) / float(np.median(p))
-        spread = [(r.get("rounds") or {}).get("spread") for r in self.ok_rows]   # merged rounds
-        return spread[0] if len(spread) == 1 and isinstance(spread[0], float) else None
+        if len(p) == 1:                   # rounds pooled into one row (runner): their own p50s
+            p = [x for r in self.ok_rows for x in (r.get("rounds") or {}).get("p50_ms") or []]
+        return (max(p) - min(p)) / float(np.median(p)) if len(p) > 1 else None
 
 
 def _results(rows: list[dict]) -> list[Result]:

@@ -12,7 +12,7 @@ import contextlib
 import statistics
 import tempfile
 from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 from devices import stats
@@ -70,28 +70,11 @@ def with_simulated(accuracy: dict, manifest: dict) -> dict:
     return out
 
 
-_FIELDS = {f.name for f in fields(Measurement)}
-
-
 def _stored(store, run_id: str, kind: str, model: str, device: str, runtime: str
             ) -> dict[tuple[str, int], Measurement]:
     """(variant, round) -> Measurement already stored in this run: what a resumed run skips."""
-    out = {}
-    for r in store.measurements(run_id, kind=kind):
-        if (r["model"], r["device"], r["runtime"]) != (model, device, runtime):
-            continue
-        out[(r["variant"], r["round"])] = Measurement(
-            **{k: v for k, v in (r.get("extra") or {}).items() if k in _FIELDS},
-            model=r["model"], variant=r["variant"], device=r["device"], runtime=r["runtime"],
-            status=r["status"], reason=r["reason"], failure=r["failure"],
-            latency_ms=r["latency"] or {}, samples_ms=r["samples_ms"] or [],
-            device_latency_ms=r["device_latency"], throughput=r["throughput"],
-            energy_j_per_inference=r["energy_j"], power=r["power"] or {},
-            kernels=r["kernels"] or {}, protocol=r["protocol"] or {}, load=r["load"] or {},
-            artifact_sha256=r["artifact_sha256"], outputs_check=r["outputs_check"],
-            harness_overhead_ms=r["harness_overhead_ms"], timing=r["timing"] or {},
-            rounds=r["rounds"] or {}, accuracy=r.get("accuracy") or {})
-    return out
+    return {(k.variant, k.round): m for k, m in store.load_measurements(run_id, kind=kind).items()
+            if (k.model, k.device, k.runtime) == (model, device, runtime)}
 
 
 def _line(m: Measurement, r: int) -> str:
@@ -159,10 +142,8 @@ def profile_artifacts(device, runtime: str, model: str, arts: dict[str, Artifact
     proto = replace(protocol, profile_iters=iters)
     done = {}
     if store is not None:
-        rows = {(r["variant"], r["round"]): r for r in store.measurements(run_id, kind="profile")
-                if (r["model"], r["device"], r["runtime"]) == (model, device.name, runtime)}
-        for key, m in _stored(store, run_id, "profile", model, device.name, runtime).items():
-            done[key[0]] = replace(m, profile=(rows[key]["extra"] or {}).get("profile") or {})
+        done = {variant: m for (variant, _), m in
+                _stored(store, run_id, "profile", model, device.name, runtime).items()}
     out: dict[str, Measurement] = {}
     for name, art in arts.items():
         if name in done:

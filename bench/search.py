@@ -198,6 +198,22 @@ class _Context:
                                                   calib_data=self.calib_data)
         return self.built[key]
 
+    def accuracy(self, cfg: dict) -> dict:
+        """A configuration's fake-quant accuracy as its artifact's manifest recorded it when
+        it was built (nothing is quantized twice); quantized here only if never built."""
+        sim = self._simulated(cfg)
+        if sim.get("top1") is not None:
+            fp32 = self._simulated(dict.fromkeys(self.layers, FLOAT)).get("top1")
+            if fp32 is not None:
+                return {"top1": sim["top1"], "fp32_top1": fp32}
+        elif sim.get("agreement_fp32") is not None:
+            return {"agreement_fp32": sim["agreement_fp32"]}
+        return _accuracy(self.entry, self.bit_config(cfg), self.calib_data)
+
+    def _simulated(self, cfg: dict) -> dict:
+        art = self.built.get(tuple(sorted(cfg.items())))
+        return (art.manifest.get("simulated") or {}) if art is not None else {}
+
     def measure(self, configs: dict[str, dict]) -> dict[str, list[float]]:
         """Time configurations beside each other (alternating rounds, fresh processes,
         stored): each one's p50 per good round."""
@@ -214,35 +230,78 @@ class _Context:
         return {n: _p50s(ms[f"it{self.batches}-{n}"]) for n in configs}
 
 
-def run_search(model, device, runtime: str, budgets: dict, *, protocol: Protocol,
-               work_dir: str | Path, store=None, run_id: str | None = None,
-               sensitivity: str = "kl", calib_data: str = "real", samples: int = 16,
-               distill_iters: int = 100, rounds: int = 2, reuse_costs: bool = True,
-               seed: int = 0, z: float = loop.Z_MARGIN, tolerance: float = loop.TOLERANCE,
-               max_iters: int = loop.MAX_ITERS, max_drop: float | None = None,
-               min_agreement: float | None = None, sweep: int = 0,
-               progress: Callable[[str], None] = lambda s: None) -> SearchResult:
-    """The whole search for one (model, device, runtime). See the module docstring.
+@dataclass(frozen=True)
+class SearchOptions:
+    """What one search is asked for and how hard it looks; the defaults are the nightly's.
 
-    With a latency budget: the most accurate configuration that meets it (the closed loop).
-    With `max_drop` (top-1 points lost against float) or `min_agreement` (with float's
-    predictions, for unlabelled models): the fastest configuration within that accuracy
-    limit, each candidate's accuracy measured. `sweep` > 1 also measures that many picks
-    from 0% to 100% of the latency range: the latency-vs-accuracy frontier. `reuse_costs`
-    takes earlier nights' measurements into the fit (the store's history)."""
+    Either a latency budget (`budgets["latency_ms"]`, ms or "NN%" of the way from the
+    measured all-INT8 to all-float; `size_bits` may join it) or an accuracy limit
+    (`max_drop` top-1 points against float, or `min_agreement` with float's predictions)."""
+
+    budgets: dict = field(default_factory=dict)
+    max_drop: float | None = None
+    min_agreement: float | None = None
+    sensitivity: str = "kl"              # kl (ZeroQ) | hessian (HAWQ)
+    calib_data: str = "real"             # real | distilled (ZeroQ) | ...
+    samples: int = 16                    # calibration inputs for the sensitivity
+    distill_iters: int = 100
+    rounds: int = 2                      # alternating rounds per measurement batch
+    reuse_costs: bool = True             # earlier nights' measurements join the fit
+    seed: int = 0
+    z: float = loop.Z_MARGIN             # the margin: z × the pick's prediction sd
+    tolerance: float = loop.TOLERANCE    # the measured CI the loop accepts
+    max_iters: int = loop.MAX_ITERS
+    sweep: int = 0                       # > 1: also the frontier at that many budgets
+
+    @property
+    def accuracy_limited(self) -> bool:
+        return self.max_drop is not None or self.min_agreement is not None
+
+    def check(self) -> None:
+        unknown = set(self.budgets) - set(loop.BUDGETS)
+        if unknown:
+            raise SpecError(f"budget {', '.join(sorted(unknown))}: the search fits latency "
+                            "(and counts size exactly); an energy model is not built yet")
+        if ("latency_ms" in self.budgets) == self.accuracy_limited:
+            raise SpecError("give either a latency_ms budget or an accuracy limit "
+                            "(max drop / min agreement), not both or neither")
+
+
+@dataclass
+class _Costs:
+    """Phase 1's answer: tonight's pattern timings, the engine-profile prior, the history."""
+
+    seeded: dict                 # pattern name -> (config, p50 per round)
+    prior: object
+    past: list
+    int8_ms: float
+    float_ms: float
+
+
+@dataclass
+class _Sensitivity:
+    """Phase 2's answer: sensitivity and size per (layer, precision), the size limit, and the
+    uniforms' accuracy."""
+
+    by: dict
+    size: dict
+    limits: dict
+    base_acc: dict
+
+
+def run_search(model, device, runtime: str, options: SearchOptions, *, protocol: Protocol,
+               work_dir: str | Path, store=None, run_id: str | None = None,
+               progress: Callable[[str], None] = lambda s: None) -> SearchResult:
+    """The whole search for one (model, device, runtime), in four named phases (the module
+    docstring says what each does): costs, sensitivity, allocate (the closed loop), record.
+
+    With a latency budget: the most accurate configuration that meets it. With an accuracy
+    limit: the fastest configuration within it, each candidate's accuracy measured."""
     from quant.models import load_model, name_of
-    from quant.pipeline import variant_bit_config
     from quant.transform import fold_bn, quantizable_layers
 
-    ref, model = model, name_of(model)
-    unknown = set(budgets) - {"latency_ms", "size_bits"}
-    if unknown:
-        raise SpecError(f"budget {', '.join(sorted(unknown))}: the search fits latency (and "
-                        "counts size exactly); an energy model is not built yet")
-    accuracy_limit = max_drop is not None or min_agreement is not None
-    if ("latency_ms" in budgets) == accuracy_limit:
-        raise SpecError("give either a latency_ms budget or an accuracy limit "
-                        "(max drop / min agreement), not both or neither")
+    options.check()
+    ref, name = model, name_of(model)
     entry = load_model(ref)
     net = entry.build().eval()
     folded = fold_bn(net)
@@ -250,43 +309,78 @@ def run_search(model, device, runtime: str, budgets: dict, *, protocol: Protocol
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     _check_runtime(runtime)
-    ctx = _Context(model, entry, folded, layers, float_edges(folded, layers), device, runtime,
-                   protocol, work, store, run_id, rounds, seed, progress, ref=ref,
-                   calib_data=calib_data)
-    result = SearchResult(model, device.name, runtime, "failed", dict(budgets))
-    seeded, prior = _patterns(ctx)
-    if seeded is None:
-        result.message = prior
+    ctx = _Context(name, entry, folded, layers, float_edges(folded, layers), device, runtime,
+                   protocol, work, store, run_id, options.rounds, options.seed, progress,
+                   ref=ref, calib_data=options.calib_data)
+    result = SearchResult(name, device.name, runtime, "failed", dict(options.budgets))
+    costs = measure_costs(ctx, options)
+    if isinstance(costs, str):
+        result.message = costs
         return result
-    result.prior = prior.source
-    past = history(store, model, device.name, runtime, layers, protocol, run_id) \
-        if store is not None and reuse_costs else []
-    if past:
-        progress(f"{model}: {len(past)} earlier measurements of this model join the fit")
-    sens_by, size = _sensitivity(ctx, net, sensitivity, calib_data, samples, distill_iters)
-    limits = {}
-    if "size_bits" in budgets:
-        lo, hi = (sum(size[(lay, p)] for lay in layers) for p in (INT8, FLOAT))
-        limits["size_bits"] = (size, loop.resolve(budgets["size_bits"], lo, hi))
-    base_acc = {u: _accuracy(entry, variant_bit_config(folded, u), calib_data)
-                for u in (INT8, FLOAT)}
-    q_ms, f_ms = (statistics.median(seeded[f"uniform-{u}"][1]) for u in (INT8, FLOAT))
-    result.baseline = _baselines({INT8: (q_ms, base_acc[INT8]), FLOAT: (f_ms, base_acc[FLOAT])})
-    kw = dict(history=past, measured=seeded, z=z, tolerance=tolerance, max_iters=max_iters,
-              limits=limits, progress=progress)
+    result.prior = costs.prior.source
+    sens = sensitivities(ctx, net, options)
+    result.baseline = _baselines({INT8: (costs.int8_ms, sens.base_acc[INT8]),
+                                  FLOAT: (costs.float_ms, sens.base_acc[FLOAT])})
     try:
-        if accuracy_limit:
-            res = _fastest_within(ctx, sens_by, prior, base_acc[FLOAT], max_drop, min_agreement,
-                                  result, **kw)
-        else:
-            res = loop.close_loop(layers, ctx.edges, sens_by, prior, ctx.measure,
-                                  budgets["latency_ms"], **kw)
+        res = allocate(ctx, options, costs, sens, result)
     except loop.SearchFailure as e:     # a typed failure of this search, not a traceback
         result.message = str(e)
         return result
+    record(ctx, options, costs, sens, res, result)
+    return result
+
+
+def measure_costs(ctx: _Context, options: SearchOptions) -> _Costs | str:
+    """Phase 1: the profile patterns timed beside each other and profiled (the prior), and
+    the store's earlier measurements of this model here; a string says why not."""
+    seeded, prior = _patterns(ctx)
+    if seeded is None:
+        return prior
+    past = history(ctx.store, ctx.model, ctx.device.name, ctx.runtime, ctx.layers,
+                   ctx.protocol, ctx.run_id) if ctx.store is not None and options.reuse_costs \
+        else []
+    if past:
+        ctx.progress(f"{ctx.model}: {len(past)} earlier measurements of this model join the fit")
+    q_ms, f_ms = (statistics.median(seeded[f"uniform-{u}"][1]) for u in (INT8, FLOAT))
+    return _Costs(seeded, prior, past, q_ms, f_ms)
+
+
+def sensitivities(ctx: _Context, net, options: SearchOptions) -> _Sensitivity:
+    """Phase 2: each layer's sensitivity (KL or Hessian) and size per precision, the size
+    budget resolved, and the uniforms' accuracy."""
+    by, size = _sensitivity(ctx, net, options.sensitivity, options.calib_data, options.samples,
+                            options.distill_iters)
+    limits = {}
+    if "size_bits" in options.budgets:
+        lo, hi = (sum(size[(lay, p)] for lay in ctx.layers) for p in (INT8, FLOAT))
+        limits["size_bits"] = (size, loop.resolve(options.budgets["size_bits"], lo, hi))
+    base_acc = {u: ctx.accuracy(loop.uniform(ctx.layers, u)) for u in (INT8, FLOAT)}
+    return _Sensitivity(by, size, limits, base_acc)
+
+
+def allocate(ctx: _Context, options: SearchOptions, costs: _Costs, sens: _Sensitivity,
+             result: SearchResult) -> loop.LoopResult:
+    """Phase 3: the ILP under the budget, each pick re-measured until one holds (bench.loop);
+    under an accuracy limit, first the bisection for the budget that keeps it."""
+    kw = dict(history=costs.past, measured=costs.seeded, z=options.z,
+              tolerance=options.tolerance, max_iters=options.max_iters, limits=sens.limits,
+              progress=ctx.progress)
+    if options.accuracy_limited:
+        return _fastest_within(ctx, sens.by, costs.prior, sens.base_acc[FLOAT],
+                               options.max_drop, options.min_agreement, result, **kw)
+    return loop.close_loop(ctx.layers, ctx.edges, sens.by, costs.prior, ctx.measure,
+                           options.budgets["latency_ms"], **kw)
+
+
+def record(ctx: _Context, options: SearchOptions, costs: _Costs, sens: _Sensitivity,
+           res: loop.LoopResult, result: SearchResult) -> None:
+    """Phase 4: the result filled in (the pick, its prediction and measurement, its accuracy
+    in simulation and on the device, the accuracy limit checked on both), the fitted cost
+    table and every pick stored, and the frontier swept when asked."""
+    store, size = ctx.store, sens.size
     result.status, result.message = res.status, res.message
     result.resolved_budgets = {"latency_ms": res.budget_ms,
-                               **{c: b for c, (_, b) in limits.items()}}
+                               **{c: b for c, (_, b) in sens.limits.items()}}
     result.iterations = [asdict(it) for it in res.iterations]
     model_fit = res.model
     if model_fit is not None:
@@ -294,20 +388,20 @@ def run_search(model, device, runtime: str, budgets: dict, *, protocol: Protocol
         result.loo = model_fit.loo()
         rows, _ = model_fit.costs()
         result.cost_table = [{"layer": lay, "precision": p, "latency_ms": v,
-                              "sensitivity": sens_by[(lay, p)], "size_bits": size[(lay, p)]}
+                              "sensitivity": sens.by[(lay, p)], "size_bits": size[(lay, p)]}
                              for (lay, p), v in rows.items()]
         if store is not None:
-            store.add_cost_rows(run_id, [{**r, "model": model, "device": device.name,
-                                          "runtime": runtime, "method": f"fitted/{sensitivity}"}
-                                         for r in result.cost_table])
+            store.add_cost_rows(ctx.run_id, [
+                {**r, "model": ctx.model, "device": ctx.device.name, "runtime": ctx.runtime,
+                 "method": f"fitted/{options.sensitivity}"} for r in result.cost_table])
     for it in res.iterations:
         _store_pick(ctx, f"iteration-{it.index}", it, result.resolved_budgets, None)
     if res.config:
         final = next(it for it in reversed(res.iterations) if it.config == res.config)
         cfg = ctx.bit_config(res.config)
-        result.variant = _write_config(work, f"{ctx.tag}-chosen", cfg)
+        result.variant = _write_config(ctx.work, f"{ctx.tag}-chosen", cfg)
         result.config = dict(res.config)
-        result.accuracy = _accuracy(entry, cfg, calib_data)
+        result.accuracy = ctx.accuracy(res.config)
         result.predicted = {"latency_ms": final.predicted_ms,
                             "latency_sd_ms": final.predicted_sd_ms, "margin_ms": final.margin_ms,
                             "size_bits": sum(size[(lay, p)] for lay, p in res.config.items())}
@@ -322,27 +416,31 @@ def run_search(model, device, runtime: str, budgets: dict, *, protocol: Protocol
                                                                          "kl", "sqnr_db", "n")})
             result.measured.update(device_top1=dev.get("top1"),
                                    device_agreement_fp32=dev.get("agreement_fp32"))
-        if accuracy_limit:
-            # the limit holds only if it holds in simulation and on the device
-            checks = [("simulated", result.accuracy)]
-            if dev and (dev.get("top1") is not None or dev.get("agreement_fp32") is not None):
-                checks.append(("device", {k: dev[k] for k in ("top1", "agreement_fp32")
-                                          if dev.get(k) is not None}))
-            misses = []
-            for where, acc in checks:
-                over, limit = _loss(acc, base_acc[FLOAT], max_drop, min_agreement)
-                result.measured[f"accuracy_within_limit_{where}"] = over <= 0
-                if over > 0:
-                    misses.append(f"{where} {acc}")
-            result.measured["accuracy_within_limit"] = not misses
-            if misses:
-                result.status = result.measured["search_status"] = "budget_missed"
-                result.message = (f"the pick's accuracy misses the limit {limit}: "
-                                  + "; ".join(misses))
+        if options.accuracy_limited:
+            _check_accuracy_limit(result, dev, sens.base_acc[FLOAT], options)
         _store_pick(ctx, "chosen", final, result.resolved_budgets, result)
-    if sweep > 1 and model_fit is not None:
-        result.frontier = _sweep(ctx, model_fit, sens_by, q_ms, f_ms, sweep, z, limits)
-    return result
+    if options.sweep > 1 and model_fit is not None:
+        result.frontier = _sweep(ctx, model_fit, sens.by, costs.int8_ms, costs.float_ms,
+                                 options.sweep, options.z, sens.limits)
+
+
+def _check_accuracy_limit(result: SearchResult, dev: dict | None, float_acc: dict,
+                          options: SearchOptions) -> None:
+    """The limit holds only if it holds in simulation and on the device; else budget_missed."""
+    checks = [("simulated", result.accuracy)]
+    if dev and (dev.get("top1") is not None or dev.get("agreement_fp32") is not None):
+        checks.append(("device", {k: dev[k] for k in ("top1", "agreement_fp32")
+                                  if dev.get(k) is not None}))
+    misses = []
+    for where, acc in checks:
+        over, limit = _loss(acc, float_acc, options.max_drop, options.min_agreement)
+        result.measured[f"accuracy_within_limit_{where}"] = over <= 0
+        if over > 0:
+            misses.append(f"{where} {acc}")
+    result.measured["accuracy_within_limit"] = not misses
+    if misses:
+        result.status = result.measured["search_status"] = "budget_missed"
+        result.message = f"the pick's accuracy misses the limit {limit}: " + "; ".join(misses)
 
 
 def _patterns(ctx: _Context):
@@ -427,7 +525,7 @@ def _fastest_within(ctx: _Context, sens_by, prior, float_acc, max_drop, min_agre
         if cfg is None:
             lo = pct
             continue
-        acc = _accuracy(ctx.entry, ctx.bit_config(cfg), ctx.calib_data)
+        acc = ctx.accuracy(cfg)
         over, limit = _loss(acc, float_acc, max_drop, min_agreement)
         checked.append({"budget_pct": pct, "float_layers": sum(v != INT8 for v in cfg.values()),
                         "accuracy": acc, "within_limit": over <= 0})
@@ -466,7 +564,7 @@ def _sweep(ctx: _Context, fit, sens_by, q_ms, f_ms, points, z, limits) -> list[d
     for name, cfg in picks.items():
         ps = got.get(name) or []
         bc = ctx.bit_config(cfg)
-        acc = _accuracy(ctx.entry, bc, ctx.calib_data)
+        acc = ctx.accuracy(cfg)
         mean, sd = fit.predict(cfg)
         measured = {"latency_ms": statistics.median(ps)} if ps else {}
         out.append({"name": name, "config": cfg, "predicted": {"latency_ms": mean,

@@ -80,11 +80,15 @@ class Failure(Exception):
         self.kind, self.reason, self.extra = kind, reason, extra
 
 
-def _runtime_module(name: str):
-    mod = name.replace("-", "_")
+def _runtimes():
+    """The runtimes package, inside hilq or beside the agent in its bundle."""
     if __package__:
-        return importlib.import_module(f".runtimes.{mod}", __package__)
-    return importlib.import_module(f"runtimes.{mod}")
+        return importlib.import_module(".runtimes", __package__)
+    return importlib.import_module("runtimes")
+
+
+def _runtime_module(name: str):
+    return importlib.import_module(f"{_runtimes().__name__}.{name.replace('-', '_')}")
 
 
 # --- device facts --------------------------------------------------------------------------
@@ -320,18 +324,14 @@ def _sha256(path: str) -> str:
 def run(args) -> dict:
     try:
         with open(args.protocol) as f:
-            protocol = json.load(f)
-    except (OSError, ValueError) as e:
+            protocol = {**timing.DEFAULTS, **json.load(f)}   # one set of defaults: Protocol's
+    except (OSError, ValueError, TypeError) as e:
         raise Failure("bad_input", f"protocol: {e}") from e
     if not os.path.isfile(args.artifact):
         raise Failure("bad_input", f"artifact not found: {args.artifact}")
-    manifest = {}
-    mpath = args.artifact + ".manifest.json"
-    if os.path.isfile(mpath):
-        with open(mpath) as f:
-            manifest = json.load(f)
-        if manifest.get("sha256") and _sha256(args.artifact) != manifest["sha256"]:
-            raise Failure("bad_input", "artifact does not match its manifest sha256")
+    manifest = _runtimes().read_manifest(args.artifact)
+    if manifest.get("sha256") and _sha256(args.artifact) != manifest["sha256"]:
+        raise Failure("bad_input", "artifact does not match its manifest sha256")
     if protocol.get("affinity"):
         try:
             os.sched_setaffinity(0, protocol["affinity"])

@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 def files() -> list[tuple[Path, str]]:
     """(local file, path relative to the bundle dir on the device)."""
     out = [(HERE / n, n) for n in ("agent.py", "accuracy.py", "memory.py", "scenario.py",
-                                   "stats.py", "timing.py", "power.py")]
+                                   "stats.py", "timing.py", "power.py", "measurement.py")]
     out += [(p, f"runtimes/{p.name}") for p in sorted((HERE / "runtimes").glob("*.py"))]
     return out
 

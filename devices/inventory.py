@@ -21,6 +21,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+from .device import Device
 from .errors import DeviceError
 
 _COMMON = {"kind": str, "python": str, "workdir": str, "runtimes": list, "power": str,
@@ -81,7 +82,7 @@ def load(path: str | Path | None = None) -> dict[str, dict]:
     return devices
 
 
-def open_device(name: str, devices: dict[str, dict]):
+def open_device(name: str, devices: dict[str, dict]) -> Device:
     """A LocalDevice or SSHDevice for `name` from a loaded inventory."""
     if name not in devices:
         raise _bad(f"unknown device {name!r} (known: {', '.join(sorted(devices))})")

@@ -1,6 +1,7 @@
 """The timing loop the agent uses, owned by the harness (MLPerf LoadGen's rule): warm up by
 count AND time, then measure until BOTH a minimum count and a minimum duration are met
-(capped by max_iters / max_duration_s). Part of the agent bundle: standard library only.
+(capped by max_iters / max_duration_s). Part of the agent bundle: standard library only
+(and the Protocol's defaults from measurement.py, also in the bundle).
 
 Each sample is the host wall time of one `fn()` call from `time.perf_counter_ns`; a GPU
 runtime also passes a `device_timer` (start()/stop() -> ms, e.g. CUDA events) and both are
@@ -16,6 +17,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+
+if __package__:
+    from .measurement import Protocol
+else:  # in the agent's bundle, beside it
+    from measurement import Protocol
+
+DEFAULTS = Protocol().to_dict()    # the protocol's defaults: one source, on the host and device
 
 
 @dataclass
@@ -36,10 +44,10 @@ def measure(fn, protocol: dict, device_timer=None, mark=None) -> Timed:
     """Warm up, then time `fn()` one call per sample according to `protocol`. `mark()` (a
     power meter's reading) is called just before the first and after the last timed call."""
     clock = time.perf_counter_ns
-    warm_n, warm_s = int(protocol.get("warmup_iters", 0)), float(protocol.get("warmup_s", 0))
-    min_n, min_s = int(protocol.get("min_iters", 1)), float(protocol.get("min_duration_s", 0))
-    max_n = int(protocol.get("max_iters", 1_000_000))
-    max_s = float(protocol.get("max_duration_s", 3600))
+    p = {**DEFAULTS, **protocol}
+    warm_n, warm_s = int(p["warmup_iters"]), float(p["warmup_s"])
+    min_n, min_s = int(p["min_iters"]), float(p["min_duration_s"])
+    max_n, max_s = int(p["max_iters"]), float(p["max_duration_s"])
 
     t0, i = clock(), 0
     while i < warm_n or (clock() - t0) < warm_s * 1e9:
@@ -80,7 +88,8 @@ def measure(fn, protocol: dict, device_timer=None, mark=None) -> Timed:
 
 def harness_overhead_ms(iters: int = 2000) -> float:
     """Median time the loop records for a call that does nothing: the per-sample floor."""
-    timed = measure(lambda: None, {"warmup_iters": 100, "min_iters": iters, "min_duration_s": 0})
+    timed = measure(lambda: None, {"warmup_iters": 100, "warmup_s": 0, "min_iters": iters,
+                                   "min_duration_s": 0})
     s = sorted(timed.samples_ms)
     return s[len(s) // 2]
 

@@ -306,10 +306,10 @@ def _dq_weight(g: _Graph, name: str, codes: np.ndarray, scale, zp, axis: int | N
 def insert_qdq(proto, fmodel: nn.Module, qlayers: dict[str, QuantLayer], *,
                act_dtype: str = "uint8", placement: str = "ort",
                calib_x: torch.Tensor | None = None) -> dict:
-    """Edit the float ONNX graph `proto` in place into Q/DQ form (see the module docstring).
+    """Edit the float ONNX graph `proto` in place into Q/DQ form (see the module docstring),
+    in four phases: plan (which tensors are integer), qparams (their scale and zero point,
+    from the layers or calibrated), fold (Relu/Clip into the Q before them), rewrite.
     Returns what the manifest records: the layer map and the calibrated extra tensors."""
-    from onnx import helper
-
     if act_dtype not in ("uint8", "int8"):
         raise ExportError(f"act_dtype must be uint8 or int8, not {act_dtype!r}")
     if placement not in PLACEMENTS:
@@ -322,9 +322,21 @@ def insert_qdq(proto, fmodel: nn.Module, qlayers: dict[str, QuantLayer], *,
         q = qlayers.get(layer_of.get(node.name, ""))
         kind[node.name] = ("float" if q is None or q.weight_spec is None
                            else "wonly" if q.act_spec is None else "int")
+    integer, qnodes = _plan(g, kind, qlayers, layer_of, full)
+    qp, ranges, conflicts = _qparams(proto, g, integer, kind, qlayers, layer_of, act_dtype,
+                                     calib_x)
+    folded = _fold(g, integer, qnodes, qp, act_dtype)
+    layer_map = _rewrite(proto, g, integer, kind, folded, qlayers, layer_of, qp, act_dtype, full)
+    return {"layer_map": layer_map, "act_dtype": act_dtype, "placement": placement,
+            "calibrated_tensors": {t: [float(a), float(b)] for t, (a, b) in ranges.items()},
+            "folded_activations": sorted(folded), "qparam_conflicts": conflicts}
 
-    # 1. which tensors are integer, and where their qparams come from
-    integer: dict[str, str] = {}          # tensor -> tensor whose qparams it shares (itself)
+
+def _plan(g: _Graph, kind: dict, qlayers, layer_of, full: bool) -> tuple[dict, set]:
+    """Which tensors are integer (tensor -> the tensor whose qparams it shares, itself for a
+    new scale) and which nodes run on them. `full` (ORT placement): integer flows on through
+    adds, pooling, reshapes and clamping activations; else only the layers' inputs."""
+    integer: dict[str, str] = {}
     qnodes = set()
     for node in g.g.node:
         op, k = node.op_type, kind[node.name]
@@ -349,7 +361,14 @@ def insert_qdq(proto, fmodel: nn.Module, qlayers: dict[str, QuantLayer], *,
         elif op in ACTIVATIONS and node.input[0] in integer and _clip_bounds(g, node):
             qnodes.add(node.name)
             integer[node.output[0]] = node.output[0]
+    return integer, qnodes
 
+
+def _qparams(proto, g: _Graph, integer: dict, kind: dict, qlayers, layer_of, act_dtype: str,
+             calib_x) -> tuple:
+    """(tensor -> (scale, zp), the calibrated ranges, conflicts): each class of tensors that
+    share a scale takes its consumers' activation qparams (the first one's if they disagree,
+    recorded), or is calibrated on `calib_x` when no quantized layer reads it."""
     def root(t):
         while integer[t] != t:
             t = integer[t]
@@ -375,13 +394,14 @@ def insert_qdq(proto, fmodel: nn.Module, qlayers: dict[str, QuantLayer], *,
     ranges = _calibrate(proto, to_calib, calib_x)
     for r in to_calib:
         params[r] = _calibrated_qparams(*ranges[r], act_dtype)
+    return (lambda t: params[root(t)]), ranges, conflicts
 
-    def qp(t):
-        return params[root(t)]
 
-    # 2. fold Relu/Clip into the preceding integer unit's output Q where its range clamps
+def _fold(g: _Graph, integer: dict, qnodes: set, qp, act_dtype: str) -> dict:
+    """Fold Relu/Clip into the preceding integer unit's output Q where its range already
+    clamps (zero point at qmin, top of the range inside the clip): relu node -> its input."""
     qmin, qmax = (0, 255) if act_dtype == "uint8" else (-128, 127)
-    folded = {}                            # relu node name -> its input tensor
+    folded = {}
     for node in g.g.node:
         if node.op_type not in ACTIVATIONS or node.name not in qnodes:
             continue
@@ -398,8 +418,16 @@ def insert_qdq(proto, fmodel: nn.Module, qlayers: dict[str, QuantLayer], *,
         prod = g.producer[t]
         prod.output[list(prod.output).index(t)] = node.output[0]
         del integer[t]
+    return folded
 
-    # 3. rewrite: weights, biases, weight-only linears, Q/DQ pairs
+
+def _rewrite(proto, g: _Graph, integer: dict, kind: dict, folded: dict, qlayers, layer_of, qp,
+             act_dtype: str, full: bool) -> dict:
+    """Integer weights and biases, weight-only linears, and a Q/DQ pair after every integer
+    tensor's producer (and after integer graph inputs); unused initializers dropped.
+    Returns the layer map: node -> layer, op, precision, kernel."""
+    from onnx import helper
+
     qdtype = np.uint8 if act_dtype == "uint8" else np.int8
     head, body, layer_map, uses_ms = [], [], {}, False
 
@@ -413,7 +441,6 @@ def insert_qdq(proto, fmodel: nn.Module, qlayers: dict[str, QuantLayer], *,
                                  name=f"{t}_DequantizeLinear")]
 
     graph_inputs = {i.name for i in g.g.input}
-
     for node in g.g.node:
         if node.name in folded:
             continue
@@ -457,9 +484,7 @@ def insert_qdq(proto, fmodel: nn.Module, qlayers: dict[str, QuantLayer], *,
     g.g.initializer.extend(keep)
     if uses_ms:
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return {"layer_map": layer_map, "act_dtype": act_dtype, "placement": placement,
-            "calibrated_tensors": {t: [float(a), float(b)] for t, (a, b) in ranges.items()},
-            "folded_activations": sorted(folded), "qparam_conflicts": conflicts}
+    return layer_map
 
 
 def _transposed(node) -> bool:

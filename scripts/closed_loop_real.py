@@ -48,10 +48,11 @@ def searches(model, runtime, budgets, args, store, device, protocol, log) -> lis
         run_id = store.begin_run({"command": "closed_loop_real", "model": model,
                                   "runtime": runtime, "budget": b}, seed=0)
         t0 = time.perf_counter()
-        res = search.run_search(model, device, runtime, {"latency_ms": f"{b}%"},
-                                protocol=protocol, work_dir=args.work / "search", store=store,
-                                run_id=run_id, calib_data=args.calib, samples=8,
-                                distill_iters=30, rounds=args.rounds, progress=log)
+        options = search.SearchOptions({"latency_ms": f"{b}%"}, calib_data=args.calib,
+                                       samples=8, distill_iters=30, rounds=args.rounds)
+        res = search.run_search(model, device, runtime, options, protocol=protocol,
+                                work_dir=args.work / "search", store=store, run_id=run_id,
+                                progress=log)
         store.finish_run(run_id, res.status)
         m, p = res.measured, res.predicted
         out.append({"budget": f"{b}%", "budget_ms": res.resolved_budgets.get("latency_ms"),

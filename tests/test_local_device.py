@@ -228,3 +228,20 @@ def test_an_integer_claim_that_the_engine_runs_in_float_is_degraded(tmp_path):
     assert m.status == "degraded", (m.status, m.reason)
     assert m.kernels["float"] and all("fc" in k for k in m.kernels["float"])
     assert "float" in m.reason and "fc" in m.reason
+
+
+def test_local_and_ssh_devices_answer_the_device_protocol():
+    """Both transports are `devices.device.Device`s, with run() taking the same arguments."""
+    import inspect
+
+    from devices.device import Device
+    from devices.ssh import SSHDevice
+
+    local = LocalDevice()
+    assert isinstance(local, Device)
+    ssh = SSHDevice.__new__(SSHDevice)          # no connection: only its shape is checked
+    ssh.name, ssh.power = "edge", "none"
+    assert isinstance(ssh, Device)
+    want = inspect.signature(Device.run).parameters.keys()
+    for cls in (LocalDevice, SSHDevice):
+        assert inspect.signature(cls.run).parameters.keys() == want, cls.__name__

@@ -119,6 +119,33 @@ def test_measurement_round_trip_and_idempotent_reinsert(store):
     assert count(store, "devices") == 2
 
 
+def test_every_measurement_field_comes_back_whole(store):
+    """The field<->column map in both directions: a Measurement with every field set is read
+    back equal, facts from its device row, whatever column or `extra` holds each field."""
+    import dataclasses
+
+    run = store.begin_run({"c": 1})
+    m = measurement(reason="slow start", device_latency_ms={"p50": 19.0},
+                    kernels={"integer": ["QLinearConv"], "float": []},
+                    outputs_check={"max_abs": 0.01}, harness_overhead_ms=0.002,
+                    timing={"wall_s": 2.5}, rounds={"p50s": [20.1, 19.9]},
+                    profile={"layer_ms": {"conv1": 1.5}}, status="degraded",
+                    accuracy={"top1": 0.98, "agreement_fp32": 0.99, "eval_sha256": "e" * 64},
+                    scenario={"scenario": "server", "valid": False, "value": 41.0},
+                    memory={"load_peak_mb": 310.5, "timed_peak_mb": 301.0})
+    unset = {f.name for f in dataclasses.fields(m)
+             if getattr(m, f.name) in (None, {}, []) and f.name != "failure"}
+    assert not unset, f"give the test a value for {unset}"
+    store.add_measurement(run, m, kind="bench", round=3)
+    (key, back), = store.load_measurements(run).items()
+    assert key == ("resnet18", "fp32", "local", "onnxruntime", "bench", 3) and key.round == 3
+    assert back == m
+    row = store.measurements(run)[0]                    # and the query columns say the same
+    assert (row["top1"], row["scenario_valid"], row["scenario_value"]) == (0.98, False, 41.0)
+    assert (row["load_peak_mb"], row["n_samples"], row["busy"]) == (310.5, 50, False)
+    assert store.load_measurements(run, kind="profile") == {}
+
+
 def _with_facts(m: Measurement, **facts) -> Measurement:
     m.facts = {**m.facts, **facts}
     return m
@@ -213,8 +240,8 @@ def test_migration_from_older_version(backend, monkeypatch):
         conn.execute(sa.text("ALTER TABLE runs ADD COLUMN note TEXT"))
 
     nxt = st.SCHEMA_VERSION + 1
-    monkeypatch.setattr(st, "SCHEMA_VERSION", nxt)
-    monkeypatch.setattr(st, "MIGRATIONS", [(nxt, "runs.note", add_note)])
+    monkeypatch.setattr(st.schema, "SCHEMA_VERSION", nxt)
+    monkeypatch.setattr(st.schema, "MIGRATIONS", [(nxt, "runs.note", add_note)])
     s = open_store(backend)
     assert calls == [1] and s.schema_version() == nxt
     assert "note" in {c["name"] for c in sa.inspect(s.engine).get_columns("runs")}
@@ -234,11 +261,11 @@ def test_failed_migration_rolls_back(backend, monkeypatch):
         raise RuntimeError("bug in migration")
 
     now = st.SCHEMA_VERSION
-    monkeypatch.setattr(st, "SCHEMA_VERSION", now + 1)
-    monkeypatch.setattr(st, "MIGRATIONS", [(now + 1, "runs.note", half)])
+    monkeypatch.setattr(st.schema, "SCHEMA_VERSION", now + 1)
+    monkeypatch.setattr(st.schema, "MIGRATIONS", [(now + 1, "runs.note", half)])
     with pytest.raises(RuntimeError):
         open_store(backend)
-    monkeypatch.setattr(st, "SCHEMA_VERSION", now)
+    monkeypatch.setattr(st.schema, "SCHEMA_VERSION", now)
     with open_store(backend) as s:
         assert "note" not in {c["name"] for c in sa.inspect(s.engine).get_columns("runs")}
         assert s.schema_version() == now
@@ -265,7 +292,7 @@ def test_a_version_1_store_gains_the_mde_column_and_keeps_its_data(backend):
 
 def test_newer_schema_refused(backend, monkeypatch):
     _v1_database(backend)
-    monkeypatch.setattr(st, "SCHEMA_VERSION", 0)
+    monkeypatch.setattr(st.schema, "SCHEMA_VERSION", 0)
     with pytest.raises(st.StoreError, match="newer"):
         open_store(backend)
 

@@ -138,18 +138,42 @@ def module_name(runtime: str) -> str:
     return runtime.replace("-", "_")
 
 
-def manifest_variant(path: str, protocol: dict) -> str:
-    """The variant the artifact's manifest claims, else the protocol's; fp32 if neither."""
+class CudaEventTimer:
+    """Device time of one call: CUDA events recorded around it on `stream` (the current
+    stream if None), copies included; shared by torch-cuda and TensorRT."""
+
+    def __init__(self, stream=None):
+        import torch
+
+        self.stream = stream
+        self.a = torch.cuda.Event(enable_timing=True)
+        self.b = torch.cuda.Event(enable_timing=True)
+
+    def start(self) -> None:
+        self.a.record(self.stream)
+
+    def stop(self) -> float:
+        self.b.record(self.stream)
+        self.b.synchronize()
+        return float(self.a.elapsed_time(self.b))
+
+
+def read_manifest(path: str) -> dict:
+    """The manifest beside an artifact (`FILE.manifest.json`, quant/artifact.py), {} if none:
+    the one place on the device that knows where it lives."""
     import json
     import os
 
     mpath = path + ".manifest.json"
-    if os.path.isfile(mpath):
-        with open(mpath) as f:
-            v = json.load(f).get("variant")
-        if v:
-            return v
-    return protocol.get("variant") or "fp32"
+    if not os.path.isfile(mpath):
+        return {}
+    with open(mpath) as f:
+        return json.load(f)
+
+
+def manifest_variant(path: str, protocol: dict) -> str:
+    """The variant the artifact's manifest claims, else the protocol's; fp32 if neither."""
+    return read_manifest(path).get("variant") or protocol.get("variant") or "fp32"
 
 
 def check_variant(runtime: str, variant: str, precisions: dict[str, list[str]],

@@ -68,14 +68,6 @@ def precisions() -> dict[str, list[str]]:
     return {"conv": ["fp32", "fp16", "w8a8"], "linear": ["fp32", "fp16", "w8a8", "w4a16"]}
 
 
-def _manifest(path: str) -> dict:
-    mpath = path + ".manifest.json"
-    if os.path.isfile(mpath):
-        with open(mpath) as f:
-            return json.load(f)
-    return {}
-
-
 def engine_cache_key(onnx_sha256: str, trt_version: str, gpu: str, capability: str,
                      settings: dict) -> str:
     """Name of a cached engine: any change of file, TensorRT, GPU or builder settings is a
@@ -205,10 +197,10 @@ def load(path: str, protocol: dict):
     import tensorrt as trt
     import torch
 
-    from . import Loaded, OnnxNames, check_variant
+    from . import CudaEventTimer, Loaded, OnnxNames, check_variant, read_manifest
 
     version()
-    manifest = _manifest(path)
+    manifest = read_manifest(path)
     variant = manifest.get("variant") or protocol.get("variant") or "fp32"
     check_variant("tensorrt", variant, precisions())
     onnx_is_fp16 = manifest.get("settings", {}).get("float_dtype") == "float16"
@@ -277,21 +269,6 @@ def load(path: str, protocol: dict):
         stream.synchronize()
         return outs
 
-    class Timer:
-        """CUDA events on the engine's stream (device time of one `run`, copies included)."""
-
-        def __init__(self):
-            self.a = torch.cuda.Event(enable_timing=True)
-            self.b = torch.cuda.Event(enable_timing=True)
-
-        def start(self):
-            self.a.record(stream)
-
-        def stop(self) -> float:
-            self.b.record(stream)
-            self.b.synchronize()
-            return float(self.a.elapsed_time(self.b))
-
     def kernels() -> dict:
         inspector = engine.create_engine_inspector()
         info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
@@ -335,6 +312,6 @@ def load(path: str, protocol: dict):
              "engine_cached": cached, "build_or_read_s": round(build_s, 3)}
     # the engine's own figure: device memory its execution context needs (activations)
     need = getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size
-    return Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels, device_timer=Timer(),
+    return Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels, device_timer=CudaEventTimer(stream),
                   profile=profile,
                   memory=lambda: {"trt_context_device_mb": round(need / 2**20, 2)})

@@ -29,7 +29,6 @@ Kernels are read from the FX graph that actually runs:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -61,17 +60,14 @@ def precisions() -> dict[str, list[str]]:
 def _variant(path: str, protocol: dict) -> str:
     """The manifest's variant (else the protocol's). A file whose variant is applied at load
     time by torch-cuda is a float program here: running it would mislabel float as INT8."""
-    mpath = path + ".manifest.json"
-    if os.path.isfile(mpath):
-        with open(mpath) as f:
-            manifest = json.load(f)
-        if manifest.get("settings", {}).get("quantized_at_load"):
-            raise ValueError(f"{os.path.basename(path)} is a float program whose "
-                             f"{manifest.get('variant')} is applied by the torch-cuda runtime "
-                             "at load; the torch CPU runtime needs a PT2E program")
-        if manifest.get("variant"):
-            return manifest["variant"]
-    return protocol.get("variant") or "fp32"
+    from . import manifest_variant, read_manifest
+
+    manifest = read_manifest(path)
+    if manifest.get("settings", {}).get("quantized_at_load"):
+        raise ValueError(f"{os.path.basename(path)} is a float program whose "
+                         f"{manifest.get('variant')} is applied by the torch-cuda runtime "
+                         "at load; the torch CPU runtime needs a PT2E program")
+    return manifest_variant(path, protocol)
 
 
 def _target_name(target) -> str:

@@ -301,28 +301,10 @@ def to_device(gm, device, dtype) -> None:
                 setattr(mod, k, v.to(device, dtype if cast and v.is_floating_point() else None))
 
 
-class CudaEventTimer:
-    """Device time of one call: CUDA events recorded around it on the current stream."""
-
-    def __init__(self):
-        import torch
-
-        self.a = torch.cuda.Event(enable_timing=True)
-        self.b = torch.cuda.Event(enable_timing=True)
-
-    def start(self) -> None:
-        self.a.record()
-
-    def stop(self) -> float:
-        self.b.record()
-        self.b.synchronize()
-        return float(self.a.elapsed_time(self.b))
-
-
 def load(path: str, protocol: dict):
     import torch
 
-    from . import Loaded, check_variant, fx_profile, manifest_variant
+    from . import CudaEventTimer, Loaded, check_variant, fx_profile, manifest_variant
 
     version()  # ImportError with the reason when there is no GPU
     variant = manifest_variant(path, protocol)
