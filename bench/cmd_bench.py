@@ -6,7 +6,7 @@ prints a table and writes `--json OUT` with `measurements`."""
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from bench.cli import (
     UserError,
@@ -24,7 +24,7 @@ from quant.artifact import Artifact
 
 # Protocol fields settable from the command line: --min-iters, --min-duration-s, ...
 _PROTOCOL_FLAGS = ("warmup_iters", "warmup_s", "min_iters", "min_duration_s", "max_iters",
-                   "max_duration_s", "batch", "threads", "mode", "power", "idle_s", "seed",
+                   "max_duration_s", "threads", "mode", "power", "idle_s", "seed",
                    "scenario", "target_qps", "target_latency_ms", "samples_per_query",
                    "min_queries")
 _REPORTED = ("variant", "device", "runtime", "status", "failure", "reason", "latency_ms",
@@ -48,6 +48,9 @@ def add_arguments(p):
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     p.add_argument("--reference", help=".npz of input:/output: arrays for the answer check")
     p.add_argument("--affinity", help="CPU ids to pin the agent to, e.g. 0,1")
+    p.add_argument("--batch", default="1", metavar="N[,N...]",
+                   help="batch size; a list (1,8,32) sweeps it: one measurement per batch, "
+                        "named VARIANT@bN, and a batch-sweep plot in the report (default 1)")
     add_runtime_option_argument(p)
     defaults = Protocol()
     helps = {"scenario": "an MLPerf scenario run through LoadGen after hilq's own timing: "
@@ -95,6 +98,17 @@ def _protocol(args) -> Protocol:
     return Protocol.from_dict(values)
 
 
+def batches(text: str) -> list[int]:
+    """`--batch 1,8,32` -> [1, 8, 32]: positive, no repeats, in the order given."""
+    try:
+        out = [int(b) for b in str(text).split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--batch {text!r}: expected positive integers, e.g. 1,8,32") from None
+    if not out or min(out) < 1 or len(set(out)) != len(out):
+        raise UserError(f"--batch {text!r}: expected distinct positive integers, e.g. 1,8,32")
+    return out
+
+
 def run(args) -> int:
     if not args.model and not args.artifact:
         raise UserError("give --model (with --variants) or --artifact FILE")
@@ -104,6 +118,7 @@ def run(args) -> int:
         load_model(model_ref(args))      # a bad model or data door fails before any device opens
     if args.rounds < 1:
         raise UserError(f"--rounds must be at least 1, got {args.rounds}")
+    sweep = batches(args.batch)
     devs = inventory.load(args.inventory)
     names = [d.strip() for d in args.device.split(",") if d.strip()]
     devices = [inventory.open_device(n, devs) for n in names]   # all checked before any runs
@@ -117,14 +132,17 @@ def run(args) -> int:
         store = open_store(args.db)
         run_id = store.begin_run({"command": "bench", "model": args.model, "variants": args.variants,
                                   "devices": names, "runtime": args.runtime,
-                                  "protocol": protocol.to_dict()}, resume=False)
+                                  "protocol": protocol.to_dict(), "batch": sweep},
+                                 resume=False)
     ms = []
     try:
         for device in devices:
-            ms += bench_variants(model_ref(args) if args.model else "", variants, device,
-                                 args.runtime, protocol, rounds=args.rounds,
-                                 reference=args.reference, store=store, run_id=run_id,
-                                 calib_data=args.calib_data)
+            for b in sweep:      # one shape at a time; the variants alternate within it
+                ms += bench_variants(model_ref(args) if args.model else "", variants, device,
+                                     args.runtime, replace(protocol, batch=b),
+                                     rounds=args.rounds, reference=args.reference,
+                                     store=store, run_id=run_id, calib_data=args.calib_data,
+                                     label=f"@b{b}" if len(sweep) > 1 else "")
         if store is not None:
             store.finish_run(run_id, "ok" if all(m.ok for m in ms) else "failed")
             print(f"stored as run {run_id} in {store.name}")

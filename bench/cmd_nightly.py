@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+from .cli import UserError
 from .cli import console as cli_console
 
 
@@ -20,6 +21,12 @@ def add_arguments(p):
     p.add_argument("--inventory", help="devices.toml; overrides the config")
     p.add_argument("--no-report", action="store_true", help="skip rendering the report")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write the summary as JSON")
+    p.add_argument("--engine", choices=("thread", "ray"),
+                   help="where the work runs: this process (thread, the default) or a Ray "
+                        "cluster (ray: each device an exclusive resource on its node)")
+    p.add_argument("--ray-address", help="the Ray cluster to join (default: auto)")
+    p.add_argument("--resume", metavar="RUN",
+                   help="reopen this run and measure only what it is missing")
 
 
 def run(args) -> int:
@@ -30,14 +37,21 @@ def run(args) -> int:
 
     cfg = config.load(args.config)
     overrides = {k: v for k, v in (("db", args.db), ("reports", args.reports),
-                                   ("inventory", args.inventory)) if v}
+                                   ("inventory", args.inventory), ("engine", args.engine),
+                                   ("ray_address", args.ray_address)) if v}
     cfg = replace(cfg, **overrides)
+    if args.resume:
+        from bench.store import open_store
+
+        with open_store(cfg.db) as store:
+            if store.run(args.resume) is None:
+                raise UserError(f"--resume {args.resume!r}: no such run in {store.name}")
     console = cli_console(highlight=False)
 
     def say(msg: str) -> None:
         console.print(f"[dim]{msg}[/dim]" if not msg.startswith("run ") else msg)
 
-    res = run_nightly(cfg, say=say, report=not args.no_report)
+    res = run_nightly(cfg, say=say, report=not args.no_report, resume=args.resume)
     t = Table(title=f"hilq nightly {res.run_id}")
     for col in ("model", "variant", "device", "runtime", "status", "p50 ms", "cv(p50)"):
         t.add_column(col, justify="right" if col in ("p50 ms", "cv(p50)") else "left")

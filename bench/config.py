@@ -85,6 +85,10 @@ class Config:
     detect_budget_s: float = 240.0
     max_rounds: int = 12
     protocol: Protocol = Protocol()
+    # where the work runs: "thread" (this process, a thread per device) or "ray" (a Ray
+    # cluster at `ray_address`, each device an exclusive resource on its node: bench/farm.py)
+    engine: str = "thread"
+    ray_address: str | None = None
     bench: tuple[Bench, ...] = ()
     search: tuple[Search, ...] = ()
     source: str = ""
@@ -93,7 +97,8 @@ class Config:
     def hash(self) -> str:
         """Identity of what is measured: the same config resumes the same unfinished run."""
         d = asdict(self)
-        d.pop("source")
+        for how in ("source", "engine", "ray_address"):   # where it runs is not what it measures
+            d.pop(how)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -219,6 +224,8 @@ def parse(d: dict, source: str = "") -> Config:
         if not isinstance(cfg_detect, (int, float)) or cfg_detect <= thr:
             raise ConfigError(f"detect = {cfg_detect!r}: the smallest change to detect must "
                               f"exceed regression_threshold ({thr}); no round count sees less")
+    if kw.get("engine", "thread") not in ("thread", "ray"):
+        raise ConfigError(f"engine = {kw['engine']!r}: use 'thread' or 'ray'")
     if not benches and not searches:
         raise ConfigError("config has no [[bench]] and no [[search]] entries: nothing to run")
     return Config(**kw, bench=tuple(benches), search=tuple(searches), source=source)

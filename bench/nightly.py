@@ -35,6 +35,7 @@ class NightlyResult:
     regressions: list = field(default_factory=list)     # flagged rows
     report: str | None = None
     seconds: float = 0.0
+    placement: dict = field(default_factory=dict)       # engine ray: device -> its node
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -158,7 +159,10 @@ def _bench_device(cfg: Config, store, run_id: str, device, tasks: list[tuple[Ben
 
 
 def run_nightly(cfg: Config, *, say: Callable[[str], None] = print,
-                report: bool = True) -> NightlyResult:
+                report: bool = True, resume: str | None = None) -> NightlyResult:
+    """The whole night (the module docstring). `resume`: a run id to reopen and fill in (a
+    run that ended failed, say after a device was lost): what it has is kept, the rest is
+    measured."""
     from . import regress
     from .report import render
     from .search import run_search
@@ -167,48 +171,20 @@ def run_nightly(cfg: Config, *, say: Callable[[str], None] = print,
     t0 = time.perf_counter()
     store = open_store(cfg.db)
     try:
-        run_id = store.begin_run({**cfg.to_dict(), "config_hash": cfg.hash}, seed=cfg.seed,
-                                 resume=True)
+        run_id = store.begin_run({**_identity(cfg), "config_hash": cfg.hash}, seed=cfg.seed,
+                                 resume=True, run_id=resume)
         result = NightlyResult(run_id)
         say(f"run {run_id} ({cfg.source or 'embedded config'}) -> {store.name}")
         devs = inventory.load(cfg.inventory)
         artifacts_dir = Path(cfg.db).parent / "artifacts" if "://" not in cfg.db \
             else Path("results") / "artifacts"
 
-        # 1. build every bench artifact first, on the host, before any timing
-        per_device: dict[str, list] = {}
-        built: dict[str, dict] = {}         # model -> its artifacts (the first runtime's)
-        for b in cfg.bench:
-            for runtime in b.runtimes:
-                try:
-                    arts = {v: runner.artifact_for(b.ref, v, artifacts_dir, runtime,
-                                                   seed=cfg.seed, calib_data=b.calib_data)
-                            for v in b.variants}
-                except Exception as e:  # noqa: BLE001 — a model that will not build is a failure
-                    result.failures.append((f"build {b.model} for {runtime}", _one_line(e)))
-                    continue
-                built.setdefault(b.model, arts)
-                for d in b.devices:
-                    per_device.setdefault(d, []).append((b, runtime, arts))
-            say(f"built {b.model}: {', '.join(b.variants)}")
-
-        # 2. measure: devices in parallel, each exclusively
-        def one_device(name: str):
-            try:
-                device = inventory.open_device(name, devs)
-            except DeviceError as e:
-                return [], [(f"device {name}", f"{e.kind}: {e}")]
-            try:
-                return _bench_device(cfg, store, run_id, device, per_device[name], say)
-            except Exception as e:  # noqa: BLE001 — one device failing must not stop the others
-                return [], [(f"device {name}", _one_line(e))]
-            finally:
-                device.close()
-
-        with ThreadPoolExecutor(max_workers=max(1, len(per_device))) as pool:
-            for rows, failures in pool.map(one_device, list(per_device)):
-                result.measurements += rows
-                result.failures += failures
+        # 1. build every bench artifact first, before any timing; 2. measure: devices in
+        # parallel, each exclusively (threads here, or tasks on a Ray cluster)
+        if cfg.engine == "ray":
+            built = _on_ray(cfg, run_id, artifacts_dir, result, say)
+        else:
+            built = _on_threads(cfg, store, run_id, devs, artifacts_dir, result, say)
 
         # 3. accuracy of the bench variants (host work: after timing)
         for b in cfg.bench:
@@ -239,6 +215,85 @@ def run_nightly(cfg: Config, *, say: Callable[[str], None] = print,
         return result
     finally:
         store.close()
+
+
+def _identity(cfg: Config) -> dict:
+    d = cfg.to_dict()
+    for how in ("engine", "ray_address"):     # the same night on either engine: one run
+        d.pop(how, None)
+    return d
+
+
+def _on_threads(cfg: Config, store, run_id: str, devs, artifacts_dir: Path,
+                result: NightlyResult, say) -> dict[str, dict]:
+    """Build on this host, then measure each device in its own thread. Returns model -> its
+    artifacts (the first runtime's), for the accuracy step."""
+    per_device: dict[str, list] = {}
+    built: dict[str, dict] = {}
+    for b in cfg.bench:
+        for runtime in b.runtimes:
+            try:
+                arts = {v: runner.artifact_for(b.ref, v, artifacts_dir, runtime,
+                                               seed=cfg.seed, calib_data=b.calib_data)
+                        for v in b.variants}
+            except Exception as e:  # noqa: BLE001 — a model that will not build is a failure
+                result.failures.append((f"build {b.model} for {runtime}", _one_line(e)))
+                continue
+            built.setdefault(b.model, arts)
+            for d in b.devices:
+                per_device.setdefault(d, []).append((b, runtime, arts))
+        say(f"built {b.model}: {', '.join(b.variants)}")
+
+    def one_device(name: str):
+        try:
+            device = inventory.open_device(name, devs)
+        except DeviceError as e:
+            return [], [(f"device {name}", f"{e.kind}: {e}")]
+        try:
+            return _bench_device(cfg, store, run_id, device, per_device[name], say)
+        except Exception as e:  # noqa: BLE001 — one device failing must not stop the others
+            return [], [(f"device {name}", _one_line(e))]
+        finally:
+            device.close()
+
+    with ThreadPoolExecutor(max_workers=max(1, len(per_device))) as pool:
+        for rows, failures in pool.map(one_device, list(per_device)):
+            result.measurements += rows
+            result.failures += failures
+    return built
+
+
+def _on_ray(cfg: Config, run_id: str, artifacts_dir: Path, result: NightlyResult,
+            say) -> dict[str, dict]:
+    """The same two steps as tasks on a Ray cluster (bench/farm.py): builds anywhere,
+    each device's measurements on the node that owns it. `result.placement` says where."""
+    from . import farm
+
+    ray = farm.connect(cfg.ray_address)
+    devices = sorted({d for b in cfg.bench for d in b.devices})
+    owners = farm.check(ray, cfg.db, devices)
+    jobs = {(i, runtime, v): (b.ref, v, runtime, cfg.seed, b.calib_data)
+            for i, b in enumerate(cfg.bench) for runtime in b.runtimes for v in b.variants}
+    refs = farm.build_all(ray, list(jobs.values()), str(artifacts_dir), say)
+    per_device: dict[str, list] = {}
+    built: dict[str, dict] = {}
+    for i, b in enumerate(cfg.bench):
+        for runtime in b.runtimes:
+            mine = {v: refs[jobs[(i, runtime, v)]] for v in b.variants}
+            try:     # here too: the accuracy step reads the manifests
+                arts = {v: farm.unpack(ray.get(r), artifacts_dir / "farm") for v, r in mine.items()}
+            except Exception as e:  # noqa: BLE001 — a model that will not build is a failure
+                result.failures.append((f"build {b.model} for {runtime}", _one_line(e)))
+                continue
+            built.setdefault(b.model, arts)
+            for d in b.devices:
+                per_device.setdefault(d, []).append((b, runtime, mine))
+        say(f"built {b.model}: {', '.join(b.variants)}")
+    for out in farm.measure_all(ray, cfg, run_id, per_device, owners, say):
+        result.measurements += out["rows"]
+        result.failures += [tuple(f) for f in out["failures"]]
+        result.placement[out["device"]] = out["node"]
+    return built
 
 
 def _search(cfg: Config, store, run_id: str, devs, s: Search, artifacts_dir: Path, say,

@@ -21,7 +21,7 @@ import numpy as np
 from devices.stats import Stats
 
 SECTIONS = ("Summary", "Latency distribution", "Accuracy on the device", "Accuracy vs latency",
-            "Energy per inference", "Memory", "MLPerf scenarios (LoadGen)",
+            "Energy per inference", "Memory", "MLPerf scenarios (LoadGen)", "Batch sweep",
             "Bit allocation", "Predicted vs measured latency",
             "Per-layer error of the searched configuration", "Nightly trends", "Regressions",
             "Devices and versions")
@@ -400,10 +400,67 @@ def _scenarios(sec, results) -> None:
                      sc.get("result"), sc.get("metric"),
                      fmt(value) + (" ms" if sc.get("unit") == "ms" else ""),
                      fmt(lat.get("p90")), fmt(own), agree, fmt(sc.get("qps")),
-                     sc.get("query_count"), fmt(sc.get("early_stopping_ms"))])
+                     sc.get("query_count"), fmt(sc.get("early_stopping_ms")),
+                     _mj((sc.get("energy") or {}).get("j_per_inference")),
+                     _mj((sc.get("energy") or {}).get("dynamic_j_per_inference"))])
     sec.table(["model", "variant", "device", "scenario", "LoadGen", "metric", "value",
                "LoadGen p90 ms", "hilq p90 ms", "LoadGen vs hilq", "samples/s", "queries",
-               "early-stop est. ms"], rows)
+               "early-stop est. ms", "mJ/inf (run)", "mJ/inf above idle"], rows)
+
+
+def _mj(j: float | None) -> str:
+    return "–" if j is None else fmt(1000 * j)
+
+
+def _rate(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f}"
+
+
+def _batch_of(r: Result) -> int:
+    return int(((r.ok_rows or r.rows)[0].get("protocol") or {}).get("batch") or 1)
+
+
+def _batches(sec, results) -> None:
+    """Latency and throughput against batch, per variant (`hilq bench --batch 1,8,32`), and
+    INT8's speed-up over FP32 at each batch, measured in the same run."""
+    from matplotlib.figure import Figure
+
+    groups: dict[tuple, dict[int, Result]] = {}
+    for r in results:
+        if r.ok_rows:
+            base = r.variant.rsplit("@b", 1)[0]
+            groups.setdefault((r.model, base, r.device, r.runtime), {})[_batch_of(r)] = r
+    swept = {k: v for k, v in groups.items() if len(v) > 1}
+    if not swept:
+        sec.p("No batch sweep in this run (`hilq bench --batch 1,8,32`).")
+        return
+    sec.p("Each batch measured in its own alternating rounds; latency is per call (one batch), "
+          "throughput is samples/s over the timed window.")
+    rows = []
+    for (model, base, device, runtime), per in swept.items():
+        for b, r in sorted(per.items()):
+            p50 = r.stat("p50")
+            ref = groups.get((model, "fp32", device, runtime), {}).get(b)
+            gain = (f"{ref.stat('p50') / p50:.2f}×" if ref is not None and base != "fp32"
+                    and p50 and ref.stat("p50") else "–")
+            rows.append([model, base, f"{device}/{runtime}", b, fmt(p50),
+                         fmt(p50 / b if p50 else None), _rate(r.median_of("throughput")), gain])
+    sec.table(["model", "variant", "device", "batch", "p50 ms / batch", "ms / sample",
+               "samples/s", "× fp32 (same batch)"], rows)
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    lat, thr = fig.subplots(1, 2)
+    for (model, base, device, runtime), per in swept.items():
+        bs = sorted(per)
+        label = f"{model} {base} · {device}/{runtime}"
+        lat.plot(bs, [per[b].stat("p50") for b in bs], "o-", label=label)
+        thr.plot(bs, [per[b].median_of("throughput") for b in bs], "o-", label=label)
+    for ax, name in ((lat, "p50 latency per batch (ms)"), (thr, "throughput (samples/s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+    thr.legend(fontsize=7)
+    sec.img("batch_sweep", fig)
 
 
 def _allocation(sec, allocs) -> None:
@@ -683,6 +740,7 @@ def render(store, run: str | None = "latest", out_dir: str | Path | None = None)
     _energy(s["Energy per inference"], results)
     _memory(s["Memory"], results)
     _scenarios(s["MLPerf scenarios (LoadGen)"], results)
+    _batches(s["Batch sweep"], results)
     _allocation(s["Bit allocation"], allocs)
     _predicted(s["Predicted vs measured latency"], allocs)
     _debug(s["Per-layer error of the searched configuration"], allocs)

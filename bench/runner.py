@@ -209,11 +209,12 @@ def combine(runs: list[Measurement], seed: int = 0) -> Measurement:
 
 def bench_variants(model, variants, device, runtime: str, protocol: Protocol | None = None,
                    rounds: int = 3, out_dir: str | None = None, reference: str | None = None,
-                   store=None, run_id: str | None = None, calib_data: str = "real"
-                   ) -> list[Measurement]:
+                   store=None, run_id: str | None = None, calib_data: str = "real",
+                   label: str = "") -> list[Measurement]:
     """Build (or take prebuilt) artifacts, measure them in `rounds` alternating rounds, and
-    return one combined Measurement per variant, in the order given. Artifacts built without
-    an `out_dir` go to a temporary folder that is removed afterwards."""
+    return one combined Measurement per variant, in the order given, named `variant + label`
+    (a batch sweep's "@b8"). Artifacts built without an `out_dir` go to a temporary folder
+    that is removed afterwards."""
     protocol = protocol or Protocol()
     with contextlib.ExitStack() as stack:
         if out_dir is None:
@@ -222,7 +223,8 @@ def bench_variants(model, variants, device, runtime: str, protocol: Protocol | N
         for v in variants:
             art = artifact_for(model, v, out_dir, runtime, seed=protocol.seed,
                                calib_data=calib_data)
-            arts[art.manifest.get("variant", "?") if isinstance(v, Artifact) else v] = art
+            name = art.manifest.get("variant", "?") if isinstance(v, Artifact) else v
+            arts[name + label] = art
         per = measure_artifacts(device, runtime, getattr(model, "name", model), arts, protocol, rounds, store,
                                 run_id, reference=reference)
     return [combine(runs, protocol.seed) for runs in per.values()]

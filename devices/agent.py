@@ -42,7 +42,6 @@ and the agent must not run on, holding the device, after the host has given up o
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -308,17 +307,9 @@ def evaluate(loaded, path: str) -> dict:
     t0 = time.perf_counter()
     outs = [np.asarray(o) for o in _run_in_batches(loaded, feeds)]
     res = accuracy.evaluate(outs, ev)
-    res["eval_sha256"] = _sha256(path)
+    res["eval_sha256"] = _runtimes().sha256_file(path)
     res["wall_s"] = time.perf_counter() - t0
     return res
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def run(args) -> dict:
@@ -330,7 +321,7 @@ def run(args) -> dict:
     if not os.path.isfile(args.artifact):
         raise Failure("bad_input", f"artifact not found: {args.artifact}")
     manifest = _runtimes().read_manifest(args.artifact)
-    if manifest.get("sha256") and _sha256(args.artifact) != manifest["sha256"]:
+    if manifest.get("sha256") and _runtimes().sha256_file(args.artifact) != manifest["sha256"]:
         raise Failure("bad_input", "artifact does not match its manifest sha256")
     if protocol.get("affinity"):
         try:
@@ -385,9 +376,9 @@ def run(args) -> dict:
                             "artifact_mb": round(os.path.getsize(args.artifact) / 2**20, 3)}
         if protocol.get("scenario") and profile_iters == 0:
             est = (result.get("latency_ms") or {}).get("p50") or 1.0
-            result["scenario"] = scenario.run(
+            result["scenario"] = _metered(protocol, lambda: scenario.run(
                 lambda: loaded.run(feeds), int(protocol.get("batch", 1)), protocol,
-                os.path.join(os.path.abspath(args.scratch or "."), "loadgen"), est)
+                os.path.join(os.path.abspath(args.scratch or "."), "loadgen"), est))
         if getattr(args, "eval", None):   # host-side callers may pass a bare Namespace
             result["accuracy"] = evaluate(loaded, args.eval)
         if loaded.kernels is not None:
@@ -474,6 +465,40 @@ def _profiled_run(loaded, feeds: dict, protocol: dict, iters: int, manifest: dic
             "timing": {"mode": "profile", "warmup_iters": warmup, "profile_iters": iters,
                        "warmup_s": t1 - t0, "wall_s": t2 - t1,
                        "batch": int(protocol.get("batch", 1))}}
+
+
+def _metered(protocol: dict, go) -> dict:
+    """LoadGen's whole run (`go()` -> its result) under the protocol's power meter, after an
+    idle baseline: joules per inference over the run, gross and with idle subtracted (MLPerf
+    Power's figure), in the result's `energy`. Without a meter, `go()` alone."""
+    spec = protocol.get("power", "none") or "none"
+    if spec == "none":
+        return go()
+    interval = float(protocol.get("power_interval_s", 0.05))
+    try:
+        read, close = power.open_meter(spec, interval)
+    except power.MeterError as e:
+        return {**go(), "energy": {"meter": spec, "j_per_inference": None, "reason": str(e)}}
+    sampler = power.Sampler(read, interval).start()
+    try:
+        t_idle0 = time.perf_counter()
+        time.sleep(float(protocol.get("idle_s", 1.0)))
+        t_idle1 = time.perf_counter()
+        sampler.sample()
+        t0 = time.perf_counter()
+        res = go()
+        t1 = time.perf_counter()
+        sampler.sample()
+    finally:
+        sampler.stop()
+        close()
+    if sampler.error:
+        energy = {"meter": spec, "j_per_inference": None, "reason": sampler.error}
+    else:
+        energy = power.summarize(sampler.trace, (t_idle0, t_idle1), (t0, t1),
+                                 int(res.get("samples") or 0), spec, max_points=100)
+    energy["window_s"] = t1 - t0
+    return {**res, "energy": energy}
 
 
 def _timed_run(fn, loaded, protocol: dict) -> dict:

@@ -74,7 +74,17 @@ class Tracker:
             out["load_delta_mb"] = _round(out["load_rss_mb"] - out["rss_start_mb"])
         if engine:
             out["engine"] = engine
+        # the documented summary (`hilq bench --json`): the process's peak over every phase,
+        # and the GPU's where the engine reports one (None on a CPU engine)
+        peaks = [v for k, v in out.items() if k.endswith("_peak_mb") and v is not None]
+        out["peak_rss_mb"] = max(peaks) if peaks else None
+        gpu = [v for k, v in (engine or {}).items() if k in GPU_FIGURES and v is not None]
+        out["peak_gpu_mb"] = max(gpu) if gpu else None
         return out
+
+
+# engine figures that are GPU memory: torch's caching allocator, TensorRT's execution context
+GPU_FIGURES = ("cuda_max_allocated_mb", "trt_context_device_mb")
 
 
 def _round(x: float | None) -> float | None:

@@ -25,10 +25,12 @@ SCENARIOS = {"single-stream": "SingleStream", "multi-stream": "MultiStream",
 # "Processed at least 64 queries", "at least 662"), used when the protocol sets none
 MIN_QUERIES = {"single-stream": 64, "multi-stream": 662, "server": 500, "offline": 1}
 # the scenario's metric: (name, unit, the detail log's key)
-METRICS = {"single-stream": ("p90 latency", "ms", "result_90.00_percentile_latency_ns"),
-           "multi-stream": ("p99 latency", "ms", "result_99.00_percentile_latency_ns"),
-           "server": ("completed samples/s", "samples/s", "result_completed_samples_per_sec"),
-           "offline": ("samples/s", "samples/s", "result_samples_per_second")}
+# Each scenario's metric as MLPerf states it: SingleStream's p90 latency, MultiStream's p99
+# per query, Server's p99 at the target arrival rate, Offline's samples/s.
+METRICS = {"single-stream": ("p90_latency_ms", "ms", "result_90.00_percentile_latency_ns"),
+           "multi-stream": ("p99_latency_ms", "ms", "result_99.00_percentile_latency_ns"),
+           "server": ("p99_latency_ms", "ms", "result_99.00_percentile_latency_ns"),
+           "offline": ("samples_per_s", "samples/s", "result_samples_per_second")}
 PERCENTILES = {"p50": "50.00", "p90": "90.00", "p95": "95.00", "p97": "97.00", "p99": "99.00",
                "p99.9": "99.90"}
 
@@ -77,6 +79,7 @@ def run(infer, batch: int, protocol: dict, outdir: str, estimate_ms: float) -> d
     os.makedirs(outdir, exist_ok=True)
     work: queue.Queue = queue.Queue()
     errors: list[BaseException] = []
+    done = [0]                          # samples answered: energy per inference divides by it
 
     def worker():
         while (samples := work.get()) is not None:
@@ -86,6 +89,7 @@ def run(infer, batch: int, protocol: dict, outdir: str, estimate_ms: float) -> d
                     infer()
                 except BaseException as e:  # noqa: BLE001 — answered, then reported
                     errors.append(e)
+                done[0] += len(chunk)
                 lg.QuerySamplesComplete([lg.QuerySampleResponse(q.id, 0, 0) for q in chunk])
 
     th = threading.Thread(target=worker, daemon=True)
@@ -107,6 +111,7 @@ def run(infer, batch: int, protocol: dict, outdir: str, estimate_ms: float) -> d
         raise errors[0]
     out = summarize(protocol["scenario"], outdir)
     out["settings_chosen"] = chosen
+    out["samples"] = done[0]
     return out
 
 
@@ -161,8 +166,10 @@ def summarize(name: str, outdir: str) -> dict:
                 if d.get(f"result_{k}_latency_ns") is not None})
     es = next((d[k] for k in ("early_stopping_latency_ss", "early_stopping_latency_ms",
                               "early_stopping_latency_mpq") if d.get(k)), None)
-    return {"scenario": name, "valid": valid, "result": d.get("result_validity"),
-            "reasons": [] if valid else reasons, "metric": metric, "unit": unit, "value": value,
+    return {"scenario": name, "name": name, "valid": valid, "result": d.get("result_validity"),
+            "reasons": [] if valid else reasons,
+            "reason": None if valid else "; ".join(reasons) or d.get("result_validity"),
+            "metric": metric, "unit": unit, "value": value,
             "latency_ms": lat, "query_count": d.get("result_query_count"),
             "qps": d.get("result_qps_without_loadgen_overhead")
             or d.get("result_completed_samples_per_sec") or d.get("result_samples_per_second"),

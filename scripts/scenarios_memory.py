@@ -9,6 +9,7 @@ the artifact's size (issue: scenarios, memory).
    single-stream rate, which the device cannot carry: INVALID, with LoadGen's reasons.
 2. Peak resident memory of the agent, loading and timed, for `resnet18` and
    `tiny-transformer` (FP32, W8A8, and W4A16 weight-only), against the file sizes.
+3. A batch sweep 1/8/32 of W8A8 vs FP32 on OpenVINO (the report's *Batch sweep* plot).
 Everything goes into one results store (`hilq report --db DB` renders it). Run it alone on a
 quiet machine; prints Markdown tables.
 """
@@ -23,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.runner import artifact_for, combine, measure_artifacts  # noqa: E402
+from bench.report import render  # noqa: E402
+from bench.runner import artifact_for, bench_variants, combine, measure_artifacts  # noqa: E402
 from bench.store import open_store  # noqa: E402
 from devices.local import LocalDevice  # noqa: E402
 from devices.measurement import Protocol  # noqa: E402
@@ -78,9 +80,25 @@ def main() -> int:
             m, art = one(model, variant, "ort", quick, f"{variant}-memory")
             mm = m.memory or {}
             mem.append((model, variant, mm.get("artifact_mb"), mm.get("rss_start_mb"),
-                        mm.get("load_peak_mb"), mm.get("load_delta_mb"), mm.get("timed_peak_mb")))
+                        mm.get("load_peak_mb"), mm.get("load_delta_mb"), mm.get("timed_peak_mb"),
+                        mm.get("peak_rss_mb")))
+    sweep = []
+    for b in (1, 8, 32):      # 3. W8A8 vs FP32 on OpenVINO against batch, side by side
+        ms = bench_variants("resnet18", ["fp32", "w8a8"], dev, "openvino",
+                            replace(quick, batch=b, min_iters=20), rounds=2, store=store,
+                            run_id=run_id, label=f"@b{b}", out_dir=str(args.work / "art"))
+        f, q = (m.latency_ms.get("p50") for m in ms)
+        sweep.append((b, f, q, ms[0].throughput, ms[1].throughput))
+        print(f"  batch {b}: fp32 {f:.2f} ms, w8a8 {q:.2f} ms, {f / q:.2f}×", flush=True)
     store.finish_run(run_id, "ok")
-    print(f"\nrun {run_id} in {store.name}\n")
+    rep = render(store, run_id, args.work / "report")
+    print(f"\nrun {run_id} in {store.name}; report {rep.markdown}\n")
+    print("| batch (OpenVINO) | fp32 ms/batch | w8a8 ms/batch | fp32 samples/s | "
+          "w8a8 samples/s | w8a8 × fp32 |")
+    print("|---|---|---|---|---|---|")
+    for b, f, q, tf, tq in sweep:
+        print(f"| {b} | {f:.2f} | {q:.2f} | {tf:.1f} | {tq:.1f} | {f / q:.2f}× |")
+    print()
     print("| runtime | variant | scenario | LoadGen | metric | value | LoadGen p90 ms | "
           "hilq p90 ms | LoadGen vs hilq | samples/s | queries | reasons |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -89,8 +107,8 @@ def main() -> int:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {_f(r[5])} | {_f(r[6])} | "
               f"{_f(r[7])} | {agree} | {_f(r[8])} | {r[9]} | {r[10] or ''} |")
     print("\n| model | variant (ORT) | file MiB | RSS at start | load peak | loading added | "
-          "timed peak |")
-    print("|---|---|---|---|---|---|---|")
+          "timed peak | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in mem:
         print("| " + " | ".join([r[0], r[1], *(_f(x) for x in r[2:])]) + " |")
     return 0

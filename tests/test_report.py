@@ -40,10 +40,10 @@ def _scenario(v: str, lat: dict) -> dict:
     """LoadGen's SingleStream verdict; w4a8's Server run INVALID (the report must say so)."""
     if v == "w4a8":
         return {"scenario": "server", "valid": False, "result": "INVALID", "metric":
-                "completed samples/s", "unit": "samples/s", "value": 40.0,
+                "p99_latency_ms", "unit": "ms", "value": 40.0,
                 "reasons": ["latency bound missed at the target QPS"], "latency_ms": {}}
     return {"scenario": "single-stream", "valid": True, "result": "VALID", "metric":
-            "p90 latency", "unit": "ms", "value": lat["p90"], "reasons": [],
+            "p90_latency_ms", "unit": "ms", "value": lat["p90"], "reasons": [],
             "latency_ms": {"p50": lat["p50"], "p90": lat["p90"]}, "query_count": 500}
 
 
@@ -74,6 +74,13 @@ def synthetic_store(path, nights=6, slow_last=1.15):
                             "load_peak_mb": 180.0, "load_rss_mb": 170.0,
                             "load_delta_mb": 110.0, "timed_peak_mb": 175.0},
                     scenario=_scenario(v, lat) if r == 0 else {}), round=r)
+        if n == nights - 1:       # a batch sweep: fp32 and w8a8 at batch 8 beside batch 1
+            for v in ("fp32", "w8a8"):
+                s = 5 * VARIANTS[v][0] * rng.lognormal(0, 0.05, 60)
+                store.add_measurement(run, Measurement(
+                    "resnet18", f"{v}@b8", "local", "onnxruntime", samples_ms=s.tolist(),
+                    latency_ms={"p50": float(np.median(s))}, throughput=8000 / float(s.mean()),
+                    protocol={"batch": 8}, facts=FACTS))
         for v, (_, top1) in VARIANTS.items():
             store.add_accuracy(run, "resnet18", v, top1, 1000, "imagenette")
         store.finish_run(run)
@@ -126,6 +133,9 @@ def test_render_writes_markdown_and_self_contained_html(rendered):
     assert "avx512_vnni" in page and "lat&lt;=8ms" in page
     assert "Device accuracy differs from the simulation by more than 0.5 pt" in md
     assert "resnet18 w4a8 on local/onnxruntime: -1.20 pt" in md
+    sweep = md.split("## Batch sweep")[1].split("\n## ")[0]       # batch 1 and 8, w8a8 × fp32
+    assert "| resnet18 | w8a8 | local/onnxruntime | 8 | 44.9 | 5.61 | 178.0 | 2.22× |" in sweep
+    assert "| resnet18 | fp32 | local/onnxruntime | 1 |" in sweep and "batch_sweep.png" in sweep
 
 
 def test_empty_sections_say_so(tmp_path):

@@ -6,6 +6,7 @@ device can carry the load, INVALID (with LoadGen's reason, and a non-zero exit o
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 
 import pytest
@@ -39,7 +40,9 @@ def test_each_scenario_is_valid_where_the_device_carries_it(digits, tmp_path, na
     m = _run(digits, tmp_path, scenario=name)
     assert m.status == "ok", m.reason
     sc = m.scenario
-    assert sc["scenario"] == name and sc["result"] == "VALID" and sc["valid"], sc["reasons"]
+    assert sc["scenario"] == sc["name"] == name and sc["result"] == "VALID" and sc["valid"], \
+        sc["reasons"]
+    assert sc["reason"] is None
     assert sc["reasons"] == [] and "MLPerf Results Summary" in sc["summary"]
     assert sc["metric"] == scenario.METRICS[name][0] and sc["value"] > 0
     assert sc["query_count"] >= scenario.MIN_QUERIES[name]
@@ -63,6 +66,7 @@ def test_a_server_rate_the_device_cannot_meet_is_invalid_with_the_reason(digits,
     assert m.status == "ok" and sc["result"] == "INVALID" and not sc["valid"]
     assert any("latency bound" in r for r in sc["reasons"]), sc["reasons"]
     assert any(r.startswith("LoadGen recommends") for r in sc["reasons"]), sc["reasons"]
+    assert sc["name"] == "server" and "latency bound" in sc["reason"]
 
 
 def test_bench_cli_stores_reports_and_exits_nonzero_on_invalid(digits, tmp_path, capsys):
@@ -72,9 +76,15 @@ def test_bench_cli_stores_reports_and_exits_nonzero_on_invalid(digits, tmp_path,
     assert cli.main([*common, "--scenario", "single-stream", "--json",
                      str(tmp_path / "ok.json")]) == 0
     out = capsys.readouterr().out
-    assert "LoadGen single-stream: VALID, p90 latency" in out and "hilq p90" in out
+    assert "LoadGen single-stream: VALID, p90_latency_ms" in out and "hilq p90" in out
     (row,) = json.loads((tmp_path / "ok.json").read_text())["measurements"]
     assert row["scenario"]["valid"] and row["memory"]["timed_peak_mb"] > 0
+    # the documented --json interface: memory {peak_rss_mb, peak_gpu_mb} and scenario
+    # {name, metric, value, valid, reason}
+    sc, mem = row["scenario"], row["memory"]
+    assert (sc["name"], sc["metric"], sc["reason"]) == ("single-stream", "p90_latency_ms", None)
+    assert sc["value"] > 0 and mem["peak_rss_mb"] >= mem["timed_peak_mb"]
+    assert "peak_gpu_mb" in mem and mem["peak_gpu_mb"] is None        # a CPU engine
     assert cli.main([*common, "--scenario", "server", "--target-qps", "1000000",
                      "--target-latency-ms", "1"]) == 1
     out = capsys.readouterr().out
@@ -105,3 +115,21 @@ def test_settings_follow_the_protocol(digits):
     assert s.multi_stream_expected_latency_ns == 8_000_000 and chosen["samples_per_query"] == 4
     s, chosen = scenario.settings_for(lg, {"scenario": "offline"}, estimate_ms=4.0)
     assert s.offline_expected_qps == pytest.approx(375.0) and chosen["expected_qps"] == 375.0
+
+
+def test_energy_over_the_loadgen_run_with_the_idle_baseline(digits, tmp_path):
+    """A meter (any program printing watts) on: joules per inference over LoadGen's own run,
+    gross and above idle, beside the timed run's figure."""
+    meter = tmp_path / "meter.py"
+    meter.write_text("import time\nwhile True:\n    print('7.0 W', flush=True)\n"
+                     "    time.sleep(0.01)\n")
+    m = _run(digits, tmp_path, scenario="offline", power=f"command:{sys.executable} -u {meter}",
+             power_interval_s=0.01, idle_s=0.2)
+    e = m.scenario["energy"]
+    assert m.status == "ok" and e["meter"].startswith("command:") and e["reason"] is None
+    assert e["idle_w"] == pytest.approx(7.0) and e["avg_w"] == pytest.approx(7.0)
+    n = m.scenario["samples"]
+    assert n >= m.scenario["query_count"] > 0
+    assert e["j_per_inference"] == pytest.approx(7.0 * e["window_s"] / n, rel=0.05)
+    assert abs(e["dynamic_j_per_inference"]) < 0.05 * e["j_per_inference"]  # constant draw
+    assert m.energy_j_per_inference is not None                # hilq's own timed window too

@@ -35,8 +35,11 @@ def _search(tmp_path, *extra):
     from bench.cli import main
 
     out = tmp_path / f"out{len(list(tmp_path.glob('out*.json')))}.json"
+    # --tolerance 0.25: a 0.07 ms model's CI never narrows to 5% on a noisy VM, and the loop's
+    # statistics are tests/test_loop.py's; these tests are about the real engine's plumbing
     rc = main(["search", "--model", "digits-cnn", "--calib-data", "real", "--min-duration-s",
-               "0.3", "--rounds", "2", "--db", str(tmp_path / "s.sqlite"), "--work-dir",
+               "0.3", "--rounds", "2", "--tolerance", "0.25", "--db", str(tmp_path / "s.sqlite"),
+               "--work-dir",
                str(tmp_path / "work"), "--json", str(out), *extra])
     return rc, (json.loads(out.read_text()) if out.exists() else None)
 

@@ -452,6 +452,31 @@ def test_newer_measurement_fields_are_kept(store):
     assert row["extra"] is None
 
 
+def test_processes_opening_one_fresh_store_at_once_take_turns(backend):
+    """A nightly and its Ray tasks may open a new database together: one creates the tables,
+    the others find them (no duplicate-table error from a race)."""
+    import threading
+
+    go, errors = threading.Barrier(4), []
+
+    def one():
+        go.wait()
+        try:
+            open_store(backend).close()
+        except Exception as e:  # noqa: BLE001 — collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with open_store(backend) as s:
+        assert s.schema_version() == st.SCHEMA_VERSION
+        assert [r["version"] for r in s.rows("schema_version")] == [st.SCHEMA_VERSION]
+
+
 def test_two_writers_at_once(backend):
     """Two connections writing the same store concurrently, both registering the same device
     and variants first, neither fails: on SQLite they wait for each other (WAL, busy timeout,

@@ -90,7 +90,7 @@ def _sqlite_events(engine: sa.Engine) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA busy_timeout = 30000")
-        cur.execute("PRAGMA journal_mode = WAL")
+        _wal(cur)
         cur.execute("PRAGMA foreign_keys = ON")
         cur.execute("PRAGMA synchronous = NORMAL")
         cur.close()
@@ -98,6 +98,24 @@ def _sqlite_events(engine: sa.Engine) -> None:
     @sa.event.listens_for(engine, "begin")
     def _begin(conn):
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get("hilq_write") else "BEGIN")
+
+
+def _wal(cur, wait_s: float = 30.0) -> None:
+    """Switch to WAL. On a file another process is creating this very moment the switch can
+    report "database is locked" without waiting (SQLite runs no busy handler for it), so it
+    is retried, like the busy timeout would, for up to `wait_s`."""
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 class Connections:

@@ -19,6 +19,7 @@ METRICS = {"p50": "p50_ms", "p90": "p90_ms", "p99": "p99_ms", "mean": "mean_ms",
            "energy_j": "energy_j", "throughput": "throughput",
            "top1": "top1", "agreement": "agreement_fp32"}     # accuracy on the device
 HIGHER_IS_BETTER = frozenset({"throughput", "top1", "agreement"})
+MIGRATION_LOCK = 0x68696C71          # "hilq": PostgreSQL advisory lock around create/migrate
 
 meta = sa.MetaData()
 _name = String(200)
@@ -193,7 +194,11 @@ MIGRATIONS: list[tuple[int, str, object]] = [
 
 def migrate(c: sa.Connection, name: str) -> None:
     """Create the tables in an empty database, or apply the pending migrations, stamping each
-    version; a newer schema than this hilq's, or hilq tables without a version, is refused."""
+    version; a newer schema than this hilq's, or hilq tables without a version, is refused.
+    Two processes opening one fresh database at once (a nightly and its Ray tasks) take
+    turns: SQLite's write transaction is BEGIN IMMEDIATE, PostgreSQL's holds an advisory lock."""
+    if c.dialect.name == "postgresql":
+        c.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
     has_version = sa.inspect(c).has_table("schema_version")
     current = (c.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
                if has_version else 0) or 0

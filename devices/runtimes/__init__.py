@@ -158,6 +158,17 @@ class CudaEventTimer:
         return float(self.a.elapsed_time(self.b))
 
 
+def sha256_file(path: str) -> str:
+    """The file's sha256, read in 1 MiB chunks (artifacts, evaluation sets)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_manifest(path: str) -> dict:
     """The manifest beside an artifact (`FILE.manifest.json`, quant/artifact.py), {} if none:
     the one place on the device that knows where it lives."""

@@ -151,14 +151,6 @@ def _cache_dir(protocol: dict) -> Path:
     return Path(base) / "trt-engines"
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _build(trt, logger, path: str, settings: dict) -> bytes:
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) \
@@ -197,7 +189,7 @@ def load(path: str, protocol: dict):
     import tensorrt as trt
     import torch
 
-    from . import CudaEventTimer, Loaded, OnnxNames, check_variant, read_manifest
+    from . import CudaEventTimer, Loaded, OnnxNames, check_variant, read_manifest, sha256_file
 
     version()
     manifest = read_manifest(path)
@@ -207,7 +199,7 @@ def load(path: str, protocol: dict):
     settings = builder_settings(variant, protocol, onnx_is_fp16)
     props = torch.cuda.get_device_properties(0)
     capability = f"{props.major}.{props.minor}"
-    key = engine_cache_key(_sha256(path), trt.__version__, props.name, capability, settings)
+    key = engine_cache_key(sha256_file(path), trt.__version__, props.name, capability, settings)
     cache = _cache_dir(protocol)
     engine_path = cache / f"{key}.engine"
     logger = trt.Logger(trt.Logger.WARNING)
