@@ -224,25 +224,36 @@ def _identity(cfg: Config) -> dict:
     return d
 
 
-def _on_threads(cfg: Config, store, run_id: str, devs, artifacts_dir: Path,
-                result: NightlyResult, say) -> dict[str, dict]:
-    """Build on this host, then measure each device in its own thread. Returns model -> its
-    artifacts (the first runtime's), for the accuracy step."""
+def _build_matrix(cfg: Config, result: NightlyResult, say, build) -> tuple[dict, dict]:
+    """Every bench entry × runtime through `build(i, bench, runtime)` -> (its artifacts here,
+    what a device's measurement takes); a model that will not build is a failure and the rest
+    go on. Returns (device -> [(bench, runtime, for the device)], model -> its artifacts)."""
     per_device: dict[str, list] = {}
     built: dict[str, dict] = {}
-    for b in cfg.bench:
+    for i, b in enumerate(cfg.bench):
         for runtime in b.runtimes:
             try:
-                arts = {v: runner.artifact_for(b.ref, v, artifacts_dir, runtime,
-                                               seed=cfg.seed, calib_data=b.calib_data)
-                        for v in b.variants}
+                arts, for_device = build(i, b, runtime)
             except Exception as e:  # noqa: BLE001 — a model that will not build is a failure
                 result.failures.append((f"build {b.model} for {runtime}", _one_line(e)))
                 continue
             built.setdefault(b.model, arts)
             for d in b.devices:
-                per_device.setdefault(d, []).append((b, runtime, arts))
+                per_device.setdefault(d, []).append((b, runtime, for_device))
         say(f"built {b.model}: {', '.join(b.variants)}")
+    return per_device, built
+
+
+def _on_threads(cfg: Config, store, run_id: str, devs, artifacts_dir: Path,
+                result: NightlyResult, say) -> dict[str, dict]:
+    """Build on this host, then measure each device in its own thread. Returns model -> its
+    artifacts (the first runtime's), for the accuracy step."""
+    def build(_, b, runtime):
+        arts = {v: runner.artifact_for(b.ref, v, artifacts_dir, runtime, seed=cfg.seed,
+                                       calib_data=b.calib_data) for v in b.variants}
+        return arts, arts
+
+    per_device, built = _build_matrix(cfg, result, say, build)
 
     def one_device(name: str):
         try:
@@ -275,20 +286,11 @@ def _on_ray(cfg: Config, run_id: str, artifacts_dir: Path, result: NightlyResult
     jobs = {(i, runtime, v): (b.ref, v, runtime, cfg.seed, b.calib_data)
             for i, b in enumerate(cfg.bench) for runtime in b.runtimes for v in b.variants}
     refs = farm.build_all(ray, list(jobs.values()), str(artifacts_dir), say)
-    per_device: dict[str, list] = {}
-    built: dict[str, dict] = {}
-    for i, b in enumerate(cfg.bench):
-        for runtime in b.runtimes:
-            mine = {v: refs[jobs[(i, runtime, v)]] for v in b.variants}
-            try:     # here too: the accuracy step reads the manifests
-                arts = {v: farm.unpack(ray.get(r), artifacts_dir / "farm") for v, r in mine.items()}
-            except Exception as e:  # noqa: BLE001 — a model that will not build is a failure
-                result.failures.append((f"build {b.model} for {runtime}", _one_line(e)))
-                continue
-            built.setdefault(b.model, arts)
-            for d in b.devices:
-                per_device.setdefault(d, []).append((b, runtime, mine))
-        say(f"built {b.model}: {', '.join(b.variants)}")
+    def build(i, b, runtime):      # here too (the accuracy step reads the manifests)
+        mine = {v: refs[jobs[(i, runtime, v)]] for v in b.variants}
+        return {v: farm.unpack(ray.get(r), artifacts_dir / "farm") for v, r in mine.items()}, mine
+
+    per_device, built = _build_matrix(cfg, result, say, build)
     for out in farm.measure_all(ray, cfg, run_id, per_device, owners, say):
         result.measurements += out["rows"]
         result.failures += [tuple(f) for f in out["failures"]]

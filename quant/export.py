@@ -658,7 +658,7 @@ def _user_onnx(entry, net, data, path: Path, model: str, variant: str, target: s
     inits = {i.name for i in proto.graph.initializer}
     inp = next(i for i in proto.graph.input if i.name not in inits)
     ref = _reference(net, data, path, seed, input_name=inp.name)
-    evaluation = _evaluation(net, net, data, path.parent, inp.name, model)
+    evaluation = evaluation_fields(net, net, data, path.parent, inp.name, model)
     settings.update(source_onnx=entry.onnx_path, opset=max(
         (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None))
     return Artifact.create(
@@ -686,11 +686,12 @@ def _reference(model: nn.Module, data, path: Path, seed: int, n: int = 8,
     return ref
 
 
-def _evaluation(float_model: nn.Module, model: nn.Module, data, out_dir: Path, input_name: str,
-                name: str) -> dict:
+def evaluation_fields(float_model: nn.Module, model: nn.Module | None, data, out_dir: Path,
+                      input_name: str, name: str) -> dict:
     """Manifest fields for accuracy on the device: `eval_set` (the shared evaluation set
     beside the artifact: file, sha256, n, labels) and `simulated` (this model's figures on
-    it, the fake-quant side of the simulated-vs-device comparison); {} without test data."""
+    it, the fake-quant side of the simulated-vs-device comparison; absent when `model` is
+    None); {} without test data."""
     from . import evalset
 
     arrays = evalset.arrays(float_model, data, input_name)
@@ -700,7 +701,7 @@ def _evaluation(float_model: nn.Module, model: nn.Module, data, out_dir: Path, i
     return {"eval_set": {"file": Path(ev.path).name, "sha256": ev.sha256,
                          "n": ev.manifest["n"], "labels": ev.manifest["labels"],
                          "data": data.name},
-            "simulated": evalset.simulated(model, arrays)}
+            **({"simulated": evalset.simulated(model, arrays)} if model is not None else {})}
 
 
 def _ort_deviation(path: Path, ref: Path) -> float | None:
@@ -794,7 +795,7 @@ def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu"
     info = export_onnx(qmodel, entry.input_shape, path, act_dtype=settings["act_dtype"],
                        calib_x=calib_x, input_dtype=calib_x.dtype)
     ref = _reference(qmodel, data, path, seed)
-    evaluation = _evaluation(net, qmodel, data, out_dir, info["input_name"], model)
+    evaluation = evaluation_fields(net, qmodel, data, out_dir, info["input_name"], model)
     runtimes = ["ort", "openvino"] + (["tensorrt"] if target == "tensorrt" else [])
     settings.update(opset=info["opset"], calib_samples=len(calib_x), notes=notes,
                     placement=info.get("placement"),

@@ -131,4 +131,39 @@ def build(model: str, variant: str, out_dir: str | Path, seed: int = 0,
     return Artifact.create(path, model=model, variant=variant, target=runtime,
                            input_shape=[1, *entry.input_shape], input_dtype="float32",
                            format=FORMAT, runtimes=[runtime], versions=_versions(),
-                           settings=settings)
+                           settings=settings,
+                           **_evaluation(net, path, data, model, variant, device, settings))
+
+
+def _evaluation(net: nn.Module, path: Path, data, model: str, variant: str, device: str,
+                settings: dict) -> dict:
+    """The evaluation set for accuracy on the device, keyed by the program's own input name.
+    The simulated side is the saved program run eagerly here (the reference Q/DQ graph for
+    CPU `w8a8`: fake-quant arithmetic in float); CUDA variants quantized at load have no
+    host-side twin, so they get the set and the device figure but no simulated one."""
+    from .export import evaluation_fields
+
+    ep = torch.export.load(str(path))
+    name = ep.graph_signature.user_inputs[0]
+    twin = None
+    if device == "cpu" or variant == "fp32":
+        twin = _Program(ep.module(), None if settings.get("dynamic_batch") else 1)
+    return evaluation_fields(net, twin, data, path.parent, name, model)
+
+
+class _Program(nn.Module):
+    """An exported program as a module the evaluation helpers can call: `eval()` stops here
+    (exported programs refuse it; they have no train mode to leave), and a static-batch
+    program gets its inputs `step` at a time."""
+
+    def __init__(self, program, step: int | None):
+        super().__init__()
+        self._run = (program,)          # a tuple: not a submodule, so eval() does not reach it
+        self.step = step
+
+    def train(self, mode: bool = True):
+        return self
+
+    def forward(self, x):
+        step = self.step or len(x)
+        return torch.cat([self._run[0](x[i: i + step]) for i in range(0, len(x), step)])

@@ -58,8 +58,10 @@ def slowed(src: Path, dst: Path, channels: int) -> None:
 CONFIG = """
 name = "two-nights"
 rounds = 3
+regression_threshold = 0.03   # below the 5% the nightly must see (detect must exceed it)
 detect = 0.05
 max_rounds = 12
+detect_budget_s = 90
 db = "{db}"
 [protocol]
 warmup_iters = 10

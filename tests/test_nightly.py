@@ -179,7 +179,9 @@ def test_two_nights_on_a_postgresql_server(tmp_path, monkeypatch, pg_url):
                      "--json", f"night{night}.json"]) == 0
     with open_store(pg_url) as s:
         runs = [r["id"] for r in s.runs()]
-        assert len(runs) == 2 and all(s.run(r)["status"] == "ok" for r in runs)
+        # finished, both: this VM's digits-cnn p50 is bimodal (0.03 or 0.05 ms), so the second
+        # night may honestly flag a regression
+        assert len(runs) == 2 and all(s.run(r)["status"] in ("ok", "regressed") for r in runs)
         assert {len(s.measurements(r)) for r in runs} == {4}
         assert len(s.rows("devices")) == 1                  # one machine, seen twice
         hist = s.history("digits-cnn", "w8a8", "local", "ort", "p50")
