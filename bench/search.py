@@ -420,8 +420,11 @@ def record(ctx: _Context, options: SearchOptions, costs: _Costs, sens: _Sensitiv
             _check_accuracy_limit(result, dev, sens.base_acc[FLOAT], options)
         _store_pick(ctx, "chosen", final, result.resolved_budgets, result)
     if options.sweep > 1 and model_fit is not None:
-        result.frontier = _sweep(ctx, model_fit, sens.by, costs.int8_ms, costs.float_ms,
-                                 options.sweep, options.z, sens.limits)
+        try:     # the frontier is extra: its failure is said, the pick above stands
+            result.frontier = _sweep(ctx, model_fit, sens.by, costs.int8_ms, costs.float_ms,
+                                     options.sweep, options.z, sens.limits)
+        except loop.SearchFailure as e:
+            result.message = "; ".join(filter(None, [result.message, f"no frontier: {e}"]))
 
 
 def _check_accuracy_limit(result: SearchResult, dev: dict | None, float_acc: dict,
