@@ -563,8 +563,8 @@ def _predicted(sec, allocs) -> None:
 
 
 def _trends(sec, store, run_id, results) -> None:
-    from matplotlib.figure import Figure
-
+    """p50 per run for every series, then device top-1 per run (on tonight's evaluation set)
+    beside the simulated figure of tonight's artifact: the simulated-vs-device gap, nightly."""
     keys = [r.key for r in results if r.stat("p50") is not None][:MAX_TREND_PANELS]
     series = {k: store.history(*k, "p50", TREND_RUNS, through_run=run_id,
                                respect_resets=False) for k in keys}
@@ -572,34 +572,64 @@ def _trends(sec, store, run_id, results) -> None:
     if not series:
         sec.p("No history yet: trends need at least two runs of the same variant.")
         return
-    flagged = {(g["run_id"], g["model"], g["variant"], g["device"], g["runtime"])
-               for g in store.regressions(flagged_only=True) if g["metric"] == "p50"}
+    flagged = store.regressions(flagged_only=True)
     resets = {k: store.resets(*k) for k in series}
+    sec.img("trends", _trend_figure(series, _flagged_runs(flagged, "p50"), resets, "p50 ms"))
+    sec.p("Red circles: flagged regressions. Dashed lines: intended changes (baseline resets).")
+    acc = {r.key: r.accuracy for r in results if r.accuracy and r.accuracy.get("top1") is not None}
+    top1 = {k: [{**e, "value": 100 * e["value"]} for e in store.history(
+                *k, "top1", TREND_RUNS, through_run=run_id, respect_resets=False,
+                eval_sha256=a.get("eval_sha256"))]
+            for k, a in list(acc.items())[:MAX_TREND_PANELS]}
+    top1 = {k: h for k, h in top1.items() if len(h) > 1}
+    if top1:
+        sim = {k: 100 * acc[k]["simulated_top1"] for k in top1
+               if acc[k].get("simulated_top1") is not None}
+        sec.img("accuracy_trends", _trend_figure(top1, _flagged_runs(flagged, "top1"),
+                                                 {k: resets.get(k, set()) for k in top1},
+                                                 "top-1 on the device %", sim))
+        sec.p("Device top-1 per run on the same evaluation set; the dotted line is the "
+              "simulated (fake-quant) top-1 of tonight's artifact, so the distance between "
+              "them is the simulated-vs-device gap.")
+
+
+def _flagged_runs(regs: list[dict], metric: str) -> set[tuple]:
+    return {(g["run_id"], g["model"], g["variant"], g["device"], g["runtime"])
+            for g in regs if g["metric"] == metric}
+
+
+def _trend_figure(series: dict, flagged: set, resets: dict, ylabel: str,
+                  level: dict | None = None):
+    """One panel per series: its value per run, flagged runs circled in red, baseline resets
+    dashed, and `level[key]` (if given) as a dotted horizontal line."""
+    from matplotlib.figure import Figure
+
     cols = 2 if len(series) > 1 else 1
     rows_n = math.ceil(len(series) / cols)
     fig = Figure(figsize=(6 * cols, 2.8 * rows_n), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows_n, cols, squeeze=False).ravel())
     for ax, (k, h) in zip(axes, series.items()):
         x = np.arange(len(h))
-        ax.plot(x, [e["value"] for e in h], "o-", ms=3, label="p50")
+        ax.plot(x, [e["value"] for e in h], "o-", ms=3, label=ylabel.split(" ")[0])
+        if level and k in level:
+            ax.axhline(level[k], ls=":", color="tab:green", label="simulated")
         bad = [i for i, e in enumerate(h) if (e["run_id"], *k) in flagged]
         if bad:
             ax.scatter(bad, [h[i]["value"] for i in bad], s=90, facecolors="none",
                        edgecolors="red", linewidths=2, label="regression", zorder=4)
         for i, e in enumerate(h):
-            if e["run_id"] in resets[k]:
+            if e["run_id"] in resets.get(k, ()):
                 ax.axvline(i, ls="--", color="gray", lw=1)
         ax.set_xticks(x, [e["started"][5:16].replace("T", " ") for e in h], rotation=45,
                       ha="right", fontsize=7)
         ax.set_title(f"{k[1]} · {k[0]} · {k[2]}/{k[3]}", fontsize=9)
-        ax.set_ylabel("p50 ms")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if bad:
+        if bad or (level and k in level):
             ax.legend(fontsize=7)
     for ax in axes[len(series):]:
         ax.set_visible(False)
-    sec.img("trends", fig)
-    sec.p("Red circles: flagged regressions. Dashed lines: intended changes (baseline resets).")
+    return fig
 
 
 def _regressions(sec, regs, detect: float | None = None) -> None:

@@ -24,8 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench import config  # noqa: E402
 from bench.nightly import run_nightly  # noqa: E402
-from bench.runner import artifact_for  # noqa: E402
+from bench.runner import artifact_for, measure_artifacts  # noqa: E402
 from bench.store import open_store  # noqa: E402
+from devices.local import LocalDevice  # noqa: E402
+from devices.measurement import Protocol  # noqa: E402
 from scripts.closed_loop_real import cpu  # noqa: E402
 
 
@@ -61,7 +63,7 @@ rounds = 3
 regression_threshold = 0.03   # below the 5% the nightly must see (detect must exceed it)
 detect = 0.05
 max_rounds = 12
-detect_budget_s = 90
+detect_budget_s = {budget}
 db = "{db}"
 [protocol]
 warmup_iters = 10
@@ -79,6 +81,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nights", type=int, default=3, help="nights before the slowdown")
     ap.add_argument("--channels", type=int, default=96)
+    ap.add_argument("--detect-budget-s", type=int, default=90,
+                    help="a night's time for adding rounds to reach detect = 0.05")
+    ap.add_argument("--rounds", type=int, default=8, help="side-by-side rounds for the cost")
     ap.add_argument("--out", type=Path, default=ROOT / ".cache" / "two-nights")
     args = ap.parse_args()
     print(f"CPU: {cpu()}")
@@ -87,7 +92,8 @@ def main() -> int:
     base = Path(artifact_for("resnet18", "fp32", args.out / "build", "ort").path)
     model = args.out / "resnet18.onnx"
     shutil.copy(base, model)
-    (args.out / "n.toml").write_text(CONFIG.format(db=args.out / "hilq.sqlite", model=model))
+    (args.out / "n.toml").write_text(CONFIG.format(db=args.out / "hilq.sqlite", model=model,
+                                                     budget=args.detect_budget_s))
     for night in range(args.nights + 1):
         if night == args.nights:
             slowed(base, model, args.channels)
@@ -105,7 +111,25 @@ def main() -> int:
               f"{v['flagged']}, can see ≥ {_pct(v['mde'])} (n history {v['n_history']}), "
               f"{v['method']}; {v['note']}")
     print(f"report: {res.report}")
+    cost(base, model, args.out, args.rounds)
     return 0
+
+
+def cost(base: Path, slow: Path, out: Path, rounds: int) -> None:
+    """What the injection costs, measured side by side: both files alternating in fresh agent
+    processes (A B A B ...), the median of each one's round p50s and their ratio."""
+    import statistics
+
+    arts = {}
+    for name, src in (("before", base), ("after", slow)):
+        shutil.copy(src, out / f"{name}.onnx")      # through the ONNX door, as the nightly
+        arts[name] = artifact_for(str(out / f"{name}.onnx"), "fp32", out / "cost", "ort")
+    per = measure_artifacts(LocalDevice(workdir=str(out / "device")), "ort", "resnet18", arts,
+                            Protocol(warmup_iters=10, warmup_s=1.0, min_iters=50,
+                                     min_duration_s=2.0), rounds=rounds)
+    med = {k: statistics.median(m.latency_ms["p50"] for m in v if m.ok) for k, v in per.items()}
+    print(f"side by side, {rounds} alternating rounds: before {med['before']:.2f} ms, after "
+          f"{med['after']:.2f} ms, the injection costs {_pct(med['after'] / med['before'] - 1)}")
 
 
 def _pct(x) -> str:

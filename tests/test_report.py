@@ -136,6 +136,9 @@ def test_render_writes_markdown_and_self_contained_html(rendered):
     sweep = md.split("## Batch sweep")[1].split("\n## ")[0]       # batch 1 and 8, w8a8 × fp32
     assert "| resnet18 | w8a8 | local/onnxruntime | 8 | 44.9 | 5.61 | 178.0 | 2.22× |" in sweep
     assert "| resnet18 | fp32 | local/onnxruntime | 1 |" in sweep and "batch_sweep.png" in sweep
+    trends = md.split("## Nightly trends")[1].split("\n## ")[0]  # p50, then the accuracy gap
+    assert "trends.png" in trends and "accuracy_trends.png" in trends
+    assert "simulated (fake-quant) top-1 of tonight's artifact" in trends
 
 
 def test_empty_sections_say_so(tmp_path):
