@@ -81,7 +81,7 @@ def prepare(out: Path) -> None:
     net.set_swish(memory_efficient=False) if hasattr(net, "set_swish") else None
     torch.onnx.export(net, torch.zeros(1, 3, 224, 224), out / "effnet-lite0.onnx",
                       input_names=["image"], output_names=["logits"], dynamo=False,
-                      opset_version=17)
+                      opset_version=17, dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
     print(f"wrote {out / 'effnet-lite0.onnx'} and {out / 'photos'} "
           f"({len(list((out / 'photos' / 'calib').iterdir()))} calibration, "
           f"{len(list((out / 'photos' / 'test').iterdir()))} evaluation images)")

@@ -189,9 +189,30 @@ def test_bad_inputs_one_line_each(onnx_model, images, tmp_path):
                    "unknown preprocessing key 'size'"))
     said.append(one_line_error(hilq("export", "--model", onnx_model, "--variant", "fp32", "--out",
                         "/proc/version/out"), "--out"))
+    said.append(one_line_error(hilq("quantize", "--model", _batch_one_onnx(tmp_path), "--data",
+                                    images, "--preprocess", PRE, "--w-bits", 8, "--a-bits", 8),
+                               "runs only at batch 1", "dynamic batch"))
     # every bad input got its own message (none generic, none a traceback)
-    assert len(said) == 12 and len(set(said)) == len(said), said
+    assert len(said) == 13 and len(set(said)) == len(said), said
     assert not any("Traceback" in line or "Error:" in line.split(":", 1)[0] for line in said)
+
+
+def _batch_one_onnx(tmp_path) -> Path:
+    """A CNN whose export baked its example batch of 1 into a Reshape (`x.view(n, -1)`
+    traced without a dynamic batch axis): what many exported files in the wild look like."""
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(4 * 32 * 32, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).view(x.shape[0], -1))
+
+    path = tmp_path / "batch1.onnx"
+    torch.onnx.export(Flat().eval(), torch.zeros(1, 3, 32, 32), path, input_names=["image"],
+                      output_names=["logits"], dynamo=False, opset_version=17)
+    return path
 
 
 def test_dynamic_onnx_needs_input_shape(onnx_model, tmp_path):

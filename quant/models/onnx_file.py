@@ -112,6 +112,31 @@ def build(proto, path: Path):
     """The converted float model (one line when onnx2torch cannot convert an op)."""
     convert = _convert()
     try:
-        return convert(proto).eval()
+        net = convert(proto).eval()
     except NotImplementedError as e:
         raise ModelError(f"{path}: onnx2torch cannot convert it: {str(e).splitlines()[0]}") from None
+    _check_batches(net, proto, path)
+    return net
+
+
+def _check_batches(net, proto, path: Path) -> None:
+    """Calibration, evaluation and sensitivity run many samples at once: a graph that bakes
+    a batch of 1 into a Reshape (an export without a dynamic batch axis) fails there with a
+    shape error deep inside; say so here, in one line, with the fix."""
+    import numpy as np
+    import torch
+
+    inp = _graph_inputs(proto)[0]
+    dims = [d.dim_value if d.HasField("dim_value") else None
+            for d in inp.type.tensor_type.shape.dim]
+    if not dims or dims[0] not in (None, 1) or any(d is None for d in dims[1:]):
+        return          # a fixed larger batch, or sample dims only --input-shape knows
+    dtype = torch.from_numpy(np.zeros(0, input_dtype(proto))).dtype
+    try:
+        with torch.no_grad():
+            net(torch.zeros((2, *dims[1:]), dtype=dtype))
+    except Exception as e:  # noqa: BLE001 — any failure at batch 2 is the same problem
+        raise ModelError(f"{path} runs only at batch 1 ({type(e).__name__} at batch 2: "
+                         f"{str(e).splitlines()[0][:120]}); export it with a dynamic batch "
+                         "axis (torch.onnx.export(..., dynamic_axes={'<input>': {0: 'batch'}}))"
+                         ) from None
