@@ -29,7 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .spec import QuantSpec
-from .transform import QUANTIZABLE, QuantLayer, _weight_view_spec, batches, fold_bn, quant_layers
+from .transform import (
+    QUANTIZABLE,
+    QuantLayer,
+    _weight_view_spec,
+    batches,
+    fold_bn,
+    layer_forward,
+    quant_layers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -316,10 +324,6 @@ def _expand(t: torch.Tensor, wv: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return t.repeat_interleave(spec.group_size, dim=1)  # (O, groups) -> (O, I)
 
 
-def _layer_forward(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    if isinstance(layer, nn.Conv2d):
-        return layer._conv_forward(x, w, layer.bias)
-    return F.linear(x, w, layer.bias)
 
 
 def _collect(qmodel, q, fmodel, fmod, x) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,7 +379,7 @@ def _adaround_layer(q: QuantLayer, xin: torch.Tensor, target: torch.Tensor, iter
     for it in range(iters):
         idx = torch.randint(len(xin), (min(32, len(xin)),), generator=gen)
         h = _rect_sigmoid(v)
-        out = _layer_forward(layer, xin[idx], weight(h))
+        out = layer_forward(layer, xin[idx], weight(h))
         loss = ((out - target[idx]) ** 2).sum(dim).mean()
         if it >= warm:
             beta = 20.0 + (2.0 - 20.0) * (it - warm) / max(iters - warm, 1)
@@ -388,7 +392,7 @@ def _adaround_layer(q: QuantLayer, xin: torch.Tensor, target: torch.Tensor, iter
         nearest = weight(torch.round(wv / s) - floor)
 
         def err(wq):
-            return sum(float(((_layer_forward(layer, xb, wq) - tb) ** 2).sum())
+            return sum(float(((layer_forward(layer, xb, wq) - tb) ** 2).sum())
                        for xb, tb in zip(xin.split(256), target.split(256)))
 
         e_hard, e_near = err(hard), err(nearest)
@@ -404,7 +408,7 @@ def reconstruction_error(qlayer: QuantLayer, inputs: torch.Tensor, target: torch
     `weight`, default its quantized weight) against a float target: AdaRound's objective."""
     with torch.no_grad():
         w = qlayer.quant_weight() if weight is None else weight
-        out = _layer_forward(qlayer.layer, qlayer.quant_input(inputs), w)
+        out = layer_forward(qlayer.layer, qlayer.quant_input(inputs), w)
         return float(((out - target) ** 2).mean())
 
 

@@ -94,6 +94,19 @@ def _weight_view_spec(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, Q
     return w, spec.with_(axis=0)
 
 
+_PLAIN_FORWARDS = (nn.Conv2d.forward, nn.Linear.forward)
+
+
+def layer_forward(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` with weight `w` in place of its own. A subclass with its own forward
+    (EfficientNet's static "same" padding before the conv, say) runs that forward."""
+    if type(layer).forward not in _PLAIN_FORWARDS:
+        return torch.func.functional_call(layer, {"weight": w}, (x,), strict=False)
+    if isinstance(layer, nn.Conv2d):
+        return layer._conv_forward(x, w, layer.bias)
+    return F.linear(x, w, layer.bias)
+
+
 class QuantLayer(nn.Module):
     """A conv/linear layer with fake-quantized weight and input activation.
 
@@ -149,10 +162,7 @@ class QuantLayer(nn.Module):
         self.mode = "quant"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, w = self.quant_input(x), self.quant_weight()
-        if isinstance(self.layer, nn.Conv2d):
-            return self.layer._conv_forward(x, w, self.layer.bias)
-        return F.linear(x, w, self.layer.bias)
+        return layer_forward(self.layer, self.quant_input(x), self.quant_weight())
 
     def extra_repr(self) -> str:
         w = f"w{self.weight_spec.bits}" if self.weight_spec else "wfp"

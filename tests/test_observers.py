@@ -189,3 +189,28 @@ def test_every_calibration_runs_through_transform_quantize(calib):
         err = float((qm(x) - ref).abs().max())
     assert qm[2].act_zp is not None and 0 <= int(qm[2].act_zp) <= 255
     assert err < 0.1 * float(ref.abs().max())
+
+
+def test_a_conv_subclass_keeps_its_own_forward_when_quantized():
+    """EfficientNet-style `Conv2dStaticSamePadding` pads inside its own forward; the quantized
+    wrapper must run that forward (with the quantized weight), or the output shrinks and a
+    skip connection no longer fits."""
+    import torch.nn.functional as F
+
+    class SamePad(nn.Conv2d):
+        def __init__(self):
+            super().__init__(3, 3, 3, padding=0, bias=True)
+            self.static_padding = nn.ZeroPad2d(1)
+
+        def forward(self, x):
+            return F.conv2d(self.static_padding(x), self.weight, self.bias)
+
+    torch.manual_seed(0)
+    conv = SamePad()
+    wrapped = QuantLayer(conv, QuantSpec(bits=8, granularity="channel", axis=0), None)
+    x = torch.randn(2, 3, 8, 8)
+    y = wrapped(x)
+    assert y.shape == conv(x).shape == (2, 3, 8, 8)
+    want = F.conv2d(F.pad(x, (1, 1, 1, 1)), wrapped.quant_weight(), conv.bias)
+    torch.testing.assert_close(y, want)
+    assert not torch.equal(wrapped.quant_weight(), conv.weight)    # the quantized weight ran
