@@ -605,7 +605,9 @@ def float_edges(model, layers: list[str]) -> list[tuple[str, str]]:
     between two INT8 layers and none between two float ones."""
     import torch.fx as fx
 
-    graph = fx.symbolic_trace(model).graph
+    from quant.transform import layer_graph
+
+    graph = layer_graph(model)
     wanted = set(layers)
     producers: dict[fx.Node, set[str]] = {}
     edges = []

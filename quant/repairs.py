@@ -36,6 +36,7 @@ from .transform import (
     batches,
     fold_bn,
     layer_forward,
+    layer_graph,
     quant_layers,
 )
 
@@ -94,7 +95,7 @@ def layer_pairs(model: nn.Module, elementwise: bool = False) -> list[tuple[str, 
     map is 1×1 (e.g. after global pooling). Residual adds, concatenations, grouped/depthwise
     convs and layers feeding several consumers end a chain."""
     try:
-        graph = fx.symbolic_trace(model).graph
+        graph = layer_graph(model)
     except Exception:  # noqa: BLE001 — untraceable: no chains, repairs are no-ops
         return []
     modules = dict(model.named_modules())

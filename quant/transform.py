@@ -41,6 +41,19 @@ def _fold_into(layer: nn.Module, bn: nn.BatchNorm2d | nn.BatchNorm1d) -> None:
         layer.bias = nn.Parameter(new_bias.detach().clone())
 
 
+def layer_graph(model: nn.Module):
+    """The model's torch.fx graph with every conv/linear a `call_module` node, subclasses
+    included: fx's default tracer steps inside modules defined outside torch.nn (EfficientNet's
+    `Conv2dStaticSamePadding`), which would hide the layer from every pass that looks for it."""
+    import torch.fx as fx
+
+    class LayerTracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, (*QUANTIZABLE, QuantLayer)) or super().is_leaf_module(m, qualname)
+
+    return LayerTracer().trace(model)
+
+
 def fold_bn(model: nn.Module) -> nn.Module:
     """A copy of `model` (in eval mode) with each BatchNorm folded into the conv/linear that
     feeds it alone; the BatchNorm becomes Identity. Found on the torch.fx graph, so it works
@@ -49,7 +62,7 @@ def fold_bn(model: nn.Module) -> nn.Module:
 
     model = copy.deepcopy(model).eval()
     try:
-        graph = fx.symbolic_trace(model).graph
+        graph = layer_graph(model)
     except Exception:  # noqa: BLE001 — untraceable models fold only Sequential pairs
         return _fold_sequential(model)
     modules = dict(model.named_modules())
