@@ -191,19 +191,22 @@ def test_every_calibration_runs_through_transform_quantize(calib):
     assert err < 0.1 * float(ref.abs().max())
 
 
+class SamePad(nn.Conv2d):
+    """EfficientNet's `Conv2dStaticSamePadding` in small: a conv subclass, defined outside
+    torch.nn, that pads inside its own forward."""
+
+    def __init__(self):
+        super().__init__(3, 3, 3, padding=0, bias=True)
+        self.static_padding = nn.ZeroPad2d(1)
+
+    def forward(self, x):
+        return nn.functional.conv2d(self.static_padding(x), self.weight, self.bias)
+
+
 def test_a_conv_subclass_keeps_its_own_forward_when_quantized():
-    """EfficientNet-style `Conv2dStaticSamePadding` pads inside its own forward; the quantized
-    wrapper must run that forward (with the quantized weight), or the output shrinks and a
-    skip connection no longer fits."""
+    """The quantized wrapper must run the subclass's forward (with the quantized weight), or
+    the output shrinks and a skip connection no longer fits."""
     import torch.nn.functional as F
-
-    class SamePad(nn.Conv2d):
-        def __init__(self):
-            super().__init__(3, 3, 3, padding=0, bias=True)
-            self.static_padding = nn.ZeroPad2d(1)
-
-        def forward(self, x):
-            return F.conv2d(self.static_padding(x), self.weight, self.bias)
 
     torch.manual_seed(0)
     conv = SamePad()
@@ -214,3 +217,26 @@ def test_a_conv_subclass_keeps_its_own_forward_when_quantized():
     want = F.conv2d(F.pad(x, (1, 1, 1, 1)), wrapped.quant_weight(), conv.bias)
     torch.testing.assert_close(y, want)
     assert not torch.equal(wrapped.quant_weight(), conv.weight)    # the quantized weight ran
+
+
+def test_batchnorm_after_a_conv_subclass_is_folded():
+    """fx's default tracer steps inside modules defined outside torch.nn, so the conv became
+    a function call and its BatchNorm stayed (the export then refused the model)."""
+    from quant.transform import fold_bn, has_batchnorm
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = SamePad(), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x))) + x
+
+    torch.manual_seed(0)
+    net = Block().eval()
+    net.bn.running_mean.uniform_(-1, 1)
+    net.bn.running_var.uniform_(0.5, 2)
+    folded = fold_bn(net)
+    x = torch.randn(2, 3, 8, 8)
+    assert not has_batchnorm(folded)
+    torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-5)
