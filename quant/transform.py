@@ -49,7 +49,7 @@ def layer_graph(model: nn.Module):
 
     class LayerTracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, (*QUANTIZABLE, QuantLayer)) or super().is_leaf_module(m, qualname)
+            return isinstance(m, QUANTIZABLE) or super().is_leaf_module(m, qualname)
 
     return LayerTracer().trace(model)
 
