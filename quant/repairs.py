@@ -325,8 +325,6 @@ def _expand(t: torch.Tensor, wv: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return t.repeat_interleave(spec.group_size, dim=1)  # (O, groups) -> (O, I)
 
 
-
-
 def _collect(qmodel, q, fmodel, fmod, x) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's (activation-quantized) inputs in the quantized model and its outputs in
     the float model, on the same samples."""
