@@ -51,6 +51,11 @@ def add_arguments(p):
     p.add_argument("--batch", default="1", metavar="N[,N...]",
                    help="batch size; a list (1,8,32) sweeps it: one measurement per batch, "
                         "named VARIANT@bN, and a batch-sweep plot in the report (default 1)")
+    p.add_argument("--seq-len", metavar="L[,L...]",
+                   help="sequence length of a sequence model (tiny-transformer); a list "
+                        "(16,64,128) sweeps it: one static-shape artifact and measurement per "
+                        "length, named VARIANT@sL (VARIANT@bNsL with a --batch sweep), and a "
+                        "sequence-length plot in the report (default: the model's own)")
     add_runtime_option_argument(p)
     defaults = Protocol()
     helps = {"scenario": "an MLPerf scenario run through LoadGen after hilq's own timing: "
@@ -98,15 +103,38 @@ def _protocol(args) -> Protocol:
     return Protocol.from_dict(values)
 
 
-def batches(text: str) -> list[int]:
-    """`--batch 1,8,32` -> [1, 8, 32]: positive, no repeats, in the order given."""
+def sizes(text: str, flag: str = "--batch", example: str = "1,8,32") -> list[int]:
+    """`1,8,32` -> [1, 8, 32]: positive, no repeats, in the order given (a shape sweep)."""
     try:
         out = [int(b) for b in str(text).split(",") if b.strip()]
     except ValueError:
-        raise UserError(f"--batch {text!r}: expected positive integers, e.g. 1,8,32") from None
+        raise UserError(f"{flag} {text!r}: expected positive integers, e.g. {example}") from None
     if not out or min(out) < 1 or len(set(out)) != len(out):
-        raise UserError(f"--batch {text!r}: expected distinct positive integers, e.g. 1,8,32")
+        raise UserError(f"{flag} {text!r}: expected distinct positive integers, e.g. {example}")
     return out
+
+
+def seq_lens(args) -> list[int | None]:
+    """`--seq-len 16,64` -> [16, 64], each checked against the model (one line for a model
+    without a sequence axis or a length it cannot take); [None] without the flag."""
+    if args.seq_len is None:
+        return [None]
+    if args.artifact:
+        raise UserError("--seq-len builds one artifact per length from --model; a prebuilt "
+                        "--artifact has its own fixed shape")
+    out = sizes(args.seq_len, "--seq-len", "16,64,128")
+    from quant.models import load_model
+
+    for n in out:
+        load_model(replace(model_ref(args), seq_len=n))
+    return out
+
+
+def sweep_label(batch: int, seq_len: int | None, batches: list, lengths: list) -> str:
+    """The suffix naming one point of a shape sweep: `@b8`, `@s64`, `@b8s64`; none when
+    nothing is swept. One spelling for the store, reports and --json."""
+    tag = (f"b{batch}" if len(batches) > 1 else "") + (f"s{seq_len}" if len(lengths) > 1 else "")
+    return "@" + tag if tag else ""
 
 
 def run(args) -> int:
@@ -118,7 +146,7 @@ def run(args) -> int:
         load_model(model_ref(args))      # a bad model or data door fails before any device opens
     if args.rounds < 1:
         raise UserError(f"--rounds must be at least 1, got {args.rounds}")
-    sweep = batches(args.batch)
+    sweep, lengths = sizes(args.batch), seq_lens(args)
     devs = inventory.load(args.inventory)
     names = [d.strip() for d in args.device.split(",") if d.strip()]
     devices = [inventory.open_device(n, devs) for n in names]   # all checked before any runs
@@ -132,17 +160,20 @@ def run(args) -> int:
         store = open_store(args.db)
         run_id = store.begin_run({"command": "bench", "model": args.model, "variants": args.variants,
                                   "devices": names, "runtime": args.runtime,
-                                  "protocol": protocol.to_dict(), "batch": sweep},
+                                  "protocol": protocol.to_dict(), "batch": sweep,
+                                  **({"seq_len": lengths} if lengths != [None] else {})},
                                  resume=False)
     ms = []
     try:
         for device in devices:
-            for b in sweep:      # one shape at a time; the variants alternate within it
-                ms += bench_variants(model_ref(args) if args.model else "", variants, device,
-                                     args.runtime, replace(protocol, batch=b),
+            for n, b in ((n, b) for n in lengths for b in sweep):
+                # one shape at a time; the variants alternate within it
+                ref = replace(model_ref(args), seq_len=n) if args.model else ""
+                ms += bench_variants(ref, variants, device, args.runtime,
+                                     replace(protocol, batch=b, seq_len=n or 0),
                                      rounds=args.rounds, reference=args.reference,
                                      store=store, run_id=run_id, calib_data=args.calib_data,
-                                     label=f"@b{b}" if len(sweep) > 1 else "")
+                                     label=sweep_label(b, n, sweep, lengths))
         if store is not None:
             store.finish_run(run_id, "ok" if all(m.ok for m in ms) else "failed")
             print(f"stored as run {run_id} in {store.name}")

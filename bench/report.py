@@ -22,6 +22,7 @@ from devices.stats import Stats
 
 SECTIONS = ("Summary", "Latency distribution", "Accuracy on the device", "Accuracy vs latency",
             "Energy per inference", "Memory", "MLPerf scenarios (LoadGen)", "Batch sweep",
+            "Sequence-length sweep",
             "Bit allocation", "Predicted vs measured latency",
             "Per-layer error of the searched configuration", "Nightly trends", "Regressions",
             "Devices and versions")
@@ -416,51 +417,103 @@ def _rate(x: float | None) -> str:
     return "–" if x is None else f"{x:.1f}"
 
 
-def _batch_of(r: Result) -> int:
-    return int(((r.ok_rows or r.rows)[0].get("protocol") or {}).get("batch") or 1)
+@dataclass(frozen=True)
+class SweepAxis:
+    """One shape axis a bench can sweep (`--batch`, `--seq-len`): the protocol key that
+    records each measurement's point, and the words its report section uses. `per_token`:
+    work per call grows with the point (tokens = batch × length), so the section reports
+    ms per token and tokens/s; otherwise ms per sample and samples/s."""
+
+    key: str
+    name: str
+    flag: str
+    png: str
+    per_token: bool = False
 
 
-def _batches(sec, results) -> None:
-    """Latency and throughput against batch, per variant (`hilq bench --batch 1,8,32`), and
-    INT8's speed-up over FP32 at each batch, measured in the same run."""
-    from matplotlib.figure import Figure
+BATCH = SweepAxis("batch", "batch", "--batch 1,8,32", "batch_sweep")
+SEQ_LEN = SweepAxis("seq_len", "sequence length", "--seq-len 16,64,128", "seq_len_sweep",
+                    per_token=True)
 
+
+def _shape_of(r: Result) -> dict:
+    """The measurement's shape point: its protocol's batch and sequence length (0: the
+    model's own length, not swept)."""
+    p = (r.ok_rows or r.rows)[0].get("protocol") or {}
+    return {"batch": int(p.get("batch") or 1), "seq_len": int(p.get("seq_len") or 0)}
+
+
+def _sweep_groups(results, axis: SweepAxis) -> dict[tuple, dict[int, Result]]:
+    """(model, variant without its `@...` shape suffix, device, runtime, the other axes'
+    points) -> {point on `axis`: result}; a product sweep gives one curve per other point."""
     groups: dict[tuple, dict[int, Result]] = {}
     for r in results:
         if r.ok_rows:
-            base = r.variant.rsplit("@b", 1)[0]
-            groups.setdefault((r.model, base, r.device, r.runtime), {})[_batch_of(r)] = r
+            shape = _shape_of(r)
+            x = shape.pop(axis.key)
+            key = (r.model, r.variant.split("@", 1)[0], r.device, r.runtime,
+                   tuple(sorted(shape.items())))
+            groups.setdefault(key, {})[x] = r
+    return groups
+
+
+def _curve(key: tuple) -> str:
+    """A curve's variant, with the other axis when it was set: `w8a8`, `w8a8 b8`, `fp32 s64`."""
+    rest = [f"{'b' if k == 'batch' else 's'}{v}" for k, v in key[4]
+            if v and not (k == "batch" and v == 1)]
+    return " ".join([key[1], *rest])
+
+
+def _rate_of(axis: SweepAxis, x: int, r: Result) -> float | None:
+    """Throughput in the section's unit: samples/s as measured, or tokens/s = sequences/s × x."""
+    rate = r.median_of("throughput")
+    return rate * x if axis.per_token and rate else rate
+
+
+def _sweep_row(axis: SweepAxis, key: tuple, x: int, r: Result, fp32: Result | None) -> list:
+    p50 = r.stat("p50")
+    units = x * dict(key[4]).get("batch", 1) if axis.per_token else x   # per call
+    gain = (f"{fp32.stat('p50') / p50:.2f}×" if fp32 is not None and key[1] != "fp32" and p50
+            and fp32.stat("p50") else "–")
+    return [key[0], _curve(key), f"{key[2]}/{key[3]}", x, fmt(p50),
+            fmt(p50 / units if p50 else None), _rate(_rate_of(axis, x, r)), gain]
+
+
+def _sweep(sec, results, axis: SweepAxis) -> None:
+    """Latency and throughput against one shape axis, per variant, and INT8's speed-up over
+    FP32 at each point, measured in the same run (`hilq bench --batch` / `--seq-len`)."""
+    from matplotlib.figure import Figure
+
+    groups = _sweep_groups(results, axis)
     swept = {k: v for k, v in groups.items() if len(v) > 1}
     if not swept:
-        sec.p("No batch sweep in this run (`hilq bench --batch 1,8,32`).")
+        sec.p(f"No {axis.name} sweep in this run (`hilq bench {axis.flag}`).")
         return
-    sec.p("Each batch measured in its own alternating rounds; latency is per call (one batch), "
-          "throughput is samples/s over the timed window.")
+    unit = "token" if axis.per_token else "sample"
+    sec.p(f"Each {axis.name} measured in its own alternating rounds"
+          + (", each length its own static-shape artifact" if axis.per_token else "")
+          + f"; latency is per call, throughput is {unit}s/s over the timed window"
+          + (" (sequences/s × length)." if axis.per_token else "."))
     rows = []
-    for (model, base, device, runtime), per in swept.items():
-        for b, r in sorted(per.items()):
-            p50 = r.stat("p50")
-            ref = groups.get((model, "fp32", device, runtime), {}).get(b)
-            gain = (f"{ref.stat('p50') / p50:.2f}×" if ref is not None and base != "fp32"
-                    and p50 and ref.stat("p50") else "–")
-            rows.append([model, base, f"{device}/{runtime}", b, fmt(p50),
-                         fmt(p50 / b if p50 else None), _rate(r.median_of("throughput")), gain])
-    sec.table(["model", "variant", "device", "batch", "p50 ms / batch", "ms / sample",
-               "samples/s", "× fp32 (same batch)"], rows)
+    for key, per in swept.items():
+        fp32 = groups.get((key[0], "fp32", *key[2:]), {})
+        rows += [_sweep_row(axis, key, x, r, fp32.get(x)) for x, r in sorted(per.items())]
+    sec.table(["model", "variant", "device", axis.name, "p50 ms / call", f"ms / {unit}",
+               f"{unit}s/s", f"× fp32 (same {axis.name})"], rows)
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     lat, thr = fig.subplots(1, 2)
-    for (model, base, device, runtime), per in swept.items():
-        bs = sorted(per)
-        label = f"{model} {base} · {device}/{runtime}"
-        lat.plot(bs, [per[b].stat("p50") for b in bs], "o-", label=label)
-        thr.plot(bs, [per[b].median_of("throughput") for b in bs], "o-", label=label)
-    for ax, name in ((lat, "p50 latency per batch (ms)"), (thr, "throughput (samples/s)")):
+    for key, per in swept.items():
+        xs = sorted(per)
+        label = f"{key[0]} {_curve(key)} · {key[2]}/{key[3]}"
+        lat.plot(xs, [per[x].stat("p50") for x in xs], "o-", label=label)
+        thr.plot(xs, [_rate_of(axis, x, per[x]) for x in xs], "o-", label=label)
+    for ax, name in ((lat, "p50 latency per call (ms)"), (thr, f"throughput ({unit}s/s)")):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch")
+        ax.set_xlabel(axis.name)
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
     thr.legend(fontsize=7)
-    sec.img("batch_sweep", fig)
+    sec.img(axis.png, fig)
 
 
 def _allocation(sec, allocs) -> None:
@@ -770,7 +823,8 @@ def render(store, run: str | None = "latest", out_dir: str | Path | None = None)
     _energy(s["Energy per inference"], results)
     _memory(s["Memory"], results)
     _scenarios(s["MLPerf scenarios (LoadGen)"], results)
-    _batches(s["Batch sweep"], results)
+    _sweep(s["Batch sweep"], results, BATCH)
+    _sweep(s["Sequence-length sweep"], results, SEQ_LEN)
     _allocation(s["Bit allocation"], allocs)
     _predicted(s["Predicted vs measured latency"], allocs)
     _debug(s["Per-layer error of the searched configuration"], allocs)

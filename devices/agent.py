@@ -371,6 +371,9 @@ def run(args) -> dict:
                                         args.runtime))
         else:
             result.update(_timed_run(lambda: loaded.run(feeds), loaded, protocol))
+        # the shapes the engine ran, as it resolved them: what a batch or length sweep measured
+        result.setdefault("timing", {})["input_shapes"] = {
+            name: [int(d) for d in shape] for name, shape, _ in loaded.inputs}
         mem.mark("timed")
         result["memory"] = {**mem.figures(loaded.memory() if loaded.memory else None),
                             "artifact_mb": round(os.path.getsize(args.artifact) / 2**20, 3)}

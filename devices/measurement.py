@@ -26,6 +26,10 @@ class Protocol:
     max_iters: int = 100_000
     max_duration_s: float = 120.0
     batch: int = 1
+    # the sequence length the artifact was built for (`hilq bench --seq-len`; 0 = the model's
+    # own): static in the artifact, so the agent does not use it; recorded beside the batch so
+    # every measurement names its shape, and the engine's resolved shapes are in its `timing`
+    seq_len: int = 0
     threads: int = 0               # 0 = the runtime's default (all cores); recorded either way
     affinity: tuple[int, ...] = ()  # CPU ids to pin the agent to; empty = no pinning
     mode: str = "latency"          # latency (one request at a time) | throughput (offline, batch)

@@ -113,7 +113,7 @@ def build(model: str, variant: str, out_dir: str | Path, seed: int = 0,
     from .models import load_model, name_of
 
     entry = load_model(model)
-    model = name_of(model)
+    model_ref, model = model, name_of(model)
     torch.manual_seed(seed)
     net = entry.build().eval()
     data = entry.data()
@@ -124,6 +124,8 @@ def build(model: str, variant: str, out_dir: str | Path, seed: int = 0,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "" if device == "cpu" else f"-{device}"
+    seq = getattr(model_ref, "seq_len", None)     # a sequence-length sweep: one file per length
+    suffix += f"-s{seq}" if seq else ""
     path = out_dir / f"{model.replace(':', '_').replace('/', '_')}-{variant}{suffix}.pt2"
     settings = export_module(net, variant, calib, path, device=device)
     settings.update(seed=seed)

@@ -9,6 +9,11 @@
 - Engines are cached under `protocol["engine_cache"]` (default `$HILQ_CACHE/trt-engines`, else
   `~/.cache/hilq/trt-engines`) by `engine_cache_key`: ONNX sha256 + TensorRT version + GPU +
   compute capability + builder settings. An engine is only valid for that exact combination.
+- Shapes: only the batch (axis 0) may be dynamic in the ONNX; the optimization profile pins
+  it to the protocol's batch (min = opt = max, a static engine per batch, as the batch
+  sweep wants). Every other axis must be static: a sequence-length sweep builds one ONNX per
+  length (`hilq bench --seq-len`), so each engine is static too; an ONNX with another dynamic
+  axis is refused at build, never given the batch size by mistake.
 - Buffers are torch CUDA tensors (`set_tensor_address`), execution is `execute_async_v3` on
   a torch stream; `protocol["cuda_graph"]` captures that call once into a CUDA graph.
 - Builder settings and the TensorRT version are recorded in `facts`: defaults changed between
@@ -151,6 +156,15 @@ def _cache_dir(protocol: dict) -> Path:
     return Path(base) / "trt-engines"
 
 
+def static_shape(name: str, dims: tuple, batch: int) -> tuple:
+    """An input's shape for the profile and the context: the batch at a dynamic axis 0;
+    any other dynamic axis is an error (its size is not ours to guess)."""
+    if any(d < 0 for d in dims[1:]):
+        raise RuntimeError(f"TensorRT input {name} has a dynamic axis besides the batch "
+                           f"{list(dims)}: export it at a fixed shape (hilq bench --seq-len)")
+    return tuple(batch if d < 0 else d for d in dims)
+
+
 def _build(trt, logger, path: str, settings: dict) -> bytes:
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) \
@@ -176,7 +190,7 @@ def _build(trt, logger, path: str, settings: dict) -> bytes:
     if dynamic:
         profile = builder.create_optimization_profile()
         for t in dynamic:
-            shape = tuple(settings["batch"] if d < 0 else d for d in t.shape)
+            shape = static_shape(t.name, tuple(t.shape), settings["batch"])
             profile.set_shape(t.name, shape, shape, shape)
         config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
@@ -227,7 +241,7 @@ def load(path: str, protocol: dict):
     batch = settings["batch"]
     buffers, inputs = {}, []
     for n in in_names:
-        shape = tuple(batch if d < 0 else d for d in engine.get_tensor_shape(n))
+        shape = static_shape(n, tuple(engine.get_tensor_shape(n)), batch)
         context.set_input_shape(n, shape)
         dt = torch_dtype[engine.get_tensor_dtype(n)]
         buffers[n] = torch.empty(shape, dtype=dt, device="cuda")

@@ -48,6 +48,9 @@ class ModelEntry:
     onnx_path: str | None = None      # a user's FP32 file: its fp32 variant is the file itself
     data_free: bool = False           # no data given: FP32 and distilled/noise calibration only
     preprocess: dict | None = None    # how images became inputs (recorded in manifests)
+    # the same model at another sequence length (`ModelRef.seq_len`); None: the input has no
+    # sequence axis, so a sequence-length sweep is refused rather than guessed
+    at_seq_len: Callable[[int], ModelEntry] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,12 @@ class ModelRef:
     data: str | None = None
     input_shape: tuple[int, ...] | None = None   # with the batch dimension, as --input-shape
     preprocess: str | dict | None = None
+    seq_len: int | None = None      # a sequence model at this length (None: its own)
 
     def key(self) -> dict:
         """What decides an artifact's content besides the weights (its cache key)."""
         d = {"data": self.data, "input_shape": list(self.input_shape or ()) or None,
-             "preprocess": self.preprocess}
+             "preprocess": self.preprocess, "seq_len": self.seq_len}
         return {k: v for k, v in d.items() if v is not None}
 
 
@@ -147,6 +151,15 @@ def _no_data(name: str, shape: tuple[int, ...], dtype: str = "float32") -> Calla
     return data
 
 
+def _at_seq_len(entry: ModelEntry, seq_len: int) -> ModelEntry:
+    """`entry` rebuilt at `seq_len`, or one line saying its input has no sequence axis."""
+    if entry.at_seq_len is None:
+        shape = "x".join(map(str, entry.input_shape))
+        raise ModelError(f"--seq-len: {entry.name} has no sequence axis (input {shape}); "
+                         "only sequence models such as tiny-transformer take it")
+    return entry.at_seq_len(seq_len)
+
+
 def load_model(ref: str | ModelRef, data: str | None = None, *,
                input_shape: tuple[int, ...] | None = None, preprocess=None) -> ModelEntry:
     """The `ModelEntry` a model door names (see the module docstring); `data` etc. may come
@@ -159,9 +172,9 @@ def load_model(ref: str | ModelRef, data: str | None = None, *,
         data = data if data is not None else ref.data
         input_shape = input_shape if input_shape is not None else ref.input_shape
         preprocess = preprocess if preprocess is not None else ref.preprocess
-        name = ref.name
+        name, seq_len = ref.name, ref.seq_len
     else:
-        name = ref
+        name, seq_len = ref, None
     input_shape = parse_shape(input_shape)
     pre = parse_preprocess(preprocess)
     loaded: dict = {}
@@ -174,6 +187,8 @@ def load_model(ref: str | ModelRef, data: str | None = None, *,
     builtin = _builtin()
     if name in builtin:
         entry = builtin[name]()
+        if seq_len is not None:
+            entry = _at_seq_len(entry, seq_len)
         if input_shape is not None and tuple(input_shape[1:]) != entry.input_shape:
             raise ModelError(f"--input-shape: built-in {name} takes "
                              f"{','.join(map(str, (1, *entry.input_shape)))}")
@@ -203,6 +218,9 @@ def load_model(ref: str | ModelRef, data: str | None = None, *,
     else:
         raise ModelError(f"unknown model {name!r} (built-in: {', '.join(BUILTIN)}; "
                          "or package.module:factory, or a path to an .onnx file)")
+    if seq_len is not None:
+        raise ModelError(f"--seq-len: {name} declares no sequence axis (a user model is sized "
+                         "by --input-shape or its data; built-in tiny-transformer takes --seq-len)")
     if data is None:
         return ModelEntry(name, build, _no_data(name, shape, dtype), shape, desc, onnx_path,
                           data_free=True)
