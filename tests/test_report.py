@@ -81,6 +81,13 @@ def synthetic_store(path, nights=6, slow_last=1.15):
                     "resnet18", f"{v}@b8", "local", "onnxruntime", samples_ms=s.tolist(),
                     latency_ms={"p50": float(np.median(s))}, throughput=8000 / float(s.mean()),
                     protocol={"batch": 8}, facts=FACTS))
+            for length in (16, 32):    # and a sequence-length sweep of one transformer
+                s = length / 8 * rng.lognormal(0, 0.05, 60)
+                store.add_measurement(run, Measurement(
+                    "tiny-transformer", f"fp32@s{length}", "local", "onnxruntime",
+                    samples_ms=s.tolist(), latency_ms={"p50": float(np.median(s))},
+                    throughput=1000 / float(s.mean()), protocol={"batch": 1, "seq_len": length},
+                    facts=FACTS))
         for v, (_, top1) in VARIANTS.items():
             store.add_accuracy(run, "resnet18", v, top1, 1000, "imagenette")
         store.finish_run(run)
@@ -136,6 +143,9 @@ def test_render_writes_markdown_and_self_contained_html(rendered):
     sweep = md.split("## Batch sweep")[1].split("\n## ")[0]       # batch 1 and 8, w8a8 × fp32
     assert "| resnet18 | w8a8 | local/onnxruntime | 8 | 44.9 | 5.61 | 178.0 | 2.22× |" in sweep
     assert "| resnet18 | fp32 | local/onnxruntime | 1 |" in sweep and "batch_sweep.png" in sweep
+    seq = md.split("## Sequence-length sweep")[1].split("\n## ")[0]     # tokens/s = seqs/s × L
+    assert "| tiny-transformer | fp32 | local/onnxruntime | 32 |" in seq and "tokens/s" in seq
+    assert "seq_len_sweep.png" in seq and "| resnet18 |" not in seq
     trends = md.split("## Nightly trends")[1].split("\n## ")[0]  # p50, then the accuracy gap
     assert "trends.png" in trends and "accuracy_trends.png" in trends
     assert "simulated (fake-quant) top-1 of tonight's artifact" in trends
