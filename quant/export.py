@@ -723,6 +723,34 @@ def _ort_deviation(path: Path, ref: Path) -> float | None:
         return max(float(np.abs(g - r[f"output:{i}"]).max()) for i, g in enumerate(got))
 
 
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _source_digests(entry, ref, net: nn.Module) -> dict:
+    """The content of the user's files in the cache key, not only their paths: an ONNX file
+    re-exported with other activations but the same weights (EfficientNet-Lite's ReLU6 vs
+    Swish), a factory whose modules changed, or an image folder whose photos changed, must
+    not reuse a stale artifact."""
+    modules = [(n, type(m).__module__, type(m).__qualname__) for n, m in net.named_modules()]
+    out = {"modules_sha256": hashlib.sha256(repr(modules).encode()).hexdigest()}
+    if entry.onnx_path:
+        out["onnx_sha256"] = _file_digest(Path(entry.onnx_path))
+    data = Path(ref.data) if ref.data else None
+    if data is not None and data.is_file():
+        out["data_sha256"] = _file_digest(data)
+    elif data is not None and data.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(q for q in data.rglob("*") if q.is_file()):
+            h.update(f"{f.relative_to(data).as_posix()}\0{_file_digest(f)}\0".encode())
+        out["data_sha256"] = h.hexdigest()
+    return out
+
+
 def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu", *,
                    calib: str = "minmax", granularity: str = "channel", group_size: int = 128,
                    repairs=(), seed: int = 0, calib_data: str = "real",
@@ -765,7 +793,8 @@ def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu"
                                "objective": distill_objective}
     if entry.preprocess:
         settings["preprocess"] = entry.preprocess
-    blob = {**settings, **ref.key(), "model": model, "variant": variant}
+    blob = {**settings, **ref.key(), **_source_digests(entry, ref, net), "model": model,
+            "variant": variant}
     if v.config_path:
         blob["config"] = Path(v.config_path).read_text()
     key = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]

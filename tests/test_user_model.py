@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 PRE = "resize=32,crop=32,mean=0.5/0.5/0.5,std=0.25/0.25/0.25"
@@ -226,3 +227,41 @@ def test_dynamic_onnx_needs_input_shape(onnx_model, tmp_path):
     r = hilq("export", "--model", dyn, "--input-shape", "1,3,32,32", "--variant", "fp32",
              "--out", tmp_path / "a")
     assert r.returncode == 0, r.stderr
+
+
+def test_artifact_cache_follows_file_contents(images, tmp_path):
+    """Same paths, same weights, other content: the ONNX file re-exported with another
+    activation (EfficientNet-Lite's set_swish swapped ReLU6 for Swish), then one photo of the
+    calibration folder replaced; each must build a new artifact, not reuse the stale one."""
+    import shutil
+
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from quant.export import build_artifact
+    from quant.models import ModelRef
+    from tests.user_models import tiny_cnn
+
+    net, model, data = tiny_cnn(), tmp_path / "m.onnx", tmp_path / "photos"
+    shutil.copytree(images, data)
+
+    def export(act):
+        net[2] = act
+        torch.onnx.export(net, torch.zeros(1, 3, 32, 32), model, input_names=["image"],
+                          output_names=["logits"], dynamo=False, opset_version=17,
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+
+    def build():
+        ref = ModelRef(str(model), data=str(data), preprocess=PRE)
+        return Path(build_artifact(ref, "w8a8", tmp_path / "art").path)
+
+    export(nn.ReLU())
+    first = build()
+    assert build() == first                       # unchanged: the cache is used
+    export(nn.Sigmoid())
+    second = build()
+    assert second != first
+    assert "Sigmoid" in {n.op_type for n in onnx.load(second).graph.node}
+    a = np.asarray(Image.open(data / "cat" / "0.jpg"))
+    Image.fromarray(255 - a).save(data / "cat" / "0.jpg")
+    assert build() not in (first, second)
