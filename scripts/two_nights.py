@@ -104,6 +104,8 @@ def main() -> int:
         p50 = [m["p50_ms"] for m in res.measurements]
         print(f"night {night + 1}: {res.status} in {time.perf_counter() - t0:.0f} s, "
               f"p50 {p50}, regressions {len(res.regressions)}")
+        for what, why in res.failures:
+            print(f"  failed: {what}: {why}")
     store = open_store(args.out / "hilq.sqlite")
     last = store.resolve_run("latest")
     for v in store.regressions(last):
