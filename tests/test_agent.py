@@ -168,8 +168,13 @@ def test_timing_loop_rules():
     t = timing.measure(timing.busy_wait(1), {"warmup_iters": 0, "min_iters": 1,
                                              "min_duration_s": 0.05})
     assert t.wall_s >= 0.05 and min(t.samples_ms) >= 1.0  # the duration rule bound, not count
-    t = timing.measure(lambda: None, {"min_iters": 10**9, "max_duration_s": 0.02})
-    assert t.capped == "max_duration_s"
+    # each cap with the other out of reach (a fast CPU does 100,000 empty calls in 20 ms)
+    t = timing.measure(lambda: None, {"min_iters": 10**9, "max_iters": 10**9,
+                                      "max_duration_s": 0.02})
+    assert t.capped == "max_duration_s" and t.wall_s >= 0.02
+    t = timing.measure(lambda: None, {"min_iters": 10**9, "max_iters": 50,
+                                      "max_duration_s": 60})
+    assert t.capped == "max_iters" and len(t.samples_ms) == 50
 
 
 class ThreadTimer:

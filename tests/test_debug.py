@@ -178,10 +178,11 @@ def test_corrupted_weight_scale_is_ranked_first_on_the_engine(digits, tmp_path, 
                     f"{layer}.weight_scale", factor)
     rc, res = _debug(["--artifact", str(path)], tmp_path)
     assert rc == 0
-    # worst SQNR on the engine: the layer, or the conv fed by it (it inherits all of it and
-    # adds its own; on AVX2 without VNNI ORT's saturating u8×s8 sums can order them so)
+    # worst SQNR on the engine: the layer, or the conv fed by it, which inherits all of its
+    # error and adds its own (on the Zen 5 the two read −14.02 and −14.35 dB: a tie that the
+    # CPU's kernels order); which one introduced it is the culprit ranking's job, below
     worst = [r["layer"] for r in res["layers"][:2]]
-    assert worst[0] == layer or (_saturates("ort", res["cpu_flags"]) and layer in worst), worst
+    assert layer in worst, worst
     assert res["culprits"][0] == layer                  # where the error is introduced
     bad, before = _layers(res)[layer], _layers(clean)[layer]
     assert bad["own_error_db"] < 0 < before["own_error_db"] - 25
