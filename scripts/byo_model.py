@@ -45,7 +45,7 @@ PRE = "resize=256,crop=224,mean=0.49804/0.49804/0.49804,std=0.50196/0.50196/0.50
 CALIB_PHOTOS = ("astronaut", "rocket", "coins", "horse", "moon", "hubble_deep_field",
                 "immunohistochemistry", "retina", "page", "text", "brick", "grass")
 TEST_PHOTOS = ("chelsea", "coffee", "camera", "clock", "stereo_motorcycle", "logo")
-CALIB_CROPS, TEST_CROPS = 6, 8
+CALIB_CROPS, TEST_CROPS = 6, 16
 
 
 def efficientnet_lite0():
