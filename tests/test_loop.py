@@ -69,7 +69,9 @@ def test_prior_from_profiles_recovers_layer_deltas_and_boundary_cost():
     n = len(sim.layers)
     for i, lay in enumerate(sim.layers):
         assert prior.mean[1 + i] == pytest.approx(sim.float_ms[lay] - sim.int8_ms[lay])
-    assert prior.mean[1 + n:] == pytest.approx(np.full(len(sim.edges), 0.05))
+    # the shared boundary cost carries it; the edges' own deviations start at zero
+    assert prior.mean[-1] == pytest.approx(0.05)
+    assert prior.mean[1 + n:-1] == pytest.approx(np.zeros(len(sim.edges)))
 
 
 def test_leave_one_out_errors_are_reported_for_every_observation():
@@ -93,20 +95,20 @@ def test_observations_pool_the_round_noise():
     assert by["c"].se_ms == pytest.approx(by["a"].se_ms / 10.0 * 5.0 * 3 ** 0.5)
 
 
-def _trials(noise: float, n: int, closed: bool, layers: int = 12) -> tuple[float, int]:
+def _trials(noise: float, n: int, closed: bool, layers: int = 12, **kw) -> tuple[float, int]:
     inside = silent = 0
     for seed in range(n):
-        sim = simulate.resnet_like(layers, seed=seed)
+        sim = simulate.resnet_like(layers, seed=seed, **kw)
         sim.noise_ms = noise * sim.smallest_delta()
         pats = latmodel.profile_patterns(sim.layers)
         wall = sim.measure(pats)
         prior = latmodel.prior_from_profiles(
             sim.layers, sim.edges, [(c, sim.profile(c)) for c in pats.values()],
             {i: statistics.median(wall[k]) for i, k in enumerate(pats)})
-        kw = {} if closed else {"z": 0.0, "max_iters": 1}
+        open_loop = {} if closed else {"z": 0.0, "max_iters": 1}
         r = loop.close_loop(sim.layers, sim.edges, simulate.sensitivities(sim, seed), prior,
                             sim.measure, ("25%", "50%", "75%")[seed % 3],
-                            measured={k: (pats[k], wall[k]) for k in pats}, **kw)
+                            measured={k: (pats[k], wall[k]) for k in pats}, **open_loop)
         ok = bool(r.config) and sim.latency(r.config) <= r.budget_ms
         inside += ok
         silent += r.status == "ok" and not ok
@@ -118,6 +120,17 @@ def test_closed_loop_ends_within_budget_in_95_percent_of_200_trials(noise):
     rate, silent = _trials(noise, 200, closed=True)
     assert rate >= 0.95
     assert silent <= 0.05 * 200
+
+
+def test_boundaries_the_profile_hides_are_learnt_from_every_measured_mix():
+    """Boundaries as dear as a layer, of which the profiler shows a tenth (ONNX Runtime on a
+    Zen 5: a float layer inside an INT8 network costs far more than its kernel). Each
+    measured pick must teach the model what a boundary costs on *every* edge; with one
+    independent cost per edge the next solve moved to edges still at their prior and missed
+    again (55 of 60 trials within budget before the shared boundary cost, 2 of the misses
+    called ok; 60 of 60 after)."""
+    rate, silent = _trials(1.0, 60, closed=True, boundary=(0.3, 0.9), boundary_seen=0.1)
+    assert rate >= 0.95 and silent == 0
 
 
 def test_without_margin_and_loop_the_same_fit_misses_often():
