@@ -76,6 +76,17 @@ def add_arguments(p):
     p.add_argument("--json", dest="json_out", metavar="OUT")
 
 
+def _accuracy(acc: dict) -> str:
+    """Fractions as percentages; the device's SQNR in dB, KL and the sample count as they are."""
+    def one(k, v):
+        if k.endswith("sqnr_db"):
+            return f"{k} {v:.1f} dB"
+        if k.endswith("_n") or k.endswith("kl"):
+            return f"{k} {v:.4g}"
+        return f"{k} {v:.2%}"
+    return ", ".join(one(k, v) for k, v in acc.items() if isinstance(v, (int, float)))
+
+
 def run(args) -> int:
     from bench.search import SearchOptions, run_search
     from bench.store import open_store
@@ -166,10 +177,10 @@ def show(console, res, title: str) -> None:
     for col in ("config", "latency ms", "accuracy"):
         s.add_column(col)
     s.add_row("chosen", _f(res.measured.get("latency_ms")),
-              ", ".join(f"{k} {v:.2%}" for k, v in res.accuracy.items()))
+              _accuracy(res.accuracy))
     for label, b in res.baseline.items():
         s.add_row(f"{label} ({b['variant']})", _f(b["latency_ms"]),
-                  ", ".join(f"{k} {v:.2%}" for k, v in b["accuracy"].items()))
+                  _accuracy(b["accuracy"]))
     console.print(s)
     if res.accuracy_checks:
         a = Table(title="accuracy checked along the latency range")
@@ -177,7 +188,7 @@ def show(console, res, title: str) -> None:
             a.add_column(col)
         for c in res.accuracy_checks:
             a.add_row(f"{c['budget_pct']:.1f}", str(c["float_layers"]),
-                      ", ".join(f"{k} {v:.2%}" for k, v in c["accuracy"].items()),
+                      _accuracy(c["accuracy"]),
                       "yes" if c["within_limit"] else "no")
         console.print(a)
     if res.frontier:
@@ -187,7 +198,7 @@ def show(console, res, title: str) -> None:
         for p in res.frontier:
             fr.add_row(p["name"], str(sum(v != "w8a8" for v in p["config"].values())),
                        _f(p["predicted"].get("latency_ms")), _f(p["measured"].get("latency_ms")),
-                       ", ".join(f"{k} {v:.2%}" for k, v in p["accuracy"].items()))
+                       _accuracy(p["accuracy"]))
         console.print(fr)
     if res.loo:
         errs = sorted(abs(r["error"]) for r in res.loo)
