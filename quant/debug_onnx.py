@@ -88,7 +88,8 @@ def _shapes(proto) -> dict:
     except Exception:  # noqa: BLE001 — shape inference is a convenience here
         return {}
     out = {}
-    for v in [*inferred.input, *inferred.value_info]:
+    for v in [*inferred.input, *inferred.value_info, *inferred.output]:   # a float last
+        #                                   layer's output is the graph's, not in value_info
         if not v.type.tensor_type.HasField("shape"):
             continue
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "batch")

@@ -234,3 +234,24 @@ def test_fp32_artifact_has_nothing_to_debug(tmp_path, capsys):
     art = build_artifact("digits-cnn", "fp32", tmp_path)
     assert cli.main(["debug", "--artifact", art.path]) == 2
     assert "nothing quantized to debug" in capsys.readouterr().err
+
+
+def test_a_float_last_layer_is_debugged_too(tmp_path):
+    """A searched configuration often keeps the classifier float: its output is then the
+    graph's own output, whose shape shape inference reports outside `value_info`. The debug
+    copy must still declare it (the checker refused the copy, and the nightly's debug of the
+    searched configuration read "not run: ValidationError")."""
+    from quant.models import load_model
+    from quant.pipeline import variant_bit_config
+    from quant.spec import BitConfig
+    from quant.transform import fold_bn
+
+    net = fold_bn(load_model("digits-cnn").build().eval())
+    cfg = variant_bit_config(net, "w8a8")
+    path = tmp_path / "fc-float.json"
+    path.write_text(BitConfig({k: v for k, v in cfg.layers.items() if k != "fc"}).to_json())
+    rc, res = _debug(["--model", "digits-cnn", "--variant", f"config:{path}",
+                      "--out", str(tmp_path / "art")], tmp_path)
+    assert rc == 0, res
+    rows = _layers(res)
+    assert "fc" in rows and rows["fc"]["sqnr_db"] > rows["conv.0"]["sqnr_db"] - 1.0, rows["fc"]
