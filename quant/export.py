@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .artifact import Artifact
+from .artifact import Artifact, sha256_file
 from .spec import BitConfig, LayerPrecision, QuantSpec, SpecError, parse_variant
 from .transform import QuantLayer, _set_module, fold_bn, has_batchnorm, quant_layers
 from .zeroq import weights_sha256
@@ -723,14 +723,6 @@ def _ort_deviation(path: Path, ref: Path) -> float | None:
         return max(float(np.abs(g - r[f"output:{i}"]).max()) for i, g in enumerate(got))
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _source_digests(entry, ref, net: nn.Module) -> dict:
     """The content of the user's files in the cache key, not only their paths: an ONNX file
     re-exported with other activations but the same weights (EfficientNet-Lite's ReLU6 vs
@@ -739,14 +731,14 @@ def _source_digests(entry, ref, net: nn.Module) -> dict:
     modules = [(n, type(m).__module__, type(m).__qualname__) for n, m in net.named_modules()]
     out = {"modules_sha256": hashlib.sha256(repr(modules).encode()).hexdigest()}
     if entry.onnx_path:
-        out["onnx_sha256"] = _file_digest(Path(entry.onnx_path))
+        out["onnx_sha256"] = sha256_file(Path(entry.onnx_path))
     data = Path(ref.data) if ref.data else None
     if data is not None and data.is_file():
-        out["data_sha256"] = _file_digest(data)
+        out["data_sha256"] = sha256_file(data)
     elif data is not None and data.is_dir():
         h = hashlib.sha256()
         for f in sorted(q for q in data.rglob("*") if q.is_file()):
-            h.update(f"{f.relative_to(data).as_posix()}\0{_file_digest(f)}\0".encode())
+            h.update(f"{f.relative_to(data).as_posix()}\0{sha256_file(f)}\0".encode())
         out["data_sha256"] = h.hexdigest()
     return out
 
