@@ -49,9 +49,19 @@ def layer_graph(model: nn.Module):
 
     class LayerTracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return isinstance(m, QUANTIZABLE) or super().is_leaf_module(m, qualname)
+            return (isinstance(m, QUANTIZABLE) or _opaque(m)
+                    or super().is_leaf_module(m, qualname))
 
     return LayerTracer().trace(model)
+
+
+def _opaque(m: nn.Module) -> bool:
+    """An onnx2torch op holding no layer: a leaf, not traced into. Its forward branches on
+    tensor values (Reshape checks its shape for zeros), which fx cannot trace, and it has
+    nothing inside for a layer pass to find (the ONNX door's search failed on any file with
+    a Reshape)."""
+    return type(m).__module__.startswith("onnx2torch") and not any(
+        isinstance(c, QUANTIZABLE) for c in m.modules())
 
 
 def fold_bn(model: nn.Module) -> nn.Module:

@@ -265,3 +265,32 @@ def test_artifact_cache_follows_file_contents(images, tmp_path):
     a = np.asarray(Image.open(data / "cat" / "0.jpg"))
     Image.fromarray(255 - a).save(data / "cat" / "0.jpg")
     assert build() not in (first, second)
+
+
+def test_onnx_with_a_reshape_reaches_the_layer_passes(tmp_path):
+    """An exported classifier flattens with a Reshape; onnx2torch's Reshape branches on its
+    shape tensor, which torch.fx cannot trace. The layer passes (BatchNorm folding, the
+    search's precision boundaries) must still see every conv and linear (`hilq search` on
+    EfficientNet-Lite's ONNX file died with a TraceError)."""
+    from bench.search import float_edges
+    from quant.models import ModelRef, load_model
+    from quant.transform import fold_bn, quantizable_layers
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8 * 8 * 8, 4)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            return self.fc(y.reshape(y.shape[0], -1))
+
+    path = tmp_path / "reshape.onnx"
+    torch.onnx.export(Net().eval(), torch.zeros(1, 3, 8, 8), path, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}}, dynamo=False, opset_version=17)
+    assert "Reshape" in {n.op_type for n in onnx.load(path).graph.node}
+    net = fold_bn(load_model(ModelRef(str(path), input_shape=(1, 3, 8, 8))).build().eval())
+    layers = quantizable_layers(net)
+    assert len(layers) == 2
+    assert float_edges(net, layers) == [(layers[0], layers[1])]
