@@ -8,8 +8,9 @@ layout reorders), and `c` everything the all-INT8 network costs. The boundary co
 shared (β) with a per-edge deviation (δ_e): a measured mix then teaches the model what a
 boundary costs *anywhere*, not only on its own edges. With independent per-edge costs, each
 re-measured pick corrected only the edges it used, and the next solve moved to edges still
-at their prior: on a Zen 5 (AVX-512 VNNI), where ONNX Runtime's boundaries cost ~10× what
-its profile shows, three picks in a row missed a 25% budget by 16–40%. The engine's own profile
+at their prior: on a Zen 5 (AVX-512 VNNI), where ONNX Runtime ran ResNet-18 mixes of half
+float layers as slowly as all-float and a float stem alone cost +2.1 ms over all-INT8, three
+picks in a row missed a 25% budget by 16–40%. The engine's own profile
 gives the prior (each layer's kernel time at each precision, and the Q/DQ time per
 boundary), scaled to wall-clock time; every whole-network measurement of the model on that
 device and runtime (uniform, switched, each re-measured pick, tonight's and history's) is
