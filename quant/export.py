@@ -43,6 +43,7 @@ limits, not the 4-bit ones: no CPU engine has a 4-bit activation kernel.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -736,11 +737,21 @@ def _source_digests(entry, ref, net: nn.Module) -> dict:
     if data is not None and data.is_file():
         out["data_sha256"] = sha256_file(data)
     elif data is not None and data.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(q for q in data.rglob("*") if q.is_file()):
-            h.update(f"{f.relative_to(data).as_posix()}\0{sha256_file(f)}\0".encode())
-        out["data_sha256"] = h.hexdigest()
+        files = sorted(q for q in data.rglob("*") if q.is_file())
+        out["data_sha256"] = _folder_digest(str(data), tuple(
+            (f.relative_to(data).as_posix(), f.stat().st_size, f.stat().st_mtime_ns)
+            for f in files))
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _folder_digest(root: str, listing: tuple) -> str:
+    """A folder's content hash, once per (name, size, mtime) listing: a search builds dozens
+    of artifacts from one photo folder and must not read every photo for each of them."""
+    h = hashlib.sha256()
+    for rel, _, _ in listing:
+        h.update(f"{rel}\0{sha256_file(Path(root) / rel)}\0".encode())
+    return h.hexdigest()
 
 
 def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu", *,
