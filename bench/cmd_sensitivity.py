@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from quant.sensitivity import METHODS, sensitivity_table
-from quant.zeroq import CALIB_DATA, calibration_data
+from quant.zeroq import CALIB_DATA, calibration_data, input_prior
 
 from .cli import UserError, add_model_arguments, model_ref
 from .cli import console as cli_console
@@ -39,10 +39,11 @@ def add_arguments(parser) -> None:
                         help="batch (default) or sample (ZeroQ's reference code), see hilq "
                              "quantize --help")
     parser.add_argument("--input-mean", type=float, default=None,
-                        help="distillation target mean of the input (default: the model's "
-                             "declared input statistics, else 0 as ZeroQ)")
+                        help="distillation target mean of the input (default: photographs through "
+                             "the declared --preprocess, else 0 as ZeroQ)")
     parser.add_argument("--input-std", type=float, default=None,
-                        help="distillation target std of the input (default: declared, else 1)")
+                        help="distillation target std of the input (default: photographs through "
+                             "the declared --preprocess, else 1)")
     parser.add_argument("--hessian-iters", type=int, default=200,
                         help="maximum Hutchinson probes (default 200)")
     parser.add_argument("--tol", type=float, default=1e-3,
@@ -86,12 +87,12 @@ def run(args) -> int:
     model = entry.build().eval()
     calib_x = entry.data().calib_x if args.calib_data == "real" else None
     real = calib_x[: args.samples] if calib_x is not None else None
-    mean0, std0 = getattr(entry, "input_stats", None) or (0.0, 1.0)
     kw = {}
     if args.calib_data == "distilled":
         kw = {"iters": args.iters, "lr": args.lr, "objective": args.distill_objective,
-              "input_mean": mean0 if args.input_mean is None else args.input_mean,
-              "input_std": std0 if args.input_std is None else args.input_std}
+              **input_prior(entry.preprocess)}
+        kw.update({k: v for k, v in (("input_mean", args.input_mean),
+                                     ("input_std", args.input_std)) if v is not None})
     t0 = time.perf_counter()
     if args.calib_data == "distilled" and args.iters:
         bar, kw["progress"] = _distill_progress(args.iters)

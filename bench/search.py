@@ -479,11 +479,12 @@ def _patterns(ctx: _Context):
 def _sensitivity(ctx: _Context, net, method, calib_data, samples, distill_iters):
     """(sensitivity, size in bits) per (layer, precision) on real or data-free data."""
     from quant.sensitivity import sensitivity_table
-    from quant.zeroq import calibration_data
+    from quant.zeroq import calibration_data, input_prior
 
     ctx.progress(f"{ctx.model}: {method} sensitivity on {calib_data} data")
     data = ctx.entry.data()
-    extra = {"iters": distill_iters} if calib_data == "distilled" else {}
+    extra = ({"iters": distill_iters, **input_prior(ctx.entry.preprocess)}
+             if calib_data == "distilled" else {})
     x = calibration_data(calib_data, net, real=data.calib_x, n=samples,
                          input_shape=ctx.entry.input_shape, seed=ctx.seed, name=ctx.model, **extra)
     sens = sensitivity_table(net, x, bits=(8,), method=method, act_bits=8)

@@ -116,7 +116,8 @@ def _calib_x(kind: str, entry: ModelEntry, model: nn.Module, real: torch.Tensor 
         n = min(n, 64)
         return zeroq.calibration_data(kind, model, n=n, input_shape=entry.input_shape,
                                       seed=seed, name=entry.name, iters=distill_iters,
-                                      objective=objective)
+                                      objective=objective,
+                                      **zeroq.input_prior(entry.preprocess))
     return zeroq.calibration_data(kind, model, real=real, n=n, input_shape=entry.input_shape,
                                   seed=seed, name=entry.name)
 

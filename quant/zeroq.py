@@ -68,8 +68,8 @@ def _sample_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).pow(2).sum() / a.shape[0]
 
 
-def bn_loss(model: nn.Module, x: torch.Tensor, *, input_mean: float = 0.0,
-            input_std: float = 1.0, objective: str = "batch") -> torch.Tensor:
+def bn_loss(model: nn.Module, x: torch.Tensor, *, input_mean: float | Sequence[float] = 0.0,
+            input_std: float | Sequence[float] = 1.0, objective: str = "batch") -> torch.Tensor:
     """The distillation objective on a batch, mean over BatchNorm layers and the input.
 
     `batch` (hilq's default): the batch's per-channel statistics against the running ones,
@@ -100,8 +100,8 @@ def bn_loss(model: nn.Module, x: torch.Tensor, *, input_mean: float = 0.0,
             h.remove()
         model.train(was_training)
     mean, std = stats(x, 1e-5)
-    terms.append(dist(mean, torch.full_like(mean, input_mean))
-                 + dist(std, torch.full_like(std, input_std)))
+    terms.append(dist(mean, torch.as_tensor(input_mean, dtype=mean.dtype).expand_as(mean))
+                 + dist(std, torch.as_tensor(input_std, dtype=std.dtype).expand_as(std)))
     return torch.stack(terms).mean()
 
 
@@ -114,20 +114,28 @@ def _input_shape(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[i
 
 def distill(model: nn.Module, n: int = 32, input_shape: Sequence[int] | None = None, *,
             iters: int = 500, lr: float = 0.5, seed: int = 0, patience: int = 100,
-            min_lr: float = 1e-4, input_mean: float = 0.0, input_std: float = 1.0,
+            min_lr: float = 1e-4, input_mean: float | Sequence[float] = 0.0,
+            input_std: float | Sequence[float] = 1.0,
+            input_range: tuple[Sequence[float], Sequence[float]] | None = None,
             name: str | None = None, objective: str = "batch",
-            progress: Callable[[int, int, float], None] | None = None) -> torch.Tensor:
+            progress: Callable[[int, int, float], None] | None = None,
+            snapshot: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """A batch of `n` inputs whose activations match every BatchNorm's running statistics.
 
     ZeroQ's recipe and defaults: Adam on the inputs with lr 0.5, ReduceLROnPlateau
     (patience 100, floor 1e-4) on the loss, 500 iterations. `objective="batch"` (hilq's)
-    starts from seeded N(0, 1) and matches the batch's statistics; `"sample"` follows ZeroQ's
-    reference code: near-zero uniform start, U(−0.1, 0.1), and every sample's own statistics
-    (see `bn_loss`). The input term
-    pulls each input channel to mean `input_mean`, std `input_std` (0 and 1: ZeroQ assumes
-    normalised inputs). The model's weights are untouched (gradients go to the inputs only).
-    `progress(i, iters, loss)` is called after each step, for a progress bar.
-    Raises `SpecError` naming the model when it has no BatchNorm layers.
+    starts from seeded N(input_mean, input_std) and matches the batch's statistics;
+    `"sample"` follows ZeroQ's reference code: near-zero uniform start, U(−0.1, 0.1), and
+    every sample's own statistics (see `bn_loss`). The input term pulls each input channel
+    to mean `input_mean`, std `input_std` (scalars or one per channel; 0 and 1 are ZeroQ's
+    assumption of normalised inputs, `input_prior` gives the real ones of a declared
+    preprocessing). `input_range` (per-channel lows and highs) keeps every step inside the
+    inputs the preprocessing can produce: without it the optimiser wanders to values no
+    photograph reaches and the input's range, and every range after it, grows with them.
+    The model's weights are untouched (gradients go to the inputs only). `progress(i, iters,
+    loss)` is called after each step, for a progress bar; `snapshot(i, x)` too, for studies
+    of the iteration count (not memoised). Raises `SpecError` naming the model when it has
+    no BatchNorm layers.
     """
     _require_bn(model, name)
     if n < 1 or iters < 0:
@@ -136,12 +144,47 @@ def distill(model: nn.Module, n: int = 32, input_shape: Sequence[int] | None = N
     if objective not in OBJECTIVES:
         raise SpecError(f"unknown distillation objective {objective!r} (use "
                         f"{', '.join(OBJECTIVES)})")
-    key = (weights_sha256(model), n, tuple(shape), iters, lr, seed, patience, min_lr, input_mean,
-           input_std, objective)
-    if key not in _DISTILLED:
-        _DISTILLED[key] = _distill(model, n, shape, iters, lr, seed, patience, min_lr,
-                                   input_mean, input_std, objective, progress)
+    settings = dict(iters=iters, lr=lr, seed=seed, patience=patience, min_lr=min_lr,
+                    input_mean=_channels(input_mean, shape), input_std=_channels(input_std, shape),
+                    input_range=None if input_range is None else
+                    tuple(_channels(r, shape) for r in input_range), objective=objective)
+    key = (weights_sha256(model), n, tuple(shape), *settings.values())
+    if snapshot is not None or key not in _DISTILLED:
+        _DISTILLED[key] = _distill(model, n, shape, progress=progress, snapshot=snapshot,
+                                   **settings)
     return _DISTILLED[key].clone()
+
+
+def _channels(v: float | Sequence[float], shape: Sequence[int]) -> tuple[float, ...]:
+    """A scalar or per-channel setting as one float per input channel (axis 1 of a batch)."""
+    vals = (float(v),) * shape[0] if isinstance(v, (int, float)) else tuple(map(float, v))
+    if len(vals) != shape[0]:
+        raise SpecError(f"{len(vals)} per-channel values for an input with {shape[0]} channels")
+    return vals
+
+
+def input_prior(preprocess) -> dict:
+    """What a declared preprocessing (a `Preprocess`, its text or its manifest dict) says about a model's inputs before any data is seen:
+    natural photographs' per-channel pixel mean and std (ImageNet's, in [0, 1]) and the
+    extremes 0 and 1, each taken through the preprocessing's own normalisation. With
+    EfficientNet-Lite's mean 127 / std 128, inputs lie in [−0.99, 1.0] with a std near 0.45,
+    not the N(0, 1) ZeroQ assumes. `{}` when nothing is declared, or the inputs are raw
+    uint8 or channels-last (ZeroQ's assumption holds)."""
+    from .data import IMAGENET, parse_preprocess
+
+    preprocess = parse_preprocess(preprocess)
+    if (preprocess is None or not preprocess.mean or preprocess.dtype != "float32"
+            or preprocess.layout != "NCHW"):     # distillation's channels are axis 1
+        return {}
+
+    grey = preprocess.mode == "L"
+    pm, ps = ((sum(IMAGENET.mean) / 3,), (sum(IMAGENET.std) / 3,)) if grey else \
+        (IMAGENET.mean, IMAGENET.std)
+    m, s = preprocess.mean, preprocess.std
+    return {"input_mean": tuple((a - b) / c for a, b, c in zip(pm, m, s)),
+            "input_std": tuple(a / c for a, c in zip(ps, s)),
+            "input_range": (tuple(-b / c for b, c in zip(m, s)),
+                            tuple((1 - b) / c for b, c in zip(m, s)))}
 
 
 # Seeded and deterministic, so one process distils each (model, settings) once: a search
@@ -161,11 +204,17 @@ def weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _distill(model, n, shape, iters, lr, seed, patience, min_lr, input_mean, input_std,
-             objective, progress) -> torch.Tensor:
+def _distill(model, n, shape, *, iters, lr, seed, patience, min_lr, input_mean, input_std,
+             input_range, objective, progress, snapshot) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn((n, *shape), generator=g) if objective == "batch"
-         else torch.rand((n, *shape), generator=g) * 0.2 - 0.1).requires_grad_(True)
+    view = (1, -1) + (1,) * (len(shape) - 1)      # per-channel values against [N, C, ...]
+    mean, std = torch.tensor(input_mean).view(view), torch.tensor(input_std).view(view)
+    x = (torch.randn((n, *shape), generator=g) * std + mean if objective == "batch"
+         else torch.rand((n, *shape), generator=g) * 0.2 - 0.1)
+    lo, hi = (None, None) if input_range is None else \
+        (torch.tensor(input_range[0]).view(view), torch.tensor(input_range[1]).view(view))
+    x = x if lo is None else torch.maximum(torch.minimum(x, hi), lo)
+    x.requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=patience, min_lr=min_lr)
     for i in range(iters):
@@ -174,10 +223,15 @@ def _distill(model, n, shape, iters, lr, seed, patience, min_lr, input_mean, inp
         # Gradient w.r.t. the inputs only: the model's .grad fields stay as they were.
         (x.grad,) = torch.autograd.grad(loss, [x])
         opt.step()
+        if lo is not None:           # projected: back inside what the preprocessing makes
+            with torch.no_grad():
+                x.copy_(torch.maximum(torch.minimum(x, hi), lo))
         value = loss.item()
         sched.step(value)
         if progress is not None:
             progress(i + 1, iters, value)
+        if snapshot is not None:
+            snapshot(i + 1, x.detach().clone())
     return x.detach()
 
 

@@ -16,7 +16,8 @@ it was calibrated on.
 `compare` builds, with the same calibration photos:
 - hilq W8A8 through the ONNX door (`--model effnet.onnx --data photos/calib`), and through the
   factory door (`--model scripts.byo_model:efficientnet_lite0`), real and data-free
-  (`--calib-data distilled`, both distillation objectives);
+  (`--calib-data distilled`, both distillation objectives, inputs from the declared
+  preprocessing; and ZeroQ's own N(0, 1) input assumption, the old default);
 - ONNX Runtime's `quantize_static` (QDQ, per-channel, MinMax), run on ORT;
 - NNCF's `nncf.quantize` on the OpenVINO model, run on OpenVINO;
 and judges each on the evaluation photos by top-1 agreement with FP32 and mean KL(FP32 ‖ q)
@@ -153,8 +154,8 @@ def _confidence(logits):
     return softmax(logits, -1).max(-1)
 
 
-ROWS = ("onnx-real", "factory-real", "distilled-batch", "distilled-sample", "ort", "openvino",
-        "nncf")
+ROWS = ("onnx-real", "factory-real", "distilled-batch", "distilled-sample", "distilled-zeroq",
+        "ort", "openvino", "nncf")
 
 
 def compare(out: Path, distill_iters: int, time_s: float | None, only=ROWS,
@@ -173,10 +174,12 @@ def compare(out: Path, distill_iters: int, time_s: float | None, only=ROWS,
     arts = out / "artifacts"
     rows, built = {}, {}
 
-    def hilq(name, model, calib_data="real", objective="batch"):
+    def hilq(name, model, calib_data="real", objective="batch", declared=True):
         t0 = time.perf_counter()
+        # data-free: no photos, but the preprocessing is declared (distillation's input prior)
         ref = ModelRef(str(model), data=str(photos), preprocess=PRE) \
-            if calib_data == "real" else ModelRef(str(model), input_shape=(1, 3, 224, 224))
+            if calib_data == "real" else ModelRef(str(model), input_shape=(1, 3, 224, 224),
+                                                  preprocess=PRE if declared else None)
         a = build_artifact(ref, "w8a8", arts / name, calib_data=calib_data, calib=calib,
                            repairs=repairs, distill_iters=distill_iters,
                            distill_objective=objective)
@@ -189,15 +192,17 @@ def compare(out: Path, distill_iters: int, time_s: float | None, only=ROWS,
     conf = _confidence(fp32)
     confident = conf >= 0.5
     factory = "scripts.byo_model:efficientnet_lite0"
-    plan = {"onnx-real": ("hilq w8a8 real (ONNX door)", onnx_path, "real", "batch"),
-            "factory-real": ("hilq w8a8 real (factory door)", factory, "real", "batch"),
+    plan = {"onnx-real": ("hilq w8a8 real (ONNX door)", onnx_path, "real", "batch", True),
+            "factory-real": ("hilq w8a8 real (factory door)", factory, "real", "batch", True),
             "distilled-batch": ("hilq w8a8 distilled/batch (factory)", factory, "distilled",
-                                "batch"),
+                                "batch", True),
             "distilled-sample": ("hilq w8a8 distilled/sample (factory)", factory, "distilled",
-                                 "sample")}
-    for key, (name, model, cd, obj) in plan.items():
+                                 "sample", True),
+            "distilled-zeroq": ("hilq w8a8 distilled/batch, ZeroQ's N(0,1) inputs (factory)",
+                                factory, "distilled", "batch", False)}
+    for key, (name, model, cd, obj, declared) in plan.items():
         if key in only:
-            built[name] = hilq(key, model, cd, obj)
+            built[name] = hilq(key, model, cd, obj, declared)
             rows[f"{name} on ORT"] = _judge(fp32, _ort_run(built[name], test_x), confident)
     if "ort" in only:   # ONNX Runtime's own static quantizer, same calibration photos
         from onnxruntime.quantization import (

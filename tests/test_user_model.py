@@ -150,6 +150,34 @@ def test_factory_without_data_is_data_free(tmp_path):
                    "no calibration data", "--calib-data distilled")
 
 
+def _input_range(artifact: Path) -> float:
+    """The width (scale × 255) of the Q node on the graph's input: the calibrated input range."""
+    from onnx import numpy_helper
+
+    g = onnx.load(artifact).graph
+    init = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    q = next(n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == g.input[0].name)
+    return float(init[q.input[1]]) * 255
+
+
+@pytest.mark.slow
+def test_data_free_calibration_stays_within_what_the_preprocessing_makes(tmp_path):
+    """Declared preprocessing (mean 0.5, std 0.25) bounds inputs to [-2, 2]: the distilled
+    calibration batch, hence the input's quantization range, stays inside it, and the
+    preprocessing is in the manifest. ZeroQ's N(0, 1) start, unbounded, goes wider."""
+    widths = {}
+    for name, extra in (("declared", ("--preprocess", PRE)), ("zeroq", ())):
+        out = tmp_path / name
+        r = hilq("export", "--model", "tests.user_models:tiny_cnn", "--input-shape", "1,3,32,32",
+                 "--variant", "w8a8", "--calib-data", "distilled", *extra, "--out", out,
+                 "--json", tmp_path / f"{name}.json")
+        assert r.returncode == 0, r.stderr
+        m = json.loads((tmp_path / f"{name}.json").read_text())
+        widths[name] = _input_range(Path(m["path"]))
+    assert widths["declared"] <= 4.0 + 1e-3 < widths["zeroq"], widths
+    assert m["settings"]["calib_data"] == "distilled"
+
+
 def test_bad_inputs_one_line_each(onnx_model, images, tmp_path):
     said = []
     bad = tmp_path / "bad.onnx"

@@ -35,8 +35,26 @@ def test_distillation_reduces_bn_loss_by_a_large_factor():
     x = zeroq.distill(model, 8, SHAPE, iters=40, **kw)
     with torch.no_grad():
         before, after = float(zeroq.bn_loss(model, start, **kw)), float(zeroq.bn_loss(model, x, **kw))
-    assert after < before / 20, (before, after)
+    # The start is already drawn from N(2.5, 0.87), so only the BatchNorm terms are left
+    # to fall: about 9x in 40 steps here.
+    assert after < before / 5, (before, after)
     assert x.shape == (8, *SHAPE) and not x.requires_grad
+
+
+def test_a_declared_preprocessing_bounds_and_centres_the_distilled_inputs():
+    from quant.data import parse_preprocess
+
+    # EfficientNet-Lite's normalisation (mean 127, std 128): pixels in [0, 1] map to [-0.99, 1].
+    prior = zeroq.input_prior(parse_preprocess("mean=0.498/0.498/0.498,std=0.502/0.502/0.502"))
+    lo, hi = prior["input_range"]
+    assert lo == pytest.approx((-0.992,) * 3, abs=1e-3) and hi == pytest.approx((1.0,) * 3, abs=1e-2)
+    assert prior["input_std"] == pytest.approx((0.456, 0.446, 0.448), abs=1e-3)
+    model = bn_cnn()
+    free = zeroq.distill(model, 8, SHAPE, iters=30)
+    x = zeroq.distill(model, 8, SHAPE, iters=30, **prior)
+    assert free.abs().max() > 1.5          # without the range, inputs leave [-1, 1]
+    assert x.min() >= lo[0] - 1e-6 and x.max() <= hi[0] + 1e-6
+    assert zeroq.input_prior(None) == {} and zeroq.input_prior(parse_preprocess("crop=8")) == {}
 
 
 def test_distillation_leaves_the_model_alone():

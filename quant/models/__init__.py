@@ -222,8 +222,9 @@ def load_model(ref: str | ModelRef, data: str | None = None, *,
         raise ModelError(f"--seq-len: {name} declares no sequence axis (a user model is sized "
                          "by --input-shape or its data; built-in tiny-transformer takes --seq-len)")
     if data is None:
+        # A declared preprocessing still says what inputs look like (distillation's prior).
         return ModelEntry(name, build, _no_data(name, shape, dtype), shape, desc, onnx_path,
-                          data_free=True)
+                          data_free=True, preprocess=pre.to_dict() if pre else None)
 
     def checked() -> Data:
         d = user_data()
