@@ -20,8 +20,9 @@ DQ+DQ→Add→Q = QLinearAdd, DQ→GlobalAveragePool→Q = QLinearGlobalAverageP
 - a Relu (or Clip(0, 6)) after an integer unit is folded into the following Q's range when
   that range already clamps at zero (uint8, zero-point 0), as ORT's quantizer does; where it
   cannot be (a signed grid), it stays as DQ→Relu→Q;
+- the graph's outputs (the logits) stay float, as in the fake-quant model;
 - tensors that hilq's fake-quant model does not quantize (conv outputs feeding an Add, pool
-  outputs, the logits) are min-max calibrated on the float graph with the same calibration
+  outputs) are min-max calibrated on the float graph with the same calibration
   data; a tensor feeding a quantized layer always uses that layer's qparams;
 - a layer the `BitConfig` leaves float stays float (it reads the DQ output of its neighbour);
 - weight-only Linear layers (`w4a16`, `w8a16`) become com.microsoft `MatMulNBits` (blocks of
@@ -69,7 +70,7 @@ ACTIVATIONS = ("Relu", "Clip")
 PLACEMENTS = ("ort", "tensorrt")
 ORT_KERNEL = {"Conv": "QLinearConv", "Gemm": "QGemm", "MatMul": "MatMulIntegerToFloat"}
 DISTILL_ITERS = 100  # ZeroQ iterations for --calib-data distilled artifacts
-EXPORT_VERSION = 2   # bump when the exported graph changes: it is part of the cache key
+EXPORT_VERSION = 3   # bump when the exported graph changes: it is part of the cache key
 
 
 class ExportError(SpecError):
@@ -349,7 +350,12 @@ def _plan(g: _Graph, kind: dict, qlayers, layer_of, full: bool) -> tuple[dict, s
                                   "per-channel weights (or a weight-only variant)")
             integer.setdefault(node.input[0], node.input[0])
             qnodes.add(node.name)
-            if op != "MatMul" and full:   # MatMul: float output, ORT's MatMulIntegerToFloat
+            # MatMul: float output, ORT's MatMulIntegerToFloat. A graph output (the logits)
+            # stays float too (QGemm with a float output), as in the fake-quant model: an
+            # 8-bit logit range set by calibration clips the top logits of inputs that
+            # reach further (data-free calibration's logits span half a photograph's), and
+            # clipped winners tie.
+            if op != "MatMul" and full and node.output[0] not in g.outputs:
                 integer[node.output[0]] = node.output[0]
         elif not full:
             continue

@@ -7,6 +7,13 @@ statistics; the result calibrates activation ranges almost as well as real data,
 data at all. `calibration_data` is the one switch between that, the model's own real data,
 and plain Gaussian noise (ZeroQ's ablation).
 
+What the inputs themselves look like is not in any BatchNorm. ZeroQ assumes N(0, 1); a
+declared preprocessing says better (`input_prior`): photographs through the model's own
+normalisation, kept inside the range it can produce. On EfficientNet-Lite0 (inputs in [−1, 1])
+ZeroQ's assumption let the inputs wander to ±12, and W8A8 calibrated on them agreed with FP32
+on 76–84% of real photographs in simulation; with the prior, 94–95%, as real photographs do
+(`scripts/distill_study.py`).
+
 BatchNorm is *not* folded here: its running statistics are the signal. A model without
 BatchNorm has nothing to match, so it is an error, never a silent fall-back to noise.
 """
