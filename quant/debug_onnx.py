@@ -112,9 +112,7 @@ def debug_graph(proto, layer_map: dict, own: bool = True):
     for n in g.node:
         for t in n.input:
             consumers.setdefault(t, []).append(n)
-    existing = {o.name for o in g.output}
     taps: list[Tap] = []
-    index = len(g.output)
     copies = []
 
     def out_q(t: str):
@@ -122,13 +120,14 @@ def debug_graph(proto, layer_map: dict, own: bool = True):
                      and _qparams(c, inits)), None)
 
     def expose(name: str, elem: int, like: str) -> int:
-        nonlocal index
-        if name not in existing:
-            shape = shapes.get(like) or shapes.get(like.removesuffix("_QuantizeLinear_Output"))
-            g.output.append(helper.make_tensor_value_info(name, elem, shape))
-            existing.add(name)
-        index += 1
-        return index - 1
+        """The tensor's position among the graph outputs, made one if it is not (a float
+        last layer's output already is: the logits)."""
+        names = [o.name for o in g.output]
+        if name in names:
+            return names.index(name)
+        shape = shapes.get(like) or shapes.get(like.removesuffix("_QuantizeLinear_Output"))
+        g.output.append(helper.make_tensor_value_info(name, elem, shape))
+        return len(g.output) - 1
 
     for node in [n for n in g.node if n.name in layer_map]:     # graph order
         node_name, layer, y = node.name, layer_map[node.name]["layer"], node.output[0]

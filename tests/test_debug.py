@@ -64,7 +64,12 @@ def test_debug_copy_runs_the_same_kernels_and_outputs(digits, tmp_path):
     dbg, taps = write_debug_artifact(art, tmp_path)
     layers = [v["layer"] for v in art.manifest["layer_map"].values()]
     assert sorted(t.layer for t in taps if t.kind == "chain") == sorted(layers)
-    assert all(t.scale is not None and t.dtype == "uint8" for t in taps)  # Q outputs exposed
+    # Q outputs exposed, except the last layer's: the logits stay float (the export
+    # quantizes no graph output), in its chain tap and its own copy
+    last = next(t.layer for t in taps if t.index == 0)      # the graph's own output
+    assert all(t.scale is not None and t.dtype == "uint8" for t in taps if t.layer != last)
+    assert sorted((t.kind, t.scale) for t in taps if t.layer == last) == [("chain", None),
+                                                                          ("own", None)]
     x = np.random.default_rng(0).standard_normal((8, 1, 8, 8)).astype(np.float32)
     s0, s1 = _session(art.path, tmp_path / "o0.onnx"), _session(dbg.path, tmp_path / "o1.onnx")
     feeds = {i.name: np.random.default_rng(1).standard_normal(
