@@ -364,16 +364,16 @@ def _close_loop(layers, edges, sensitivity, prior, measure, budget, *, history, 
 def _too_noisy(final: Iteration, tolerance: float) -> str:
     """A note when the pick's own measurement, after every repeat, is wider than the
     tolerance: the prediction cannot be checked more closely than the device repeats itself.
-    On a small CPU that is often the engine's threads meeting the rest of the machine on
-    every core (a 2-core VM at 2 threads ran MobileNetV2's rounds at CV 13–16%, two speeds
-    by process; at 1 thread, 2–3%)."""
+    On a small CPU that can be the engine's threads meeting the rest of the machine on every
+    core (a 2-core Zen 5 VM at 2 threads ran MobileNetV2's rounds at CV 13–16%, two speeds by
+    process; at 1 thread, 2–3%); on another VM one thread did not help (README, "Noise")."""
     if final.measured_ms is None or final.measured_ci_ms is None \
             or final.measured_ci_ms <= tolerance * final.measured_ms:
         return ""
     return (f"the pick's measurement stayed ±{100 * final.measured_ci_ms / final.measured_ms:.0f}% "
             f"(95% CI) after every repeat, wider than the {100 * tolerance:.0f}% tolerance: the "
-            "device's own run-to-run noise bounds the check (fewer engine threads than cores, "
-            "e.g. --threads 1, often steadies a small CPU)")
+            "device's own run-to-run noise bounds the check (on some small CPUs fewer engine "
+            "threads than cores, e.g. --threads 1, steadies it)")
 
 
 def _slowdown(q0: Observation, iterations: list[Iteration], limit: float = 0.1) -> str:

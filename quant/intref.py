@@ -18,9 +18,11 @@ Runtime is rounding, which is what this module exists to pin down. Each integer 
 - MaxPool / Flatten / Reshape / Transpose / (Un)Squeeze move codes unchanged.
 
 Graphs it reads: `quant.export`'s ORT placement (and ORT's own `quantize_static` QDQ
-output), where every unit ends in a Q. A unit with a float output (a MatMul fused into
-MatMulIntegerToFloat, the TensorRT placement's float bias and un-quantized outputs) is not
-integer-only and raises NotImplementedError naming the node.
+output), where every unit ends in a Q, except the graph's outputs: a Conv/Gemm producing one
+(the logits, which the export keeps float) yields its int32 accumulator with scale s_in·s_w,
+which is that float tensor exactly. Any other unit with a float output (a MatMul fused into
+MatMulIntegerToFloat, the TensorRT placement's float bias) is not integer-only and raises
+NotImplementedError naming the node.
 
 The only float operations are at the boundary: quantizing the float input (QuantizeLinear,
 identical to ORT's: x/s rounded half to even) and dequantizing the outputs.
@@ -50,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 ADD_SHIFT = 20
+LINEAR = ("Conv", "Gemm", "MatMul")
 COMPUTE = ("Conv", "Gemm", "MatMul", "Add", "GlobalAveragePool", "AveragePool", "Relu", "Clip",
            "MaxPool")
 MOVES = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
@@ -202,6 +205,7 @@ class IntegerReference:
     def __call__(self, x: np.ndarray) -> list[QTensor]:
         env: dict[str, QTensor] = {}
         floats = {self.graph.input[0].name: np.asarray(x)}
+        outputs = {o.name for o in self.graph.output}
         done = set()
         for node in self.graph.node:
             if node.name in done or node.op_type == "Constant":
@@ -221,6 +225,12 @@ class IntegerReference:
                                                            None, None)
                 env[node.output[0]] = QTensor(base.q, self.inits[node.input[1]],
                                               self.inits[node.input[2]], a.get("axis", 1))
+            elif op in LINEAR and node.output[0] in outputs:
+                # a graph output left float (the logits): the int32 accumulator itself, with
+                # scale s_in·s_w per channel and zero point 0, is exactly that float tensor
+                acc, axis, scale = self._accumulate(node, a, env)
+                env[node.output[0]] = QTensor(acc, scale.astype(np.float32),
+                                              np.zeros((), np.int64), axis)
             elif op in COMPUTE or op in MOVES:
                 qnode, s_out, z_out, (lo, hi) = self._q_after(node)
                 env[qnode.output[0]] = QTensor(self._unit(node, a, env, s_out, z_out, lo, hi),
@@ -230,38 +240,46 @@ class IntegerReference:
                 raise NotImplementedError(f"intref: no integer rule for {op} ({node.name})")
         out = []
         for o in self.graph.output:
+            if o.name in env:
+                out.append(env[o.name])
+                continue
             dq = next((n for n in self.graph.node if n.output[0] == o.name), None)
             if dq is None or dq.op_type != "DequantizeLinear":
                 raise NotImplementedError(f"intref: output {o.name} is not a DequantizeLinear")
             out.append(env[dq.output[0]])
         return out
 
+    def _accumulate(self, node, a, env) -> tuple[np.ndarray, int, np.ndarray]:
+        """A Conv/Gemm/MatMul unit's int32 accumulator (bias added), its channel axis, and
+        its scale s_in·s_w (per output channel)."""
+        op = node.op_type
+        x, w, *rest = [env[t] for t in node.input if t in env]
+        xc, wc = x.centered(), w.centered()
+        if op == "Conv":
+            acc = _conv(xc, wc, a)
+            ch_axis = 1
+        elif op == "Gemm":
+            if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
+                raise NotImplementedError("intref: Gemm with transA/alpha/beta")
+            acc = xc @ (wc.T if a.get("transB", 0) else wc)
+            ch_axis = 1
+        else:
+            acc = xc @ wc
+            ch_axis = acc.ndim - 1
+        if rest:
+            shape = [1] * acc.ndim
+            shape[ch_axis] = -1
+            acc = acc + rest[0].q.astype(np.int64).reshape(shape)
+        return acc, ch_axis, float(x.scale) * w.scale.astype(np.float64).reshape(-1)
+
     def _unit(self, node, a, env, s_out, z_out, lo, hi) -> np.ndarray:
         op = node.op_type
         ins = [env[t] for t in node.input if t in env]
         x = ins[0]
         sx = float(x.scale)
-        if op in ("Conv", "Gemm", "MatMul"):
-            w = ins[1]
-            xc, wc = x.centered(), w.centered()
-            if op == "Conv":
-                acc = _conv(xc, wc, a)
-                ch_axis = 1
-            elif op == "Gemm":
-                if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
-                    raise NotImplementedError("intref: Gemm with transA/alpha/beta")
-                acc = xc @ (wc.T if a.get("transB", 0) else wc)
-                ch_axis = 1
-            else:
-                acc = xc @ wc
-                ch_axis = acc.ndim - 1
-            if len(ins) > 2:
-                b = ins[2]
-                shape = [1] * acc.ndim
-                shape[ch_axis] = -1
-                acc = acc + b.q.astype(np.int64).reshape(shape)
-            mult = sx * w.scale.astype(np.float64).reshape(-1) / s_out
-            return requantize(acc, mult, z_out, lo, hi, axis=ch_axis)
+        if op in LINEAR:
+            acc, ch_axis, scale = self._accumulate(node, a, env)
+            return requantize(acc, scale / s_out, z_out, lo, hi, axis=ch_axis)
         if op == "Add":
             y = ins[1]
             twice = 2 * max(sx, float(y.scale))

@@ -259,8 +259,8 @@ def compare(out: Path, distill_iters: int, time_s: float | None, only=ROWS,
 
 
 def _time(onnx_path: Path, built: dict, time_s: float) -> dict:
-    """p50 of FP32, hilq's real W8A8 and each peer's artifact on its engine, through hilq's
-    agent: fresh processes, alternating, 3 rounds."""
+    """p50 of FP32, hilq's real W8A8 and each peer's artifact on its engine (NNCF's OpenVINO
+    IR beside its .bin), through hilq's agent: fresh processes, alternating, 3 rounds."""
     from bench import runner
     from devices.local import LocalDevice
     from devices.measurement import Protocol
@@ -271,7 +271,8 @@ def _time(onnx_path: Path, built: dict, time_s: float) -> dict:
     out = {}
     plan = {"ort": {"fp32": onnx_path, "hilq-w8a8": built["hilq w8a8 real (ONNX door)"],
                     "ort-quantize-static": built["ORT quantize_static"]},
-            "openvino": {"fp32": onnx_path, "hilq-w8a8": built["hilq w8a8 real (ONNX door)"]}}
+            "openvino": {"fp32": onnx_path, "hilq-w8a8": built["hilq w8a8 real (ONNX door)"],
+                         **({"nncf": built["NNCF"]} if "NNCF" in built else {})}}
     for runtime, items in plan.items():
         arts = {}
         for name, path in items.items():

@@ -4,8 +4,10 @@ execution of exported Q/DQ graphs to within 1 LSB of the output scale."""
 from fractions import Fraction
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from quant.export import export_onnx
 from quant.intref import IntegerReference, dyadic, requantize, rounding_shift
@@ -22,11 +24,27 @@ def _ort(path, precise: bool):
 
 
 def _lsb_diff(path, x: np.ndarray, precise: bool = True) -> np.ndarray:
-    """|ORT − reference| in units of the output scale, per output element."""
+    """|ORT − reference| in units of the output scale, per output element. The logits are
+    float (the int32 accumulator of the last Gemm): there, in units of what one LSB on every
+    one of the Gemm's input codes moves an output (Σ|w| of its row), since the rounding
+    differences to pin down are those of the codes that feed it."""
     (ref,) = IntegerReference(path)(x)
     y = _ort(path, precise).run(None, {"input": x})[0]
     ort_codes = np.rint(y / ref.scale) + ref.zp       # DQ output back to its exact codes
-    return np.abs(ort_codes - ref.q)
+    diff = np.abs(ort_codes - ref.q)
+    if ref.scale.size > 1:
+        g = onnx.load(str(path)).graph
+        inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        gemm = next(n for n in g.node if n.output[0] == g.output[0].name)
+        dq = next(n for n in g.node if n.output[0] == gemm.input[1])
+        zp = inits[dq.input[2]].astype(np.int64)          # per output channel (axis 0)
+        w = inits[dq.input[0]].astype(np.int64) - (zp.reshape(-1, 1) if zp.size > 1 else zp)
+        diff = diff / np.abs(w).sum(axis=1 if _attr(gemm, "transB") else 0)
+    return diff
+
+
+def _attr(node, name: str) -> int:
+    return next((a.i for a in node.attribute if a.name == name), 0)
 
 
 @pytest.mark.parametrize("m", [0.5, 0.75, 1.0, 2.0**-20, 12345 / 2**20, 3 * 2.0**-40,
