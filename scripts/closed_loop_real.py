@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet18,mobilenet_v2")
     ap.add_argument("--runtimes", default="ort,openvino")
-    ap.add_argument("--budgets", default="25,50,75")
+    ap.add_argument("--budgets", default="25,50,75", help='"" for the held-out part alone')
     ap.add_argument("--heldout", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--min-s", type=float, default=1.5)
@@ -156,7 +156,8 @@ def main(argv=None) -> int:
             for runtime in args.runtimes.split(","):
                 t0 = time.perf_counter()
                 case = {"model": model, "runtime": runtime,
-                        "searches": searches(model, runtime, args.budgets.split(","), args,
+                        "searches": searches(model, runtime,
+                                             [b for b in args.budgets.split(",") if b], args,
                                              store, device, protocol, log)}
                 if not args.skip_heldout:
                     case["heldout"] = heldout(model, runtime, args, store, device, protocol, log)
