@@ -171,9 +171,10 @@ def _channels(v: float | Sequence[float], shape: Sequence[int]) -> tuple[float, 
 
 
 def input_prior(preprocess) -> dict:
-    """What a declared preprocessing (a `Preprocess`, its text or its manifest dict) says about a model's inputs before any data is seen:
-    natural photographs' per-channel pixel mean and std (ImageNet's, in [0, 1]) and the
-    extremes 0 and 1, each taken through the preprocessing's own normalisation. With
+    """What a declared preprocessing (a `Preprocess`, its text or its manifest dict) says
+    about a model's inputs before any data is seen: natural photographs' per-channel pixel
+    mean and std (ImageNet's, in [0, 1]) and the extremes 0 and 1, each taken through the
+    preprocessing's own normalisation, as `distill`'s keyword arguments. With
     EfficientNet-Lite's mean 127 / std 128, inputs lie in [−0.99, 1.0] with a std near 0.45,
     not the N(0, 1) ZeroQ assumes. `{}` when nothing is declared, or the inputs are raw
     uint8 or channels-last (ZeroQ's assumption holds)."""
@@ -183,7 +184,6 @@ def input_prior(preprocess) -> dict:
     if (preprocess is None or not preprocess.mean or preprocess.dtype != "float32"
             or preprocess.layout != "NCHW"):     # distillation's channels are axis 1
         return {}
-
     grey = preprocess.mode == "L"
     pm, ps = ((sum(IMAGENET.mean) / 3,), (sum(IMAGENET.std) / 3,)) if grey else \
         (IMAGENET.mean, IMAGENET.std)
