@@ -66,7 +66,7 @@ def run(args) -> int:
             missed = "budget_missed" in (s.get("status"), s.get("search_status"))
             console.print(f"search {s['model']} on {s['device']}/{s['runtime']}: "
                           + ("[bold red]BUDGET MISSED[/bold red] " if missed else "")
-                          + f"budget {s.get('resolved_budgets') or s.get('budgets', '')}, "
+                          + f"budget {_budgets(s.get('resolved_budgets') or s.get('budgets'))}, "
                           f"predicted {p.get('latency_ms') or float('nan'):.3f} ms, "
                           f"measured {m.get('latency_ms') or float('nan'):.3f} ms"
                           + (f": {s['message']}" if s.get("message") else ""))
@@ -89,3 +89,9 @@ def run(args) -> int:
     if res.regressions and args.fail_on_regression:
         return 3
     return 0
+
+
+def _budgets(budgets: dict | None) -> str:
+    """`latency_ms 5.477` rather than a dict's repr with 16 digits."""
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in (budgets or {}).items()) or "-"
