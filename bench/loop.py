@@ -298,13 +298,18 @@ def _close_loop(layers, edges, sensitivity, prior, measure, budget, *, history, 
         measured = {o.name: o for o in obs}
         cfg, margin, why = choose(model, sensitivity, budget_ms, z, measured, limits)
         if cfg is None:
-            result.status = "infeasible" if it == 1 else result.status
-            result.message = why
-            if it > 1:
+            if it == 1:
+                result.status, result.message = "infeasible", why
+                return result
+            if not any(s.within_budget for s in result.iterations):
                 result.status = "budget_missed"
                 result.message = "; ".join(m for m in (
                     f"after {it - 1} iteration(s): {why}", _slowdown(q0, result.iterations)) if m)
-            return result
+                return result
+            # an earlier pick was measured within budget: the refit only found no better
+            # one it is confident of, so that measured pick stands (below)
+            progress(f"iteration {it}: {why}; keeping the pick measured within budget")
+            break
         mean, sd = model.predict(cfg)
         step = Iteration(it, cfg, mean, sd, margin)
         progress(f"iteration {it}: pick {sum(v != INT8 for v in cfg.values())} of {len(layers)} "
