@@ -547,9 +547,22 @@ def _fastest_within(ctx: _Context, sens_by, prior, float_acc, max_drop, min_agre
     result.accuracy_checks = checked
     if best is None:
         best = 100.0      # all-float is the only sure answer; the loop measures it
-    return loop.close_loop(ctx.layers, ctx.edges, sens_by, prior, ctx.measure, f"{best}%",
-                           history=history, measured=measured, z=z, tolerance=tolerance,
-                           max_iters=max_iters, limits=limits, progress=progress)
+    res = loop.close_loop(ctx.layers, ctx.edges, sens_by, prior, ctx.measure, f"{best}%",
+                          history=history, measured=measured, z=z, tolerance=tolerance,
+                          max_iters=max_iters, limits=limits, progress=progress)
+    done = [it for it in res.iterations if it.measured_ms is not None]
+    if res.status == "budget_missed" and done:
+        # The latency budget here is the bisection's own aim, not the user's limit: missing
+        # it by noise (a 13 µs network reads ±30%) leaves a measured pick whose accuracy,
+        # the limit asked for, is checked next (`_check_accuracy_limit`).
+        last = done[-1]
+        res.config, res.predicted_ms, res.predicted_sd_ms = \
+            last.config, last.predicted_ms, last.predicted_sd_ms
+        res.measured_ms, res.measured_ci_ms = last.measured_ms, last.measured_ci_ms
+        res.status = "ok"
+        res.message = (f"the pick measured {res.measured_ms:.3g} ms, over the "
+                       f"{res.budget_ms:.3g} ms the accuracy bisection aimed at ({res.message})")
+    return res
 
 
 def _sweep(ctx: _Context, fit, sens_by, q_ms, f_ms, points, z, limits) -> list[dict]:
