@@ -154,14 +154,16 @@ def show(console, res, title: str) -> None:
     console.print(f"[{colour}]{res.status.upper()}[/{colour}] {title}: budget "
                   f"{res.resolved_budgets['latency_ms']:.3f} ms"
                   + (f"; {res.message}" if res.message else ""))
-    it = Table(title="iterations (pick re-measured beside the uniforms)")
-    for col in ("#", "float layers", "pred ms", "± sd", "margin", "meas ms", "± CI", "error",
-                "budget"):
+    it = Table(title="iterations (pick re-measured beside the uniforms; speed: the machine's, "
+                     "from them, relative to the budget's; error at that speed)")
+    for col in ("#", "float layers", "pred ms", "± sd", "margin", "meas ms", "± CI", "speed",
+                "error", "budget"):
         it.add_column(col, justify="right")
     for s in res.iterations:
         it.add_row(str(s["index"]), str(sum(v != "w8a8" for v in s["config"].values())),
                    f"{s['predicted_ms']:.3f}", f"{s['predicted_sd_ms']:.3f}",
                    f"{s['margin_ms']:.3f}", _f(s["measured_ms"]), _f(s["measured_ci_ms"]),
+                   f"{s.get('speed', 1.0):.3f}",
                    f"{s['error']:+.1%}" if s["error"] is not None else "-",
                    "ok" if s["within_budget"] else "[red]missed[/red]")
     console.print(it)

@@ -190,6 +190,32 @@ def observations(measured: Mapping[str, tuple[Mapping[str, str], Sequence[float]
     return out
 
 
+def on_one_scale(measured: Mapping[str, tuple[Mapping[str, str], Sequence[float]]],
+                 ref: str = "0") -> tuple[list[Observation], dict[str, float]]:
+    """`observations` of "batch:name" entries, each batch divided by its speed relative to
+    batch `ref`: the geometric mean, over the uniform configurations (one precision
+    throughout) measured in both, of median / median. Every batch measures its configurations
+    beside the uniform baselines so that this can be known: a shared VM changes speed by
+    ±10% from one minute to the next (MobileNetV2 all-INT8 on a Zen 5: 1.84 ms while the
+    patterns were timed, 1.54–1.69 ms four minutes later), and unscaled, such a shift lands in
+    the layer costs. Returns (observations, batch -> speed); a batch without a uniform
+    beside it keeps speed 1."""
+    obs = observations(measured)
+    batch = {o.name: o.name.split(":", 1)[0] for o in obs}
+    uniform = {}
+    for o in obs:
+        if len(set(o.config.values())) == 1:
+            uniform.setdefault(batch[o.name], {})[next(iter(o.config.values()))] = o.latency_ms
+    base = uniform.get(ref, {})
+    speed = {}
+    for b, got in uniform.items():
+        logs = [math.log(v / base[p]) for p, v in got.items() if p in base and v > 0 and base[p] > 0]
+        speed[b] = math.exp(statistics.mean(logs)) if logs else 1.0
+    out = [Observation(o.config, o.latency_ms / speed.get(batch[o.name], 1.0),
+                       o.se_ms / speed.get(batch[o.name], 1.0), o.name) for o in obs]
+    return out, speed
+
+
 def prior_from_profiles(layers: Sequence[str], edges: Sequence[tuple[str, str]],
                         profiles: Iterable[tuple[Mapping[str, str], Mapping]],
                         wall_ms: Mapping[int, float] | None = None) -> Prior:

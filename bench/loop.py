@@ -58,6 +58,9 @@ class Iteration:
     error: float | None = None          # (predicted − measured) / measured
     within_budget: bool = False
     agrees: bool = False
+    speed: float = 1.0                  # the machine's speed in this batch relative to the
+    #                                     budget's (`latmodel.on_one_scale`), from the uniforms
+    raw_error: float | None = None      # (predicted − measured) / measured, speed not applied
     uniform_ms: dict = field(default_factory=dict)   # the baselines measured beside it
     loo_median_abs: float | None = None  # the model's leave-one-out error before this solve
     note: str = ""
@@ -266,13 +269,19 @@ def _close_loop(layers, edges, sensitivity, prior, measure, budget, *, history, 
     rounds = {f"0:{n}": (dict(c), list(ps)) for n, (c, ps) in (measured or {}).items() if ps}
 
     def take(names: dict[str, dict], tag: str) -> dict[str, Observation]:
-        """Measure `names` (more rounds, if `tag` already has some) and observe them."""
+        """Measure `names` (more rounds, if `tag` already has some) and observe them, as
+        the device read them (not rescaled)."""
         got = measure(names)
         for name, ps in got.items():
             if ps:
                 rounds.setdefault(f"{tag}{name}", (names[name], []))[1].extend(ps)
         obs = {o.name: o for o in latmodel.observations(rounds)}
         return {name: obs[f"{tag}{name}"] for name in names if f"{tag}{name}" in obs}
+
+    def data() -> tuple[list[Observation], dict[str, float]]:
+        """Everything measured, on the scale of the batch the budget was resolved in."""
+        tonight, speed = latmodel.on_one_scale(rounds, "0")
+        return past + tonight, speed
 
     base = {"uniform-" + INT8: q, "uniform-" + FLOAT: f}
     seeded = {o.name: o for o in latmodel.observations(rounds)}
@@ -282,6 +291,7 @@ def _close_loop(layers, edges, sensitivity, prior, measure, budget, *, history, 
     if len(first) < 2:
         return LoopResult("failed", math.nan, message="the uniform baselines failed on the device")
     q0, f0 = first["uniform-" + INT8], first["uniform-" + FLOAT]
+    past = _onto(history, q0)
     budget_ms = resolve(budget, q0.latency_ms, f0.latency_ms)
     fastest = min(q0, f0, key=lambda o: o.latency_ms)
     result = LoopResult("failed", budget_ms)
@@ -292,7 +302,7 @@ def _close_loop(layers, edges, sensitivity, prior, measure, budget, *, history, 
                           f"{fastest.latency_ms:.3g} ± {ci_ms(fastest):.2g} ms)")
         return result
     for it in range(1, max_iters + 1):
-        obs = list(history) + latmodel.observations(rounds)
+        obs, _ = data()
         model = latmodel.fit(layers, edges, prior, obs)
         result.model = model
         measured = {o.name: o for o in obs}
@@ -331,12 +341,19 @@ def _close_loop(layers, edges, sensitivity, prior, measure, budget, *, history, 
             step.note = "the pick failed on the device"
             continue
         step.measured_ms, step.measured_ci_ms = pick.latency_ms, ci_ms(pick)
-        step.error = (mean - pick.latency_ms) / pick.latency_ms
+        # the prediction is for the machine as it ran when the budget was resolved; the
+        # uniforms measured beside the pick say how fast it runs now. The budget stays
+        # absolute: a machine that slows down (a CPU hog) misses it, and says so.
+        step.speed = data()[1].get(str(it), 1.0)
+        expect = mean * step.speed
+        step.error = (expect - pick.latency_ms) / pick.latency_ms
+        step.raw_error = (mean - pick.latency_ms) / pick.latency_ms
         step.within_budget = pick.latency_ms <= budget_ms + step.measured_ci_ms
-        step.agrees = abs(mean - pick.latency_ms) <= max(tolerance * pick.latency_ms,
-                                                         step.measured_ci_ms)
+        step.agrees = abs(expect - pick.latency_ms) <= max(tolerance * pick.latency_ms,
+                                                           step.measured_ci_ms)
         progress(f"iteration {it}: measured {pick.latency_ms:.3f} ± {step.measured_ci_ms:.3f} ms "
-                 f"(error {100 * step.error:+.1f}%), "
+                 f"(error {100 * step.error:+.1f}% at this batch's speed "
+                 f"{step.speed:.3f}; {100 * step.raw_error:+.1f}% unscaled), "
                  f"{'within' if step.within_budget else 'MISSED'} budget")
         if step.within_budget and step.agrees:
             break
@@ -348,7 +365,7 @@ def _close_loop(layers, edges, sensitivity, prior, measure, budget, *, history, 
     result.config, result.predicted_ms, result.predicted_sd_ms = \
         final.config, final.predicted_ms, final.predicted_sd_ms
     result.measured_ms, result.measured_ci_ms = final.measured_ms, final.measured_ci_ms
-    result.model = latmodel.fit(layers, edges, prior, list(history) + latmodel.observations(rounds))
+    result.model = latmodel.fit(layers, edges, prior, data()[0])
     if good:
         result.status = "ok"
         if not final.agrees:
@@ -364,6 +381,16 @@ def _close_loop(layers, edges, sensitivity, prior, measure, budget, *, history, 
     notes = (_slowdown(q0, result.iterations), _too_noisy(final, tolerance))
     result.message = "; ".join(m for m in (result.message, *notes) if m)
     return result
+
+
+def _onto(history: list[Observation], q0: Observation) -> list[Observation]:
+    """Earlier nights' observations (on the scale of the newest of them: `search.history`)
+    moved onto tonight's, by tonight's all-INT8 baseline over theirs."""
+    theirs = [o for o in pooled(history) if set(o.config.values()) == {INT8}]
+    if not theirs or not theirs[0].latency_ms > 0:
+        return list(history)
+    s = q0.latency_ms / theirs[0].latency_ms
+    return [Observation(o.config, s * o.latency_ms, s * o.se_ms, o.name) for o in history]
 
 
 def _too_noisy(final: Iteration, tolerance: float) -> str:

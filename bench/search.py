@@ -17,6 +17,7 @@ Every measurement, profile and iteration is stored.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -99,8 +100,11 @@ def precisions_of(bit_config: dict | None, layers) -> dict[str, str] | None:
 def history(store, model: str, device: str, runtime: str, layers, protocol: Protocol,
             exclude_run: str | None) -> list[latmodel.Observation]:
     """Earlier nights' whole-network timings of two-precision configs under the same batch
-    and threads, per night scaled by that night's all-INT8 p50 relative to the newest night's:
-    a uniformly slower machine moves its data onto tonight's scale, not into the layer costs."""
+    and threads. Within a night each batch (the patterns, each iteration's pick beside the
+    uniforms, a Δ table) is put on the scale of that night's patterns
+    (`latmodel.on_one_scale`); each night is then scaled by its all-INT8 latency relative
+    to the newest night's: a uniformly slower machine moves its data onto one scale, not
+    into the layer costs."""
     per_run: dict[str, dict[str, tuple[dict, list[float]]]] = {}
     for r in store.config_latencies(model, device, runtime):
         p = r["protocol"] or {}
@@ -110,22 +114,22 @@ def history(store, model: str, device: str, runtime: str, layers, protocol: Prot
         cfg = precisions_of(r["bit_config"], layers)
         if cfg is None:
             continue
-        key = f"{r['run_id']}:{r['kind']}:{r['variant']}"
+        it = re.match(r"it(\d+)-", r["variant"])
+        key = f"{r['kind']}/{it.group(1) if it else 0}:{r['variant']}"
         per_run.setdefault(r["run_id"], {}).setdefault(key, (cfg, []))[1].append(r["p50_ms"])
     q = dict.fromkeys(layers, INT8)
-    int8 = {run: statistics.median(ps) for run, rows in per_run.items()
-            for cfg, ps in rows.values() if cfg == q}
-    if not int8:
-        return []
-    ref = int8[max(int8)]       # run ids sort by time
-    out = []
+    nights = {}
     for run, rows in per_run.items():
-        if run not in int8:
-            continue
-        s = ref / int8[run]
-        for ob in latmodel.observations(rows):
-            out.append(latmodel.Observation(ob.config, s * ob.latency_ms, s * ob.se_ms, ob.name))
-    return out
+        obs, _ = latmodel.on_one_scale(rows, "search/0")
+        int8 = [o for o in loop.pooled(obs) if o.config == q]
+        if int8:
+            nights[run] = (int8[0].latency_ms, obs)
+    if not nights:
+        return []
+    ref = nights[max(nights)][0]       # run ids sort by time
+    return [latmodel.Observation(ob.config, ref / q_ms * ob.latency_ms, ref / q_ms * ob.se_ms,
+                                 f"{run}:{ob.name}")
+            for run, (q_ms, obs) in nights.items() for ob in obs]
 
 
 def _accuracy(entry, config: BitConfig, calib_data: str = "real") -> dict:
@@ -406,7 +410,9 @@ def record(ctx: _Context, options: SearchOptions, costs: _Costs, sens: _Sensitiv
                             "latency_sd_ms": final.predicted_sd_ms, "margin_ms": final.margin_ms,
                             "size_bits": sum(size[(lay, p)] for lay, p in res.config.items())}
         result.measured = {"latency_ms": final.measured_ms, "latency_ci_ms": final.measured_ci_ms,
-                           "latency_error": final.error, "within_budget": final.within_budget,
+                           "latency_error": final.error,
+                           "latency_error_unscaled": final.raw_error, "speed": final.speed,
+                           "within_budget": final.within_budget,
                            "search_status": res.status, "iterations": len(res.iterations)}
         if "agreement_fp32" in result.accuracy:
             result.measured["agreement_fp32"] = result.accuracy["agreement_fp32"]
@@ -601,7 +607,8 @@ def _store_pick(ctx: _Context, name: str, it, budgets: dict, result) -> None:
     predicted = {"latency_ms": it.predicted_ms, "latency_sd_ms": it.predicted_sd_ms,
                  "margin_ms": it.margin_ms}
     measured = {"latency_ms": it.measured_ms, "latency_ci_ms": it.measured_ci_ms,
-                "latency_error": it.error, "within_budget": it.within_budget}
+                "latency_error": it.error, "latency_error_unscaled": it.raw_error,
+                "speed": it.speed, "within_budget": it.within_budget}
     if result is not None:
         measured.update(search_status=result.status, iterations=len(result.iterations),
                         message=result.message)

@@ -59,7 +59,9 @@ def searches(model, runtime, budgets, args, store, device, protocol, log) -> lis
                     "status": res.status, "float_layers": sum(v != INT8 for v in res.config.values()),
                     "pred_ms": p.get("latency_ms"), "sd_ms": p.get("latency_sd_ms"),
                     "meas_ms": m.get("latency_ms"), "ci_ms": m.get("latency_ci_ms"),
-                    "error": m.get("latency_error"), "iterations": len(res.iterations),
+                    "error": m.get("latency_error"), "speed": m.get("speed"),
+                    "unscaled_error": m.get("latency_error_unscaled"),
+                    "iterations": len(res.iterations),
                     "int8_ms": res.baseline["fastest"]["latency_ms"], "seconds":
                     time.perf_counter() - t0, "message": res.message,
                     "loo": [r["error"] for r in res.loo]})
@@ -174,14 +176,16 @@ def main(argv=None) -> int:
 
 def report(case: dict) -> None:
     print(f"### {case['model']} on {case['runtime']} ({case['seconds']:.0f} s)\n")
-    print("| budget | ms | status | float layers | pred ± sd | meas ± CI | error | iters | s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| budget | ms | status | float layers | pred ± sd | meas ± CI | speed | error "
+          "| unscaled | iters | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     f = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    pct = lambda v: "-" if v is None else f"{100 * v:+.1f}%"  # noqa: E731
     for s in case["searches"]:
-        err = "-" if s["error"] is None else f"{100 * s['error']:+.1f}%"
         print(f"| {s['budget']} | {f(s['budget_ms'])} | {s['status']} | {s['float_layers']} | "
               f"{f(s['pred_ms'])} ± {f(s['sd_ms'])} | {f(s['meas_ms'])} ± {f(s['ci_ms'])} | "
-              f"{err} | {s['iterations']} | {s['seconds']:.0f} |")
+              f"{f(s.get('speed'))} | {pct(s['error'])} | {pct(s.get('unscaled_error'))} | "
+              f"{s['iterations']} | {s['seconds']:.0f} |")
     h = case.get("heldout")
     if h and h["rows"]:
         print(f"\nheld-out ({len(h['rows'])} mixes; Δ table baseline noise "

@@ -223,11 +223,10 @@ def test_a_pick_measured_within_budget_stands_when_the_refit_finds_nothing_bette
         [(c, sim.profile(c)) for c in latmodel.profile_patterns(sim.layers).values()])
     calls = []
 
-    def measure(configs):     # ±2% rounds; after the baselines the device reads 6% slower
+    def measure(configs):     # ±2% rounds; the pick runs 6% slower than the sum says
         calls.append(configs)
-        k = 1.06 if len(calls) > 1 else 1.0
         return {n: [0.98 * k * sim.latency(c), 1.02 * k * sim.latency(c)]
-                for n, c in configs.items()}
+                for n, c in configs.items() for k in [1.06 if n == "pick" else 1.0]}
 
     r = loop.close_loop(sim.layers, sim.edges, simulate.sensitivities(sim), prior, measure,
                         1.03 * sim.latency(q), max_iters=3)
@@ -274,3 +273,45 @@ def test_one_low_reading_of_a_configuration_does_not_admit_it_over_its_newer_one
     assert pooled.latency_ms > budget and "it1-pick" in pooled.name
     alone = loop.pooled(obs[:1])
     assert alone == obs[:1]                                    # one reading: itself
+
+
+def test_batches_are_put_on_the_scale_of_the_reference_batch():
+    """Each batch's speed is what its uniforms say relative to batch 0; a batch with no
+    uniform beside it keeps its readings."""
+    q, f, mix = {"a": INT8, "b": INT8}, {"a": FLOAT, "b": FLOAT}, {"a": FLOAT, "b": INT8}
+    obs, speed = latmodel.on_one_scale({
+        "0:q": (q, [2.0, 2.0]), "0:f": (f, [4.0, 4.0]),
+        "1:q": (q, [2.2, 2.2]), "1:f": (f, [4.4, 4.4]), "1:mix": (mix, [3.3, 3.3]),
+        "2:mix": (mix, [3.1, 3.1])})
+    by = {o.name: o for o in obs}
+    assert speed["0"] == pytest.approx(1.0) and speed["1"] == pytest.approx(1.1)
+    assert by["1:mix"].latency_ms == pytest.approx(3.0)
+    assert by["1:q"].latency_ms == pytest.approx(2.0)
+    assert by["2:mix"].latency_ms == pytest.approx(3.1)
+    assert by["1:mix"].se_ms == pytest.approx(by["2:mix"].se_ms * 3.0 / 3.1)
+
+
+def test_a_machine_that_changes_speed_between_batches_does_not_bend_the_model():
+    """A shared VM runs a batch of rounds 10% faster or slower than the one before it
+    (MobileNetV2 on a Zen 5: all-INT8 1.84 ms while the patterns were timed, 1.54–1.69 ms
+    minutes later). The device here is exact and the model knows it; every batch after the
+    patterns runs 12% faster. The pick is judged at the speed its uniforms show: no error, no
+    refit. Unscaled, the 12% read as a model error and the loop refitted the layer costs."""
+    sim = simulate.resnet_like(8, seed=3)
+    pats = latmodel.profile_patterns(sim.layers)
+    wall = sim.measure(pats)
+    prior = latmodel.prior_from_profiles(
+        sim.layers, sim.edges, [(c, sim.profile(c)) for c in pats.values()],
+        {i: statistics.median(wall[k]) for i, k in enumerate(pats)})
+    seeded = {k: (pats[k], wall[k]) for k in pats}
+
+    def faster(configs):
+        return {n: [0.88 * v for v in vs] for n, vs in sim.measure(configs).items()}
+
+    r = loop.close_loop(sim.layers, sim.edges, simulate.sensitivities(sim), prior, faster,
+                        "50%", measured=seeded)
+    first = r.iterations[0]
+    assert first.speed == pytest.approx(0.88)
+    assert first.raw_error == pytest.approx(1 / 0.88 - 1, abs=0.02)
+    assert abs(first.error) < 0.02 and first.agrees
+    assert r.status == "ok" and len(r.iterations) == 1
