@@ -358,9 +358,10 @@ def _close_loop(layers, edges, sensitivity, prior, measure, budget, *, history, 
         if step.within_budget and step.agrees:
             break
     good = [s for s in result.iterations if s.within_budget]
-    # a pick measured under the budget beats one that is only within its CI of it
+    # a pick measured under the budget beats one that is only within its CI of it; of one
+    # configuration picked twice, its latest measurement (the search reports that one)
     final = min(good, key=lambda s: (s.measured_ms > budget_ms, sum(
-        sensitivity.get((k, v), 0.0) for k, v in s.config.items()))) \
+        sensitivity.get((k, v), 0.0) for k, v in s.config.items()), -s.index)) \
         if good else result.iterations[-1]
     result.config, result.predicted_ms, result.predicted_sd_ms = \
         final.config, final.predicted_ms, final.predicted_sd_ms

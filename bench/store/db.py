@@ -366,6 +366,29 @@ class Store:
                 row[k] = json.loads(row[k]) if isinstance(row[k], str) else row[k]
         return rows
 
+    def profiles(self, model: str, device: str, runtime: str) -> list[dict]:
+        """The engine profiles of `model` on (device, runtime): run_id, variant, bit_config
+        and profile (`devices.agent.profile_summary`), oldest first: with
+        `config_latencies`, what a latency model is fitted from (scripts/replay_loop.py)."""
+        m, v, r = measurements.c, variants.c, runs.c
+        q = (sa.select(m.run_id, m.variant, m.extra, v.bit_config)
+             .join_from(measurements, variants, m.variant_id == v.id)
+             .join(runs, m.run_id == r.id)
+             .where(m.model == model, m.device == device, m.runtime == runtime,
+                    m.status != "failed", m.kind == "profile")
+             .order_by(r.started, m.id))
+        with self._read() as c:
+            rows = [dict(x) for x in c.execute(q).mappings()]
+        out = []
+        for row in rows:
+            extra = row.pop("extra") or {}
+            extra = json.loads(extra) if isinstance(extra, str) else extra
+            if extra.get("profile"):
+                bc = row["bit_config"]
+                out.append({**row, "bit_config": json.loads(bc) if isinstance(bc, str) else bc,
+                            "profile": extra["profile"]})
+        return out
+
     def reset_since(self, model, variant, device, runtime, metric=None, *, conn=None):
         """Start time of the run that begins the current baseline, or None."""
         b, r = baseline_resets.c, runs.c
