@@ -28,7 +28,9 @@ from bench.store import open_store  # noqa: E402
 
 
 def nights(store, model, device, runtime, layers) -> dict[str, dict]:
-    """run -> {"profiles": [(config, profile)], "batches": {batch: {variant: (config, p50s)}}}"""
+    """run -> {"profiles": {pattern: (config, profile)},
+    "batches": {batch: {variant: (config, p50 per round)}}}; batch "0" is the patterns,
+    "N" the search's N-th measurement (`it<N>-*`)."""
     out: dict[str, dict] = {}
     for p in store.profiles(model, device, runtime):
         cfg = precisions_of(p["bit_config"], layers)
@@ -95,7 +97,11 @@ def main(argv=None) -> int:
     from quant.models import load_model
     from quant.transform import fold_bn, quantizable_layers
 
-    folded = fold_bn(load_model(args.model).build().eval())
+    try:
+        folded = fold_bn(load_model(args.model).build().eval())
+    except (ValueError, KeyError) as e:
+        print(f"replay_loop: {e}", file=sys.stderr)
+        return 2
     layers = quantizable_layers(folded)
     edges = float_edges(folded, layers)
     runs = nights(open_store(args.db), args.model, args.device, args.runtime, layers)
