@@ -97,6 +97,13 @@ def precisions_of(bit_config: dict | None, layers) -> dict[str, str] | None:
     return out if set(bit_config) <= set(layers) else None
 
 
+def batch_of(variant: str) -> tuple[str, str]:
+    """A stored search variant -> (batch, name): `it<N>-<name>` was the search's N-th
+    measurement (`_Context.measure`), anything else batch "0" (the patterns)."""
+    it = re.match(r"it(\d+)-(.*)", variant)
+    return (it.group(1), it.group(2)) if it else ("0", variant)
+
+
 def history(store, model: str, device: str, runtime: str, layers, protocol: Protocol,
             exclude_run: str | None) -> list[latmodel.Observation]:
     """Earlier nights' whole-network timings of two-precision configs under the same batch
@@ -114,8 +121,7 @@ def history(store, model: str, device: str, runtime: str, layers, protocol: Prot
         cfg = precisions_of(r["bit_config"], layers)
         if cfg is None:
             continue
-        it = re.match(r"it(\d+)-", r["variant"])
-        key = f"{r['kind']}/{it.group(1) if it else 0}:{r['variant']}"
+        key = f"{r['kind']}/{batch_of(r['variant'])[0]}:{r['variant']}"
         per_run.setdefault(r["run_id"], {}).setdefault(key, (cfg, []))[1].append(r["p50_ms"])
     q = dict.fromkeys(layers, INT8)
     nights = {}

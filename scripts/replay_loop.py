@@ -14,7 +14,6 @@ is needed: a change to `bench.latmodel` can be judged on every measurement alrea
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import latmodel, loop  # noqa: E402
 from bench.latmodel import FLOAT, INT8  # noqa: E402
-from bench.search import float_edges, precisions_of  # noqa: E402
+from bench.search import batch_of, float_edges, precisions_of  # noqa: E402
 from bench.store import open_store  # noqa: E402
 
 
@@ -41,8 +40,7 @@ def nights(store, model, device, runtime, layers) -> dict[str, dict]:
         cfg = precisions_of(r["bit_config"], layers)
         if r["run_id"] not in out or cfg is None or r["kind"] != "search":
             continue
-        it = re.match(r"it(\d+)-(.*)", r["variant"])
-        batch, name = (it.group(1), it.group(2)) if it else ("0", r["variant"])
+        batch, name = batch_of(r["variant"])
         out[r["run_id"]]["batches"].setdefault(batch, {}).setdefault(
             name, (cfg, []))[1].append(r["p50_ms"])
     return out
