@@ -69,9 +69,10 @@ def add_model_arguments(p, *, required: bool = True, data_help: str = "") -> Non
                    help="a folder of images (flat, or one sub-folder per class; calib/ and "
                         "test/ sub-folders give the splits), .npy/.npz arrays (x, optional y), "
                         "or package.module:factory returning quant.models.Data" + data_help)
-    p.add_argument("--input-shape", metavar="N,C,H,W",
+    p.add_argument("--input-shape", metavar="[NAME=]N,C,H,W", action="append",
                    help="input shape with the batch first, for a model without data or an "
-                        "ONNX file with dynamic dimensions")
+                        "ONNX file with dynamic dimensions; NAME=... sizes one input of a "
+                        "file with several (repeatable)")
     p.add_argument("--preprocess", metavar="SPEC",
                    help="image preprocessing, torchvision's names: e.g. imagenet, or "
                         "resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,"
@@ -80,9 +81,10 @@ def add_model_arguments(p, *, required: bool = True, data_help: str = "") -> Non
 
 def model_ref(args):
     """The `quant.models.ModelRef` the model-door arguments name."""
-    from quant.models import ModelRef, parse_shape
+    from quant.models import ModelRef, parse_shapes
 
-    return ModelRef(args.model, data=args.data, input_shape=parse_shape(args.input_shape),
+    shape, named = parse_shapes(args.input_shape)
+    return ModelRef(args.model, data=args.data, input_shape=shape, input_shapes=named,
                     preprocess=args.preprocess)
 
 

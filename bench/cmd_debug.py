@@ -76,7 +76,7 @@ def _validate(args) -> None:
 def _artifact(args, out: Path):
     from quant.artifact import Artifact
     from quant.export import build_artifact
-    from quant.models import ModelRef, parse_shape
+    from quant.models import ModelRef, parse_shapes
 
     from .runner import target_for
 
@@ -85,8 +85,9 @@ def _artifact(args, out: Path):
             art = Artifact.load(args.artifact)
         except ValueError as e:
             raise UserError(str(e)) from None
+        shape, named = parse_shapes(args.input_shape)
         ref = ModelRef(args.model or art.manifest.get("model", ""), data=args.data,
-                       input_shape=parse_shape(args.input_shape), preprocess=args.preprocess)
+                       input_shape=shape, input_shapes=named, preprocess=args.preprocess)
         return art, ref
     repairs = tuple(r.strip() for r in args.repair.split(",") if r.strip())
     target, device = target_for(args.runtime)

@@ -32,7 +32,7 @@ class _ModelDoor:
         from quant.models import ModelRef
 
         return ModelRef(self.model, data=self.data, input_shape=self.input_shape,
-                        preprocess=self.preprocess)
+                        input_shapes=self.input_shapes, preprocess=self.preprocess)
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,8 @@ class Bench(_ModelDoor):
     accuracy: bool = True
     data: str | None = None       # image folder, .npy/.npz, or package.module:factory
     input_shape: tuple[int, ...] | None = None
+    # an ONNX file's inputs by name (input_shape = {x = [1, 3, 48, 192], state = [2, 1, 128]})
+    input_shapes: tuple | None = None
     preprocess: str | None = None
     calib_data: str = "real"      # real | distilled | noise, for the INT8 variants
     # runtime -> its engine settings, e.g. {"openvino": {"hint": "throughput"}} (checked
@@ -65,6 +67,7 @@ class Search(_ModelDoor):
     points: int = 0
     data: str | None = None
     input_shape: tuple[int, ...] | None = None
+    input_shapes: tuple | None = None
     preprocess: str | None = None
 
 
@@ -134,7 +137,7 @@ def _budget(where: str, key: str, v):
 
 def _door(where: str, d: dict, base: Path) -> dict:
     """The model-door keys of one entry, paths made relative to the config file."""
-    from quant.models import parse_shape
+    from quant.models import parse_shapes
 
     out = {}
     model = d["model"]
@@ -148,7 +151,7 @@ def _door(where: str, d: dict, base: Path) -> dict:
             out["data"] = str(base / data)
     if d.get("input_shape") is not None:
         try:
-            out["input_shape"] = parse_shape(d["input_shape"])
+            out["input_shape"], out["input_shapes"] = parse_shapes(d["input_shape"])
         except SpecError as e:
             raise ConfigError(f"{where}.input_shape: {e}") from None
     pre = d.get("preprocess")

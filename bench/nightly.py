@@ -371,6 +371,8 @@ def _debug_pick(cfg: Config, store, run_id: str, s: Search, res, artifacts_dir: 
                         ("--input-shape", ",".join(map(str, ref.input_shape or ())) or None)):
         if value:
             argv += [flag, str(value)]
+    for name, shape in ref.input_shapes or ():
+        argv += ["--input-shape", f"{name}={','.join(map(str, shape))}"]
     try:
         # the search's own work folder: its artifact of the pick is reused from the cache
         result, _ = debug(cli.build_parser().parse_args(argv), artifacts_dir / "search")

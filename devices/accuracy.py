@@ -11,6 +11,13 @@ whole evaluation set, outside the timed window, and compares with what the set c
     scale:<k>, zero_point:<k>
                     optional: output k is integer (an exposed QuantizeLinear, `hilq debug`)
                     and is dequantized with these before the comparison
+    kind:<k>        optional: what output k is (`KINDS`), decided on the host from the FP32
+                    outputs; absent means class logits (the built-in classifiers). Top-1,
+                    agreement and KL are only computed over class scores: a top-1 over a
+                    box tensor means nothing. Every output gets SQNR and cosine, and maps,
+                    sequences and token strings get a task figure (`task`)
+    fixed:<name>    optional: an input that is the same for every sample (a recurrent state,
+                    a sample rate), fed as it is rather than sliced
 
 Standard library and numpy only: this file travels in the agent bundle.
 """
@@ -20,6 +27,69 @@ from __future__ import annotations
 import numpy as np
 
 WORST = 10  # sample indices returned, the largest KL (or wrong) first
+# what an output can be: class logits or probabilities (N, C); a dense map (N, C, H, W);
+# per-position class probabilities (N, T, V), read by greedy CTC decoding; decoded tokens
+# (N, T) integers; raw detections (N, 4+C, A) or (N, A, 4+C); anything else
+KINDS = ("logits", "probs", "map", "sequence", "tokens", "detections", "tensor")
+SCORES = ("logits", "probs")
+
+
+def output_kind(ref: np.ndarray) -> str:
+    """What an FP32 output (N samples on axis 0) holds, from its shape and values: the
+    host decides once, at export, and the evaluation set carries the answer."""
+    a = np.asarray(ref)
+    if np.issubdtype(a.dtype, np.integer):
+        return "tokens" if a.ndim == 2 else "tensor"
+    if a.ndim == 2 and a.shape[1] > 1:
+        rows = a.sum(axis=1)
+        probs = a.min() >= 0 and np.allclose(rows, 1.0, atol=1e-3)
+        return "probs" if probs else "logits"
+    if a.ndim == 4 and min(a.shape[2:]) >= 8:
+        return "map"
+    if a.ndim == 3:
+        t, v = a.shape[1:]
+        if v > 1 and a.min() >= 0 and np.allclose(a.sum(axis=2), 1.0, atol=1e-3):
+            return "sequence"
+        small, large = min(t, v), max(t, v)
+        if 5 <= small <= 128 and large >= 8 * small:
+            return "detections"
+    return "tensor"
+
+
+def map_iou(ref: np.ndarray, got: np.ndarray) -> float | None:
+    """Mean over samples of the IoU of the two maps thresholded at 0.5 (probabilities) or
+    0 (logits): the region a segmentation or text detector would draw."""
+    t = 0.5 if ref.min() >= 0 and ref.max() <= 1 else 0.0
+    a = ref.reshape(len(ref), -1) > t
+    b = got.reshape(len(got), -1) > t
+    union = (a | b).sum(axis=1)
+    inter = (a & b).sum(axis=1)
+    keep = union > 0
+    return float((inter[keep] / union[keep]).mean()) if keep.any() else None
+
+
+def ctc_greedy(probs: np.ndarray, blank: int = 0) -> list[tuple]:
+    """Greedy CTC decoding of (N, T, V) scores: best class per step, repeats merged,
+    blanks dropped (PaddleOCR's and CRNN's decoder)."""
+    best = probs.argmax(axis=2)
+    out = []
+    for row in best:
+        keep = np.ones(len(row), bool)
+        keep[1:] = row[1:] != row[:-1]
+        out.append(tuple(int(c) for c in row[keep] if c != blank))
+    return out
+
+
+def task_figures(kind: str, ref: np.ndarray, got: np.ndarray) -> dict:
+    """The task figure for one output of a known kind (higher is better, in [0, 1])."""
+    if kind == "map":
+        return {"map_iou": map_iou(ref, got)}
+    if kind == "sequence":
+        a, b = ctc_greedy(ref), ctc_greedy(got)
+        return {"sequence_agreement": float(np.mean([x == y for x, y in zip(a, b)]))}
+    if kind == "tokens":
+        return {"token_agreement": float(np.mean(np.all(ref == got, axis=1)))}
+    return {}
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -53,25 +123,32 @@ def _dequantized(out: np.ndarray, ev, k: int) -> np.ndarray:
 
 def evaluate(outputs: list, ev) -> dict:
     """`outputs`: the engine's outputs for all N inputs, in graph order; `ev`: the evaluation
-    set's arrays (a mapping). Classification figures come from output 0 when it is (N, C)."""
+    set's arrays (a mapping). Classification figures come from the first output of class
+    scores (`kind:<k>`; output 0 where the set names no kinds)."""
     n = len(outputs[0])
-    out0 = _dequantized(outputs[0], ev, 0)
+    kinds = [str(np.asarray(ev[f"kind:{k}"]).reshape(-1)[0]) if f"kind:{k}" in ev
+             else ("logits" if k == 0 else "tensor") for k in range(len(outputs))]
+    # classification figures from the first output holding class scores (the headline
+    # SQNR and cosine from output 0 where none does)
+    c = next((k for k, kind in enumerate(kinds) if kind in SCORES), 0)
+    out0 = _dequantized(outputs[c], ev, c)
     res = {"n": int(n), "top1": None, "agreement_fp32": None, "kl": None, "sqnr_db": None,
-           "cosine": None, "worst": [], "outputs": []}
-    logits = out0.reshape(n, -1) if out0.ndim >= 2 else None
+           "cosine": None, "worst": [], "outputs": [], "kinds": kinds, "task": {}}
+    logits = out0.reshape(n, -1) if out0.ndim >= 2 and kinds[c] in SCORES else None
     pred = logits.argmax(axis=1) if logits is not None and logits.shape[1] > 1 else None
     score = None  # per-sample badness: KL to FP32, else 1 for a wrong label
     if "labels" in ev and pred is not None:
         labels = np.asarray(ev["labels"]).astype(np.int64).ravel()
         res["top1"] = float((pred == labels).mean())
         score = (pred != labels).astype(np.float64)
-    if "fp32:0" in ev:
-        ref = np.asarray(ev["fp32:0"], dtype=np.float64).reshape(n, -1)
+    if f"fp32:{c}" in ev:
+        ref = np.asarray(ev[f"fp32:{c}"], dtype=np.float64).reshape(n, -1)
         res["sqnr_db"] = sqnr_db(ref, out0.reshape(n, -1))
         res["cosine"] = cosine(ref, out0.reshape(n, -1))
         if pred is not None:
             res["agreement_fp32"] = float((pred == ref.argmax(axis=1)).mean())
-            p, q = _softmax(ref), _softmax(logits)
+            p, q = ((_softmax(ref), _softmax(logits)) if kinds[c] == "logits"
+                    else (ref, np.clip(logits, 0, None)))
             kl = (p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum(axis=1)
             res["kl"] = float(kl.mean())
             score = kl
@@ -87,6 +164,9 @@ def evaluate(outputs: list, ev) -> dict:
                                    "reason": f"shape {list(got.shape)} != reference "
                                              f"{list(ref.shape)}"})
             continue
-        res["outputs"].append({"index": k, "sqnr_db": sqnr_db(ref, got),
-                               "cosine": cosine(ref, got)})
+        task = task_figures(kinds[k], ref, got)
+        res["outputs"].append({"index": k, "kind": kinds[k], "sqnr_db": sqnr_db(ref, got),
+                               "cosine": cosine(ref, got), **task})
+        for name, value in task.items():
+            res["task"].setdefault(name if name not in res["task"] else f"{name}_{k}", value)
     return res

@@ -225,13 +225,25 @@ def _loadavg():
 
 # --- the run ---------------------------------------------------------------------------
 
-def _inputs(loaded, seed: int) -> dict:
+def _inputs(loaded, seed: int, reference: str | None = None) -> dict:
+    """The timed run's inputs: the reference's real samples where it has them (a model whose
+    work depends on its input, a sample rate or a state that must be valid), repeated to
+    the engine's shape; seeded random values otherwise."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
+    real: dict = {}
+    if reference:
+        with np.load(reference) as ref:
+            real = {**_named(ref, "input:"), **_named(ref, "fixed:")}
     feeds = {}
     for name, shape, dtype in loaded.inputs:
-        if np.issubdtype(np.dtype(dtype), np.floating):
+        r = real.get(name)
+        if r is not None and tuple(r.shape) == tuple(shape):
+            feeds[name] = r.astype(dtype)
+        elif r is not None and r.ndim == len(shape) and tuple(r.shape[1:]) == tuple(shape[1:]):
+            feeds[name] = np.resize(r, shape).astype(dtype)   # samples repeated to the batch
+        elif np.issubdtype(np.dtype(dtype), np.floating):
             feeds[name] = rng.standard_normal(shape).astype(dtype)
         else:
             feeds[name] = rng.integers(0, 8, size=shape).astype(dtype)
@@ -246,20 +258,23 @@ def _intended_float(manifest: dict) -> int:
                if v.get("precision") in (None, *FLOAT_VARIANTS))
 
 
-def _run_in_batches(loaded, feeds: dict, max_batch: int = 64) -> list:
+def _run_in_batches(loaded, feeds: dict, max_batch: int = 64, fixed: dict | None = None
+                    ) -> list:
     """Run many inputs through an engine compiled for a fixed batch (OpenVINO's static
     reshape, TensorRT profiles): slices of that batch, the last one padded by repeating its
     rows, outputs joined. An engine with a dynamic batch gets slices of `max_batch` (an
-    evaluation set of thousands of images would not fit at once)."""
+    evaluation set of thousands of images would not fit at once). `fixed` inputs (a state,
+    a sample rate) go whole with every slice."""
     import numpy as np
 
+    fixed = fixed or {}
     batch = {name: shape[0] for name, shape, _ in loaded.inputs if shape}
     n = len(next(iter(feeds.values())))
     b = batch.get(next(iter(feeds)), n)
     if not isinstance(b, int) or b < 1:
         b = min(n, max_batch)
     if b == n:
-        return loaded.run(feeds)
+        return loaded.run({**feeds, **fixed})
     parts = []
     for start in range(0, n, b):
         chunk = {k: v[start:start + b] for k, v in feeds.items()}
@@ -267,17 +282,26 @@ def _run_in_batches(loaded, feeds: dict, max_batch: int = 64) -> list:
         if short:
             chunk = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)])
                      for k, v in chunk.items()}
-        parts.append([np.asarray(o)[: b - short] for o in loaded.run(chunk)])
-    return [np.concatenate(outs) for outs in zip(*parts)]
+        # padding rows are cut from outputs batched on axis 0; an output batched elsewhere
+        # (sequence-first [T, N, V]) is kept whole, as the host's reference run keeps it
+        parts.append([np.asarray(o)[: b - short] if short and np.ndim(o) else np.asarray(o)
+                      for o in loaded.run({**chunk, **fixed})])
+    return [np.concatenate(outs) if outs[0].ndim else outs[0] for outs in zip(*parts)]
+
+
+def _named(arrays, prefix: str) -> dict:
+    """`prefix:<name>` arrays of a reference or evaluation set, by name."""
+    return {k[len(prefix):]: arrays[k] for k in arrays if k.startswith(prefix)}
 
 
 def check_outputs(loaded, reference: str, rtol: float, atol: float) -> dict:
     import numpy as np
 
     with np.load(reference) as ref:
-        feeds = {k[len("input:"):]: ref[k] for k in ref.files if k.startswith("input:")}
-        want = [ref[f"output:{k}"] for k in range(sum(f.startswith("output:") for f in ref.files))]
-    got = _run_in_batches(loaded, feeds)
+        arrays = {k: ref[k] for k in ref.files}
+    feeds, fixed = _named(arrays, "input:"), _named(arrays, "fixed:")
+    want = [arrays[f"output:{k}"] for k in range(len(_named(arrays, "output:")))]
+    got = _run_in_batches(loaded, feeds, fixed=fixed)
     worst_abs, worst_rel, ok = 0.0, 0.0, len(got) >= len(want)
     for g, w in zip(got, want):
         g, w = np.asarray(g, dtype=np.float64), np.asarray(w, dtype=np.float64)
@@ -301,11 +325,11 @@ def evaluate(loaded, path: str) -> dict:
         ev = dict(np.load(path))
     except (OSError, ValueError) as e:
         raise Failure("bad_input", f"evaluation set {path}: {e}") from e
-    feeds = {k[len("input:"):]: v for k, v in ev.items() if k.startswith("input:")}
+    feeds = _named(ev, "input:")
     if not feeds:
         raise Failure("bad_input", f"evaluation set {path} holds no input:<name> arrays")
     t0 = time.perf_counter()
-    outs = [np.asarray(o) for o in _run_in_batches(loaded, feeds)]
+    outs = [np.asarray(o) for o in _run_in_batches(loaded, feeds, fixed=_named(ev, "fixed:"))]
     res = accuracy.evaluate(outs, ev)
     res["eval_sha256"] = _runtimes().sha256_file(path)
     res["wall_s"] = time.perf_counter() - t0
@@ -364,7 +388,7 @@ def run(args) -> dict:
                 raise Failure("wrong_answer", f"outputs differ from the reference (max abs "
                               f"{check['max_abs_diff']:.3g}, rtol {args.rtol}, atol {args.atol})",
                               outputs_check=check, facts=facts)
-        feeds = _inputs(loaded, int(protocol.get("seed", 0)))
+        feeds = _inputs(loaded, int(protocol.get("seed", 0)), args.reference)
         mem.mark("setup")
         if profile_iters > 0:
             result.update(_profiled_run(loaded, feeds, protocol, profile_iters, manifest,

@@ -28,7 +28,7 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
         for name in sorted(arrays):
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             arr = io.BytesIO()
-            np.lib.format.write_array(arr, np.ascontiguousarray(arrays[name]),
+            np.lib.format.write_array(arr, np.asarray(arrays[name], order="C"),
                                       allow_pickle=False)
             z.writestr(info, arr.getvalue())
     return buf.getvalue()

@@ -305,12 +305,16 @@ def _dq_weight(g: _Graph, name: str, codes: np.ndarray, scale, zp, axis: int | N
                             **attrs), out
 
 
-def insert_qdq(proto, fmodel: nn.Module, qlayers: dict[str, QuantLayer], *,
+def insert_qdq(proto, fmodel: nn.Module | None, qlayers: dict[str, QuantLayer], *,
                act_dtype: str = "uint8", placement: str = "ort",
-               calib_x: torch.Tensor | None = None) -> dict:
+               calib_x: torch.Tensor | None = None, layer_of: dict[str, str] | None = None,
+               ranges_of=None) -> dict:
     """Edit the float ONNX graph `proto` in place into Q/DQ form (see the module docstring),
     in four phases: plan (which tensors are integer), qparams (their scale and zero point,
     from the layers or calibrated), fold (Relu/Clip into the Q before them), rewrite.
+    `layer_of` (ONNX node -> layer) defaults to matching `fmodel`'s weights; `ranges_of`
+    (tensors -> min-max) to running the float graph on `calib_x` (the ONNX route, whose
+    graphs take several inputs, brings both).
     Returns what the manifest records: the layer map and the calibrated extra tensors."""
     if act_dtype not in ("uint8", "int8"):
         raise ExportError(f"act_dtype must be uint8 or int8, not {act_dtype!r}")
@@ -318,15 +322,18 @@ def insert_qdq(proto, fmodel: nn.Module, qlayers: dict[str, QuantLayer], *,
         raise ExportError(f"placement must be one of {', '.join(PLACEMENTS)}, not {placement!r}")
     full = placement == "ort"
     g = _Graph(proto)
-    layer_of = _map_layers(g.g, g.inits, fmodel)
+    if layer_of is None:
+        layer_of = _map_layers(g.g, g.inits, fmodel)
+    if ranges_of is None:
+        ranges_of = functools.partial(_calibrate, proto, calib_x=calib_x)
     kind = {}
     for node in g.g.node:
         q = qlayers.get(layer_of.get(node.name, ""))
         kind[node.name] = ("float" if q is None or q.weight_spec is None
                            else "wonly" if q.act_spec is None else "int")
     integer, qnodes = _plan(g, kind, qlayers, layer_of, full)
-    qp, ranges, conflicts = _qparams(proto, g, integer, kind, qlayers, layer_of, act_dtype,
-                                     calib_x)
+    qp, ranges, conflicts = _qparams(g, integer, kind, qlayers, layer_of, act_dtype,
+                                     ranges_of)
     folded = _fold(g, integer, qnodes, qp, act_dtype)
     layer_map = _rewrite(proto, g, integer, kind, folded, qlayers, layer_of, qp, act_dtype, full)
     return {"layer_map": layer_map, "act_dtype": act_dtype, "placement": placement,
@@ -371,11 +378,11 @@ def _plan(g: _Graph, kind: dict, qlayers, layer_of, full: bool) -> tuple[dict, s
     return integer, qnodes
 
 
-def _qparams(proto, g: _Graph, integer: dict, kind: dict, qlayers, layer_of, act_dtype: str,
-             calib_x) -> tuple:
+def _qparams(g: _Graph, integer: dict, kind: dict, qlayers, layer_of, act_dtype: str,
+             ranges_of) -> tuple:
     """(tensor -> (scale, zp), the calibrated ranges, conflicts): each class of tensors that
     share a scale takes its consumers' activation qparams (the first one's if they disagree,
-    recorded), or is calibrated on `calib_x` when no quantized layer reads it."""
+    recorded), or is calibrated (`ranges_of`) when no quantized layer reads it."""
     def root(t):
         while integer[t] != t:
             t = integer[t]
@@ -398,7 +405,7 @@ def _qparams(proto, g: _Graph, integer: dict, kind: dict, qlayers, layer_of, act
                                   "used": layer_of[users[0].name]})
         else:
             to_calib.append(r)
-    ranges = _calibrate(proto, to_calib, calib_x)
+    ranges = ranges_of(to_calib) if to_calib else {}
     for r in to_calib:
         params[r] = _calibrated_qparams(*ranges[r], act_dtype)
     return (lambda t: params[root(t)]), ranges, conflicts
@@ -651,32 +658,6 @@ def _quantized(entry, net: nn.Module, config: BitConfig, repairs, seed: int,
                           distill_objective=distill.get("objective", "batch"))
 
 
-def _user_onnx(entry, net, data, path: Path, model: str, variant: str, target: str,
-               settings: dict, seed: int) -> Artifact:
-    """A user's FP32 ONNX file as its own artifact (copied as it is); the converted model's
-    outputs are its reference, so the agent's check also proves the conversion."""
-    import shutil
-
-    from .models.onnx_file import read
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(entry.onnx_path, path)
-    proto = read(path)
-    inits = {i.name for i in proto.graph.initializer}
-    inp = next(i for i in proto.graph.input if i.name not in inits)
-    ref = _reference(net, data, path, seed, input_name=inp.name)
-    evaluation = evaluation_fields(net, net, data, path.parent, inp.name, model)
-    settings.update(source_onnx=entry.onnx_path, opset=max(
-        (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None))
-    return Artifact.create(
-        path, model=model, variant=variant, target=target, format=FORMAT_FP32,
-        bit_config={}, input_shape=[1, *entry.input_shape],
-        input_dtype=str(data.test_x.dtype).replace("torch.", ""), input_name=inp.name,
-        output_names=[o.name for o in proto.graph.output], versions=_versions(),
-        settings=settings, layer_map={}, runtimes=["ort", "openvino"], reference=ref.name,
-        reference_ort_max_abs_diff=_ort_deviation(path, ref), **evaluation)
-
-
 def _reference(model: nn.Module, data, path: Path, seed: int, n: int = 8,
                input_name: str = "input") -> Path:
     """`<file>.reference.npz`: a few seeded real inputs and the fake-quant model's outputs,
@@ -735,8 +716,10 @@ def _source_digests(entry, ref, net: nn.Module) -> dict:
     re-exported with other activations but the same weights (EfficientNet-Lite's ReLU6 vs
     Swish), a factory whose modules changed, or an image folder whose photos changed, must
     not reuse a stale artifact."""
-    modules = [(n, type(m).__module__, type(m).__qualname__) for n, m in net.named_modules()]
-    out = {"modules_sha256": hashlib.sha256(repr(modules).encode()).hexdigest()}
+    out = {}
+    if net is not None:
+        modules = [(n, type(m).__module__, type(m).__qualname__) for n, m in net.named_modules()]
+        out["modules_sha256"] = hashlib.sha256(repr(modules).encode()).hexdigest()
     if entry.onnx_path:
         out["onnx_sha256"] = sha256_file(Path(entry.onnx_path))
     data = Path(ref.data) if ref.data else None
@@ -760,18 +743,41 @@ def _folder_digest(root: str, listing: tuple) -> str:
     return h.hexdigest()
 
 
+def _cache_path(out_dir, model: str, variant: str, target: str, v, blob: dict) -> Path:
+    """Where the artifact for everything in `blob` lives: a hash of it in the name."""
+    blob = {**blob, "model": model, "variant": variant}
+    if v.config_path:
+        blob["config"] = Path(v.config_path).read_text()
+    key = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+    stem = f"{model.replace(':', '_').replace('/', '_')}-{variant.replace(':', '_').replace('/', '_')}"
+    return Path(out_dir) / f"{stem}-{target}-{key}.onnx"
+
+
+def _cached(path: Path) -> bool:
+    """A built artifact whose file still matches its manifest (a corrupt one is rebuilt)."""
+    if not (path.is_file() and Path(str(path) + ".manifest.json").is_file()):
+        return False
+    try:
+        Artifact.load(path)
+        return True
+    except ValueError:
+        return False
+
+
 def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu", *,
                    calib: str = "minmax", granularity: str = "channel", group_size: int = 128,
                    repairs=(), seed: int = 0, calib_data: str = "real",
                    distill_iters: int | None = None, distill_objective: str = "batch",
-                   device: str = "cpu") -> Artifact:
+                   device: str = "cpu", route: str = "auto") -> Artifact:
     """The benchmark runner's single entry point: model (a name or `ModelRef`) + variant ->
     Artifact.
 
     `target`: `cpu` (ONNX Q/DQ, UINT8 asymmetric activations), `tensorrt` (ONNX Q/DQ, INT8
     symmetric activations, narrow-range weights), `torch` (delegates to
     `quant.export_torch.build`, on `device`: cpu or cuda, as the runtime declares). `calib_data`: real | distilled | noise (ZeroQ data-free).
-    A user's ONNX file is its own fp32 artifact. Files are cached in `out_dir` under a hash
+    A user's ONNX file is its own fp32 artifact; its integer variants go through PyTorch
+    (onnx2torch) or, where the file does not convert or `route="onnx"`, through the ONNX
+    graph itself (`quant.onnx_artifact`); the manifest's `settings.route` says which. Files are cached in `out_dir` under a hash
     of everything that decides their content, so repeated calls reuse them."""
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r} (use {', '.join(TARGETS)})")
@@ -793,6 +799,16 @@ def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu"
                 "act_dtype": "int8" if target == "tensorrt" else "uint8",
                 "export_version": EXPORT_VERSION}
     entry = load_model(ref)
+    if entry.onnx_path:
+        from . import onnx_artifact
+
+        art = onnx_artifact.build(entry, ref, v, out_dir, target, settings, _versions(), seed,
+                                  cache_key=lambda extra: _cache_path(
+                                      out_dir, model, variant, target, v, {
+                                          **settings, **extra, **ref.key(),
+                                          **_source_digests(entry, ref, None)}), route=route)
+        if art is not None:
+            return art
     net = entry.build().eval()
     settings["float_weights_sha256"] = weights_sha256(net)
     if calib_data != "real":
@@ -802,19 +818,11 @@ def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu"
                                "objective": distill_objective}
     if entry.preprocess:
         settings["preprocess"] = entry.preprocess
-    blob = {**settings, **ref.key(), **_source_digests(entry, ref, net), "model": model,
-            "variant": variant}
-    if v.config_path:
-        blob["config"] = Path(v.config_path).read_text()
-    key = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+    path = _cache_path(out_dir, model, variant, target, v,
+                       {**settings, **ref.key(), **_source_digests(entry, ref, net)})
     out_dir = Path(out_dir)
-    stem = f"{model.replace(':', '_').replace('/', '_')}-{variant.replace(':', '_').replace('/', '_')}"
-    path = out_dir / f"{stem}-{target}-{key}.onnx"
-    if path.is_file() and Path(str(path) + ".manifest.json").is_file():
-        try:
-            return Artifact.load(path)
-        except ValueError:
-            pass    # corrupt: rebuild below
+    if _cached(path):
+        return Artifact.load(path)
     from .pipeline import variant_bit_config
 
     data = entry.data()
@@ -822,8 +830,6 @@ def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu"
     config = target_config(variant_bit_config(fold_bn(net), variant, granularity=granularity,
                                               calib=calib, group_size=group_size, notes=notes),
                            target)
-    if not config.layers and entry.onnx_path:
-        return _user_onnx(entry, net, data, path, model, variant, target, settings, seed)
     if config.layers:
         res = _quantized(entry, net, config, repairs, seed, calib_data,
                          settings.get("distill", {}))

@@ -82,9 +82,11 @@ def test_bad_seq_len_is_one_line(capsys):
 
 def test_tensorrt_profile_pins_only_the_batch():
     """TensorRT's optimization profile gets the batch at axis 0; a static length passes through,
-    and a dynamic axis besides the batch is refused rather than given the batch size."""
+    a dynamic axis besides the batch takes the manifest's shape, and is refused rather than
+    given the batch size where none is given."""
     from devices.runtimes.tensorrt import static_shape
 
     assert static_shape("input", (-1, 64, 256), 8) == (8, 64, 256)
-    with pytest.raises(RuntimeError, match="dynamic axis besides the batch"):
+    with pytest.raises(RuntimeError, match="dynamic dimension 1"):
         static_shape("input", (-1, -1, 256), 8)
+    assert static_shape("input", (-1, -1, 256), 8, {"input": [1, 32, 256]}) == (8, 32, 256)

@@ -182,6 +182,26 @@ def read_manifest(path: str) -> dict:
         return json.load(f)
 
 
+def static_shape(name: str, dims, manifest: dict, batch: int) -> tuple[int, ...]:
+    """An input's shape for the engine, every dynamic dimension (None) fixed: a dynamic axis
+    0 is the protocol's batch; any other takes the manifest's `input_shapes` (what the user
+    gave as --input-shape); one still unknown is an error naming the input, never a guess."""
+    given = (manifest.get("input_shapes") or {}).get(name)
+    out = []
+    for i, d in enumerate(dims):
+        if d is not None:
+            out.append(int(d))
+        elif i == 0:
+            out.append(int(batch))
+        elif given is not None and len(given) == len(dims):
+            out.append(int(given[i]))
+        else:
+            raise ValueError(f"input {name} has a dynamic dimension {i} and the artifact's "
+                             "manifest gives no shape for it (hilq bench --input-shape "
+                             f"{name}=...)")
+    return tuple(out)
+
+
 def manifest_variant(path: str, protocol: dict) -> str:
     """The variant the artifact's manifest claims, else the protocol's; fp32 if neither."""
     return read_manifest(path).get("variant") or protocol.get("variant") or "fp32"

@@ -75,19 +75,21 @@ def _text(value) -> str:
 def load(path: str, protocol: dict):
     import openvino as ov
 
-    from . import Loaded, check_variant, manifest_variant
+    from . import Loaded, check_variant, manifest_variant, read_manifest, static_shape
 
     variant = manifest_variant(path, protocol)
     check_variant("openvino", variant, precisions(), mixes=True)
     core = ov.Core()
     model = core.read_model(path)
     batch = int(protocol.get("batch", 1))
+    manifest = read_manifest(path)
     shapes, inputs = {}, []
     for port in model.inputs:
-        dims = [batch if d.is_dynamic else d.get_length() for d in port.get_partial_shape()]
-        shapes[port.get_any_name()] = dims
-        inputs.append((port.get_any_name(), tuple(dims),
-                       np.dtype(port.get_element_type().to_dtype()).name))
+        name = port.get_any_name()
+        dims = static_shape(name, [None if d.is_dynamic else d.get_length()
+                                   for d in port.get_partial_shape()], manifest, batch)
+        shapes[name] = list(dims)
+        inputs.append((name, dims, np.dtype(port.get_element_type().to_dtype()).name))
     if any(port.get_partial_shape().is_dynamic for port in model.inputs):
         model.reshape(shapes)  # static shapes: the CPU plugin picks better kernels
     opts = options(protocol, OPTIONS)

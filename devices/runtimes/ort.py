@@ -201,7 +201,7 @@ def _session(ort, path, so, providers):
 def load(path: str, protocol: dict):
     import onnxruntime as ort
 
-    from . import Loaded, OnnxNames
+    from . import Loaded, OnnxNames, read_manifest, static_shape
 
     so = _options(ort, protocol)
     threads = int(protocol.get("threads", 0))
@@ -224,10 +224,12 @@ def load(path: str, protocol: dict):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     batch = int(protocol.get("batch", 1))
+    manifest = read_manifest(path)
     inputs = []
     for i in sess.get_inputs():
-        shape = tuple(batch if not isinstance(d, int) else d for d in i.shape)
-        inputs.append((i.name, shape, _DTYPES.get(i.type, "float32")))
+        dims = [d if isinstance(d, int) and d > 0 else None for d in i.shape]
+        inputs.append((i.name, static_shape(i.name, dims, manifest, batch),
+                       _DTYPES.get(i.type, "float32")))
     names = [o.name for o in sess.get_outputs()]
 
     def run(feeds: dict) -> list[np.ndarray]:

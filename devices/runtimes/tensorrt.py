@@ -93,7 +93,8 @@ def builder_settings(variant: str, protocol: dict, onnx_is_fp16: bool = False) -
             "int8_flag": weak and variant not in ("fp32", "fp16"),
             "workspace_mb": opts["workspace_mb"],
             "optimization_level": opts["optimization_level"],
-            "batch": int(protocol.get("batch", 1))}
+            "batch": int(protocol.get("batch", 1)),
+            "input_shapes": protocol.get("input_shapes") or {}}
 
 
 def classify_layers(info: dict) -> dict:
@@ -156,13 +157,17 @@ def _cache_dir(protocol: dict) -> Path:
     return Path(base) / "trt-engines"
 
 
-def static_shape(name: str, dims: tuple, batch: int) -> tuple:
-    """An input's shape for the profile and the context: the batch at a dynamic axis 0;
-    any other dynamic axis is an error (its size is not ours to guess)."""
-    if any(d < 0 for d in dims[1:]):
-        raise RuntimeError(f"TensorRT input {name} has a dynamic axis besides the batch "
-                           f"{list(dims)}: export it at a fixed shape (hilq bench --seq-len)")
-    return tuple(batch if d < 0 else d for d in dims)
+def static_shape(name: str, dims: tuple, batch: int, input_shapes: dict | None = None) -> tuple:
+    """An input's shape for the profile and the context: the batch at a dynamic axis 0, the
+    manifest's `input_shapes` at other dynamic axes (`runtimes.static_shape`); one nobody
+    sized is an error, not given the batch size."""
+    from . import static_shape as fixed
+
+    try:
+        return fixed(name, [d if d >= 0 else None for d in dims],
+                     {"input_shapes": input_shapes or {}}, batch)
+    except ValueError as e:
+        raise RuntimeError(f"TensorRT: {e}") from None
 
 
 def _build(trt, logger, path: str, settings: dict) -> bytes:
@@ -190,7 +195,8 @@ def _build(trt, logger, path: str, settings: dict) -> bytes:
     if dynamic:
         profile = builder.create_optimization_profile()
         for t in dynamic:
-            shape = static_shape(t.name, tuple(t.shape), settings["batch"])
+            shape = static_shape(t.name, tuple(t.shape), settings["batch"],
+                                 settings["input_shapes"])
             profile.set_shape(t.name, shape, shape, shape)
         config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
@@ -210,7 +216,8 @@ def load(path: str, protocol: dict):
     variant = manifest.get("variant") or protocol.get("variant") or "fp32"
     check_variant("tensorrt", variant, precisions())
     onnx_is_fp16 = manifest.get("settings", {}).get("float_dtype") == "float16"
-    settings = builder_settings(variant, protocol, onnx_is_fp16)
+    settings = builder_settings(variant, {"input_shapes": manifest.get("input_shapes"),
+                                          **protocol}, onnx_is_fp16)
     props = torch.cuda.get_device_properties(0)
     capability = f"{props.major}.{props.minor}"
     key = engine_cache_key(sha256_file(path), trt.__version__, props.name, capability, settings)
@@ -241,7 +248,8 @@ def load(path: str, protocol: dict):
     batch = settings["batch"]
     buffers, inputs = {}, []
     for n in in_names:
-        shape = static_shape(n, tuple(engine.get_tensor_shape(n)), batch)
+        shape = static_shape(n, tuple(engine.get_tensor_shape(n)), batch,
+                             settings["input_shapes"])
         context.set_input_shape(n, shape)
         dt = torch_dtype[engine.get_tensor_dtype(n)]
         buffers[n] = torch.empty(shape, dtype=dt, device="cuda")

@@ -51,6 +51,9 @@ class ModelEntry:
     # the same model at another sequence length (`ModelRef.seq_len`); None: the input has no
     # sequence axis, so a sequence-length sweep is refused rather than guessed
     at_seq_len: Callable[[int], ModelEntry] | None = None
+    # an ONNX file's inputs at their static shapes (`onnx_file.InputSpec`), all of them:
+    # the file is benchmarked and quantized on the graph from these, without PyTorch
+    inputs: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,14 @@ class ModelRef:
     input_shape: tuple[int, ...] | None = None   # with the batch dimension, as --input-shape
     preprocess: str | dict | None = None
     seq_len: int | None = None      # a sequence model at this length (None: its own)
+    # an ONNX file's inputs by name, each with its batch: ((name, shape), ...)
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] | None = None
 
     def key(self) -> dict:
         """What decides an artifact's content besides the weights (its cache key)."""
         d = {"data": self.data, "input_shape": list(self.input_shape or ()) or None,
-             "preprocess": self.preprocess, "seq_len": self.seq_len}
+             "preprocess": self.preprocess, "seq_len": self.seq_len,
+             "input_shapes": {n: list(s) for n, s in self.input_shapes or ()} or None}
         return {k: v for k, v in d.items() if v is not None}
 
 
@@ -87,6 +93,34 @@ def parse_shape(text: str | list | tuple | None) -> tuple[int, ...] | None:
         raise ModelError(f"--input-shape {text!r}: expected positive sizes with the batch "
                          "first, like 1,3,224,224")
     return dims
+
+
+def parse_shapes(items) -> tuple[tuple[int, ...] | None, tuple | None]:
+    """`--input-shape` as given, once or repeated: `1,3,224,224` (the model's one input) and
+    `NAME=1,3,224,224` (an ONNX file's input by name), or a config's table of name -> list.
+    Returns (the unnamed shape, ((name, shape), ...)); one line for anything else."""
+    if items is None:
+        return None, None
+    if isinstance(items, dict):
+        items = [f"{k}={','.join(map(str, v)) if isinstance(v, list | tuple) else v}"
+                 for k, v in items.items()]
+    elif isinstance(items, str | tuple) or (isinstance(items, list) and items
+                                            and not isinstance(items[0], str)):
+        items = [items]
+    unnamed, named = None, {}
+    for item in items:
+        if isinstance(item, str) and "=" in item:
+            name, _, dims = item.partition("=")
+            try:
+                shape = tuple(int(s) for s in dims.split(",")) if dims.strip() else ()
+            except ValueError:
+                raise ModelError(f"--input-shape {item!r}: expected NAME=1,3,224,224") from None
+            if any(d < 1 for d in shape):
+                raise ModelError(f"--input-shape {item!r}: sizes must be positive")
+            named[name.strip()] = shape
+        else:
+            unnamed = parse_shape(item)
+    return unnamed, tuple(named.items()) or None
 
 
 def _builtin() -> dict[str, Callable[[], ModelEntry]]:
@@ -172,9 +206,9 @@ def load_model(ref: str | ModelRef, data: str | None = None, *,
         data = data if data is not None else ref.data
         input_shape = input_shape if input_shape is not None else ref.input_shape
         preprocess = preprocess if preprocess is not None else ref.preprocess
-        name, seq_len = ref.name, ref.seq_len
+        name, seq_len, named_shapes = ref.name, ref.seq_len, ref.input_shapes
     else:
-        name, seq_len = ref, None
+        name, seq_len, named_shapes = ref, None, None
     input_shape = parse_shape(input_shape)
     pre = parse_preprocess(preprocess)
     loaded: dict = {}
@@ -184,6 +218,7 @@ def load_model(ref: str | ModelRef, data: str | None = None, *,
             loaded["d"] = load_data(data, pre)
         return loaded["d"]
 
+    inputs: tuple = ()
     builtin = _builtin()
     if name in builtin:
         entry = builtin[name]()
@@ -201,10 +236,15 @@ def load_model(ref: str | ModelRef, data: str | None = None, *,
 
         path = Path(name)
         proto = onnx_file.read(path)
-        shape = onnx_file.input_shape(proto, path, input_shape)
-        dtype = onnx_file.input_dtype(proto)
+        given = {**({"": input_shape} if input_shape is not None else {}),
+                 **dict(named_shapes or ())}
+        inputs = onnx_file.inputs_of(proto, path, given)
+        shape, dtype = inputs[0].shape[1:], inputs[0].dtype
         build = lambda: onnx_file.build(proto, path)  # noqa: E731
         desc, onnx_path = f"ONNX file {path}", str(path.resolve())
+    elif named_shapes:
+        raise ModelError(f"--input-shape NAME=...: only an ONNX file's inputs are named; "
+                         f"{name} takes --input-shape 1,3,224,224")
     elif ":" in name:
         build = _module_factory(_import_factory(name), name)
         desc, onnx_path, dtype = f"user model {name}", None, "float32"
@@ -224,7 +264,8 @@ def load_model(ref: str | ModelRef, data: str | None = None, *,
     if data is None:
         # A declared preprocessing still says what inputs look like (distillation's prior).
         return ModelEntry(name, build, _no_data(name, shape, dtype), shape, desc, onnx_path,
-                          data_free=True, preprocess=pre.to_dict() if pre else None)
+                          data_free=True, preprocess=pre.to_dict() if pre else None,
+                          inputs=inputs if onnx_path else ())
 
     def checked() -> Data:
         d = user_data()
@@ -232,4 +273,5 @@ def load_model(ref: str | ModelRef, data: str | None = None, *,
         return d
 
     return ModelEntry(name, build, checked, shape, desc, onnx_path,
-                      preprocess=pre.to_dict() if pre else None)
+                      preprocess=pre.to_dict() if pre else None,
+                      inputs=inputs if onnx_path else ())

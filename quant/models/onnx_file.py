@@ -18,9 +18,26 @@ from __future__ import annotations
 
 import sys
 import types
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import ModelError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input as hilq feeds it: a static shape (batch first where the input has
+    one), its numpy dtype, and the file's own dimensions (None = dynamic), which the
+    engines are told to fix at `shape`."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    file_dims: tuple[int | None, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+                "file_dims": [d if d is not None else None for d in self.file_dims]}
 
 
 def _placeholder_torchvision() -> None:
@@ -63,10 +80,8 @@ def read(path: Path):
         onnx.checker.check_model(proto)
     except Exception as e:   # noqa: BLE001 — onnx raises many types; all mean "not loadable"
         raise ModelError(f"cannot load ONNX file {path}: {str(e).splitlines()[0][:200]}") from None
-    inputs = _graph_inputs(proto)
-    if len(inputs) != 1:
-        raise ModelError(f"{path}: {len(inputs)} graph inputs; hilq benchmarks models with one "
-                         "input")
+    if not _graph_inputs(proto):
+        raise ModelError(f"{path}: the graph has no inputs to feed")
     return proto
 
 
@@ -75,46 +90,93 @@ def _graph_inputs(proto) -> list:
     return [i for i in proto.graph.input if i.name not in inits]
 
 
-def input_shape(proto, path: Path, given: tuple[int, ...] | None) -> tuple[int, ...]:
-    """One sample's shape (no batch): from the file, or `--input-shape` where the file has
-    dynamic dimensions; a given shape must agree with the file's static ones."""
-    inp = _graph_inputs(proto)[0]
-    dims = [d.dim_value if d.HasField("dim_value") else None
-            for d in inp.type.tensor_type.shape.dim]
-    if given is not None:
-        full = tuple(given)
-        if len(full) != len(dims):
-            raise ModelError(f"--input-shape {','.join(map(str, full))} has {len(full)} "
-                             f"dimensions; {path} takes {len(dims)} ({_show(dims)})")
-        for g, d in zip(full, dims):
-            if d is not None and d != g:
-                raise ModelError(f"--input-shape {','.join(map(str, full))} does not match "
-                                 f"{path}'s input {_show(dims)}")
-        return full[1:]
-    if any(d is None for d in dims[1:]):
-        raise ModelError(f"{path} has dynamic input dimensions {_show(dims)}: give "
-                         "--input-shape (e.g. 1,3,224,224)")
-    return tuple(dims[1:])
+def file_dims(value_info) -> tuple[int | None, ...]:
+    """A graph input's dimensions, None where dynamic: a named dimension (`batch`,
+    `p2o.DynamicDimension.0`), an unnamed one (`?`), and `-1` or `0`, which exporters such
+    as Paddle2ONNX write for "any"."""
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                 for d in value_info.type.tensor_type.shape.dim)
+
+
+def inputs_of(proto, path: Path, given: dict[str, tuple[int, ...]] | None = None
+              ) -> tuple[InputSpec, ...]:
+    """Every graph input at a static shape (batch first, where it has one): the file's
+    static dimensions, `given` (input name -> shape; "" for the one unnamed `--input-shape`)
+    for dynamic ones, and 1 for a dynamic leading (batch) axis nobody sized. A given shape
+    must agree with the file's static dimensions; anything else still dynamic is one line
+    naming the input."""
+    import onnx
+
+    graph_inputs = _graph_inputs(proto)
+    given = dict(given or {})
+    if "" in given:
+        if len(graph_inputs) != 1 and len([i for i in graph_inputs if None in file_dims(i)]) != 1:
+            names = ", ".join(i.name for i in graph_inputs)
+            raise ModelError(f"--input-shape {_text(given[''])}: {path} has {len(graph_inputs)} "
+                             f"inputs ({names}); name each: --input-shape NAME=1,3,224,224")
+        target = graph_inputs[0] if len(graph_inputs) == 1 else next(
+            i for i in graph_inputs if None in file_dims(i))
+        given[target.name] = given.pop("")
+    unknown = sorted(set(given) - {i.name for i in graph_inputs})
+    if unknown:
+        raise ModelError(f"--input-shape {unknown[0]}=...: {path} has no input {unknown[0]!r} "
+                         f"(inputs: {', '.join(i.name for i in graph_inputs)})")
+    out = []
+    batch_names = {_param(i, 0) for i in graph_inputs} - {None}
+    for inp in graph_inputs:
+        dims = file_dims(inp)
+        # a dimension named like some input's batch axis (silero's state [2, batch, 128])
+        # is that batch: sized with it, not asked for
+        dims = tuple(1 if d is None and i > 0 and _param(inp, i) in batch_names else d
+                     for i, d in enumerate(dims))
+        shape = given.get(inp.name)
+        if shape is not None:
+            shape = tuple(shape)
+            if len(shape) != len(dims) or any(d is not None and d != g
+                                               for g, d in zip(shape, dims)):
+                raise ModelError(f"--input-shape {_text(shape, inp.name)} does not match {path}'s "
+                                 f"input {inp.name} {_show(dims)}")
+        elif any(d is None for d in dims[1:]):
+            raise ModelError(f"{path}: input {inp.name} has dynamic dimensions {_show(dims)}: "
+                             f"give --input-shape {inp.name}=" + ",".join(
+                                 "1" if d is None and i == 0 else "N" if d is None else str(d)
+                                 for i, d in enumerate(dims)))
+        else:
+            shape = tuple(1 if d is None else d for d in dims)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type).name
+        out.append(InputSpec(inp.name, shape, dtype, dims))
+    return tuple(out)
+
+
+def _param(value_info, axis: int) -> str | None:
+    dims = value_info.type.tensor_type.shape.dim
+    return dims[axis].dim_param or None if len(dims) > axis else None
+
+
+def _text(shape, name: str = "") -> str:
+    return (f"{name}=" if name else "") + ",".join(map(str, shape))
 
 
 def _show(dims) -> str:
     return "[" + ",".join("?" if d is None else str(d) for d in dims) + "]"
 
 
-def input_dtype(proto) -> str:
-    import onnx
-
-    t = _graph_inputs(proto)[0].type.tensor_type.elem_type
-    return onnx.helper.tensor_dtype_to_np_dtype(t).name
+class NotConvertible(ModelError):
+    """onnx2torch cannot turn this file into PyTorch: the ONNX route quantizes it instead."""
 
 
 def build(proto, path: Path):
-    """The converted float model (one line when onnx2torch cannot convert an op)."""
+    """The converted float model (one line, `NotConvertible`, when onnx2torch cannot)."""
+    if len(_graph_inputs(proto)) != 1:
+        raise NotConvertible(f"{path}: {len(_graph_inputs(proto))} inputs; the PyTorch route "
+                             "takes one (the ONNX route quantizes several)")
     convert = _convert()
     try:
         net = convert(proto).eval()
-    except NotImplementedError as e:
-        raise ModelError(f"{path}: onnx2torch cannot convert it: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 — onnx2torch raises KeyError, NotImplementedError, ...
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise NotConvertible(f"{path}: onnx2torch cannot convert it ({type(e).__name__}: "
+                             f"{first})") from None
     _check_batches(net, proto, path)
     return net
 
@@ -127,16 +189,18 @@ def _check_batches(net, proto, path: Path) -> None:
     import torch
 
     inp = _graph_inputs(proto)[0]
-    dims = [d.dim_value if d.HasField("dim_value") else None
-            for d in inp.type.tensor_type.shape.dim]
+    dims = file_dims(inp)
     if not dims or dims[0] not in (None, 1) or any(d is None for d in dims[1:]):
         return          # a fixed larger batch, or sample dims only --input-shape knows
-    dtype = torch.from_numpy(np.zeros(0, input_dtype(proto))).dtype
+    import onnx
+
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+    dtype = torch.from_numpy(np.zeros(0, np_dtype)).dtype
     try:
         with torch.no_grad():
             net(torch.zeros((2, *dims[1:]), dtype=dtype))
     except Exception as e:  # noqa: BLE001 — any failure at batch 2 is the same problem
-        raise ModelError(f"{path} runs only at batch 1 ({type(e).__name__} at batch 2: "
+        raise NotConvertible(f"{path} runs only at batch 1 ({type(e).__name__} at batch 2: "
                          f"{str(e).splitlines()[0][:120]}); export it with a dynamic batch "
                          "axis (torch.onnx.export(..., dynamic_axes={'<input>': {0: 'batch'}}))"
                          ) from None

@@ -1,0 +1,159 @@
+"""Files from other exporters: two inputs (one an image with `-1` batch and dynamic height and
+width, one a scalar fixed across samples), weights in `Constant` nodes (which onnx2torch
+cannot convert), and two outputs that are not both logits (a dense map and class logits).
+The FP32 variant runs as the file is, on both engines; W8A8 goes through the ONNX route;
+each output is judged by a figure that fits it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from devices.accuracy import evaluate, output_kind
+from quant.export import build_artifact
+from quant.models import ModelRef, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = "x=1,3,16,16"
+
+
+def hilq(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "bench", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _const(name: str, array: np.ndarray):
+    return helper.make_node("Constant", [], [name], name=f"const_{name}",
+                            value=numpy_helper.from_array(array.astype(np.float32), name))
+
+
+def exported_like_paddle(path: Path, seed: int = 0) -> Path:
+    """Conv(3→8, 3×3) → Relu → ×gain → Conv(8→4, 1×1) = map; GAP → Flatten → Gemm(4→5) =
+    logits. Weights are Constant nodes, the batch is -1, height and width are named."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        _const("w1", rng.normal(0, 0.3, (8, 3, 3, 3))), _const("b1", rng.normal(0, 0.1, 8)),
+        _const("w2", rng.normal(0, 0.3, (4, 8, 1, 1))), _const("b2", rng.normal(0, 0.1, 4)),
+        _const("w3", rng.normal(0, 0.5, (4, 5))), _const("b3", rng.normal(0, 0.1, 5)),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Mul", ["r1", "gain"], ["g1"], name="gain_mul"),
+        helper.make_node("Conv", ["g1", "w2", "b2"], ["map"], name="conv2"),
+        helper.make_node("GlobalAveragePool", ["map"], ["pool"], name="gap"),
+        helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "w3", "b3"], ["logits"], name="fc"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "h", "w"])
+    gain = helper.make_tensor_value_info("gain", TensorProto.FLOAT, [])
+    outs = [helper.make_tensor_value_info("map", TensorProto.FLOAT, [-1, 4, "h", "w"]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [-1, 5])]
+    graph = helper.make_graph(nodes, "paddle_like", [x, gain], outs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)],
+                              producer_name="test-exporter")
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("route")
+    model = exported_like_paddle(d / "paddle_like.onnx")
+    rng = np.random.default_rng(1)
+    data = d / "feeds.npz"
+    np.savez(data, x=rng.standard_normal((24, 3, 16, 16)).astype(np.float32),
+             gain=np.array(1.5, np.float32))
+    return model, data, d
+
+
+def test_dynamic_dims_are_read_as_dynamic_and_sized_by_name(files):
+    model, _, _ = files
+    entry = load_model(ModelRef(str(model), input_shapes=(("x", (1, 3, 16, 16)),)))
+    by_name = {i.name: i for i in entry.inputs}
+    assert by_name["x"].shape == (1, 3, 16, 16) and by_name["x"].file_dims == (None, 3, None, None)
+    assert by_name["gain"].shape == ()
+
+
+def test_an_unsized_dynamic_dimension_is_one_line_naming_the_input(files):
+    model, data, d = files
+    r = hilq("bench", "--model", model, "--variants", "fp32", "--no-store", "--data", data)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "input x has dynamic dimensions [?,3,?,?]" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("runtime", ["ort", "openvino"])
+def test_fp32_runs_the_file_as_it_is_at_the_given_shape(files, runtime, tmp_path):
+    model, data, _ = files
+    out = tmp_path / "out.json"
+    r = hilq("bench", "--model", model, "--input-shape", SHAPE, "--data", data, "--variants",
+             "fp32,w8a8", "--runtime", runtime, "--no-store", "--rounds", "1",
+             "--json", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {m["variant"]: m for m in json.loads(out.read_text())["measurements"]}
+    for variant, m in rows.items():
+        assert m["status"] == "ok", (variant, m.get("reason"))
+        assert m["timing"]["input_shapes"] == {"x": [1, 3, 16, 16], "gain": []}
+        acc = m["accuracy"]
+        assert acc["kinds"] == ["map", "logits"]
+        assert [o["kind"] for o in acc["outputs"]] == ["map", "logits"]
+    fp32, w8 = rows["fp32"]["accuracy"], rows["w8a8"]["accuracy"]
+    assert fp32["agreement_fp32"] == 1.0 and fp32["outputs"][0]["sqnr_db"] > 100
+    assert w8["outputs"][0]["sqnr_db"] > 25 and w8["outputs"][1]["sqnr_db"] > 20
+    assert w8["task"]["map_iou"] > 0.8
+
+
+def test_the_onnx_route_quantizes_what_pytorch_cannot_take(files):
+    model, data, d = files
+    ref = ModelRef(str(model), data=str(data), input_shapes=(("x", (1, 3, 16, 16)),))
+    fp32 = build_artifact(ref, "fp32", d / "arts")
+    assert Path(fp32.path).read_bytes() == model.read_bytes()      # the file, byte for byte
+    assert fp32.manifest["settings"]["route"] == "file"
+    art = build_artifact(ref, "w8a8", d / "arts")
+    s = art.manifest["settings"]
+    assert s["route"] == "onnx" and "2 inputs; the PyTorch route takes one" in s["route_reason"]
+    assert art.manifest["input_shapes"] == {"x": [1, 3, 16, 16], "gain": []}
+    ops = {n.op_type for n in onnx.load(art.path).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "Constant" not in ops
+    kinds = {v["layer"]: v["precision"] for v in art.manifest["layer_map"].values()}
+    assert kinds == {"conv1": "w8a8", "conv2": "w8a8", "fc": "w8a8"}
+    # a per-layer config names the graph's nodes: conv2 left float
+    cfg = d / "mix.json"
+    cfg.write_text(json.dumps({n: ({"weight": None, "act": None} if n == "conv2" else
+                                   art.manifest["bit_config"][n])
+                               for n in art.manifest["bit_config"]}))
+    mix = build_artifact(ref, f"config:{cfg}", d / "arts")
+    assert {v["layer"]: v["precision"] for v in mix.manifest["layer_map"].values()} == {
+        "conv1": "w8a8", "conv2": "fp32", "fc": "w8a8"}
+
+
+def test_no_top1_over_boxes():
+    """A detector's raw output (N, 4+C, anchors) is `detections`: SQNR and cosine, never a
+    top-1 or an agreement over a box tensor."""
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((6, 22, 2100)).astype(np.float32)
+    got = ref + rng.normal(0, 0.05, ref.shape).astype(np.float32)
+    ev = {"fp32:0": ref, "kind:0": np.array(output_kind(ref))}
+    res = evaluate([got], ev)
+    assert res["kinds"] == ["detections"]
+    assert res["top1"] is None and res["agreement_fp32"] is None and res["kl"] is None
+    assert res["outputs"][0]["sqnr_db"] == pytest.approx(26, abs=1)
+
+
+def test_output_kinds_from_values():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 10))
+    e = np.exp(logits)
+    assert output_kind(logits) == "logits"
+    assert output_kind(e / e.sum(1, keepdims=True)) == "probs"
+    seq = np.exp(rng.standard_normal((4, 40, 100)))
+    assert output_kind(seq / seq.sum(2, keepdims=True)) == "sequence"
+    assert output_kind(rng.random((4, 1, 32, 32))) == "map"
+    assert output_kind(np.zeros((4, 25), np.int64)) == "tokens"
