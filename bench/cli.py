@@ -73,6 +73,10 @@ def add_model_arguments(p, *, required: bool = True, data_help: str = "") -> Non
                    help="input shape with the batch first, for a model without data or an "
                         "ONNX file with dynamic dimensions; NAME=... sizes one input of a "
                         "file with several (repeatable)")
+    p.add_argument("--route", choices=("auto", "torch", "onnx"), default="auto",
+                   help="how an ONNX file's integer variants are built: through PyTorch "
+                        "(onnx2torch), on the ONNX graph itself, or auto (PyTorch where the "
+                        "file converts); the manifest records the route taken")
     p.add_argument("--preprocess", metavar="SPEC",
                    help="image preprocessing, torchvision's names: e.g. imagenet, or "
                         "resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,"
@@ -85,7 +89,7 @@ def model_ref(args):
 
     shape, named = parse_shapes(args.input_shape)
     return ModelRef(args.model, data=args.data, input_shape=shape, input_shapes=named,
-                    preprocess=args.preprocess)
+                    preprocess=args.preprocess, route=args.route)
 
 
 def add_runtime_option_argument(p) -> None:

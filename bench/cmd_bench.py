@@ -81,10 +81,16 @@ def accuracy_json(acc: dict) -> dict | None:
 
 
 def _accuracy_cells(acc: dict) -> str:
+    """Top-1 (device, simulated) and agreement where the model outputs class scores; for
+    every model the worst output's SQNR, and the task figure of outputs that have one."""
     pct = lambda x, w: f"{100 * x:{w}.2f}" if isinstance(x, float) else "-".rjust(w)  # noqa: E731
     acc = acc or {}
+    sqnrs = [o["sqnr_db"] for o in acc.get("outputs") or [] if o.get("sqnr_db") is not None]
+    worst = f"{min(sqnrs):8.1f}" if sqnrs else "-".rjust(8)
+    task = " ".join(f"{k} {v:.3f}" for k, v in (acc.get("task") or {}).items()
+                    if isinstance(v, float))
     return (f"{pct(acc.get('top1'), 9)} {pct(acc.get('simulated_top1'), 6)} "
-            f"{pct(acc.get('agreement_fp32'), 6)}")
+            f"{pct(acc.get('agreement_fp32'), 6)} {worst}" + (f"  {task}" if task else ""))
 
 
 def _protocol(args) -> Protocol:
@@ -184,7 +190,7 @@ def run(args) -> int:
             store.close()
     print(f"{'device':10} {'variant':10} {'status':8} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
           f"{'cv(p50)':>8} {'samples/s':>10} {'J/inf':>9} {'top-1 dev':>9} {'sim':>6} "
-          f"{'agree':>6}")
+          f"{'agree':>6} {'SQNR dB':>8}")
     for m in ms:
         lat = m.latency_ms or {}
         cv = (m.rounds or {}).get("cv_p50")

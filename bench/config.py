@@ -32,7 +32,8 @@ class _ModelDoor:
         from quant.models import ModelRef
 
         return ModelRef(self.model, data=self.data, input_shape=self.input_shape,
-                        input_shapes=self.input_shapes, preprocess=self.preprocess)
+                        input_shapes=self.input_shapes, preprocess=self.preprocess,
+                        route=self.route)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Bench(_ModelDoor):
     # an ONNX file's inputs by name (input_shape = {x = [1, 3, 48, 192], state = [2, 1, 128]})
     input_shapes: tuple | None = None
     preprocess: str | None = None
+    route: str = "auto"           # an ONNX file's integer variants: auto | torch | onnx
     calib_data: str = "real"      # real | distilled | noise, for the INT8 variants
     # runtime -> its engine settings, e.g. {"openvino": {"hint": "throughput"}} (checked
     # against the runtime's declared OPTIONS)
@@ -69,6 +71,7 @@ class Search(_ModelDoor):
     input_shape: tuple[int, ...] | None = None
     input_shapes: tuple | None = None
     preprocess: str | None = None
+    route: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,8 @@ def _door(where: str, d: dict, base: Path) -> dict:
                                      for k, v in pre.items())
     if d.get("calib_data", "real") not in ("real", "distilled", "noise"):
         raise ConfigError(f"{where}.calib_data: use 'real', 'distilled' or 'noise'")
+    if d.get("route", "auto") not in ("auto", "torch", "onnx"):
+        raise ConfigError(f"{where}.route: use 'auto', 'torch' or 'onnx'")
     return out
 
 
@@ -202,7 +207,8 @@ def parse(d: dict, source: str = "") -> Config:
         variants = _tuple(f"{where}.variants", b["variants"])
         for v in variants:
             parse_variant(v)
-        door = {k: b[k] for k in ("data", "input_shape", "preprocess", "calib_data") if k in b}
+        door = {k: b[k] for k in ("data", "input_shape", "preprocess", "calib_data", "route")
+                if k in b}
         runtimes = _tuple(f"{where}.runtimes", b.get("runtimes", ["ort"]))
         benches.append(Bench(**{"model": b["model"], **door, **_door(where, b, base)},
                              variants=variants,

@@ -182,6 +182,7 @@ class _Context:
     ref: object = None              # the quant.models.ModelRef, when not a plain name
     calib_data: str = "real"
     device_accuracy: dict = field(default_factory=dict)   # config key -> accuracy on the device
+    graph: object = None            # quant.graph_route.GraphModel: an ONNX-route file
 
     @property
     def tag(self) -> str:
@@ -190,6 +191,8 @@ class _Context:
     def bit_config(self, cfg: dict) -> BitConfig:
         from quant.sensitivity import config_from_allocation
 
+        if self.graph is not None:
+            return self.graph.bit_config({k: v for k, v in cfg.items() if v != FLOAT})
         return config_from_allocation(self.folded, {k: v for k, v in cfg.items() if v != FLOAT},
                                       act_bits=8)
 
@@ -211,6 +214,10 @@ class _Context:
     def accuracy(self, cfg: dict) -> dict:
         """A configuration's fake-quant accuracy as its artifact's manifest recorded it when
         it was built (nothing is quantized twice); quantized here only if never built."""
+        if self.graph is not None:      # the graph's simulation, recorded at build
+            sim = self.artifact(cfg).manifest.get("simulated") or {}
+            return {k: sim[k] for k in ("agreement_fp32", "kl", "sqnr_db", "task")
+                    if sim.get(k) is not None}
         sim = self._simulated(cfg)
         if sim.get("top1") is not None:
             fp32 = self._simulated(dict.fromkeys(self.layers, FLOAT)).get("top1")
@@ -313,15 +320,21 @@ def run_search(model, device, runtime: str, options: SearchOptions, *, protocol:
     options.check()
     ref, name = model, name_of(model)
     entry = load_model(ref)
-    net = entry.build().eval()
-    folded = fold_bn(net)
-    layers = quantizable_layers(folded)
+    graph = _graph_model(entry, ref, options, progress)
+    if graph is None:
+        net = entry.build().eval()
+        folded = fold_bn(net)
+        layers = quantizable_layers(folded)
+        edges = float_edges(folded, layers)
+    else:
+        net = folded = None
+        layers, edges = list(graph.layers), graph.edges()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     _check_runtime(runtime)
-    ctx = _Context(name, entry, folded, layers, float_edges(folded, layers), device, runtime,
+    ctx = _Context(name, entry, folded, layers, edges, device, runtime,
                    protocol, work, store, run_id, options.rounds, options.seed, progress,
-                   ref=ref, calib_data=options.calib_data)
+                   ref=ref, calib_data=options.calib_data, graph=graph)
     result = SearchResult(name, device.name, runtime, "failed", dict(options.budgets))
     costs = measure_costs(ctx, options)
     if isinstance(costs, str):
@@ -338,6 +351,28 @@ def run_search(model, device, runtime: str, options: SearchOptions, *, protocol:
         return result
     record(ctx, options, costs, sens, res, result)
     return result
+
+
+def _graph_model(entry, ref, options: SearchOptions, progress):
+    """The file as the ONNX route sees it, where that route builds its variants; else None
+    (the PyTorch route: built-ins, factories, files onnx2torch converts)."""
+    from quant.models import ModelRef
+    from quant.onnx_artifact import route_of
+
+    if not entry.onnx_path:
+        return None
+    ref = ref if isinstance(ref, ModelRef) else ModelRef(entry.name)
+    route, why = route_of(entry, ref.route)
+    if route != "onnx":
+        return None
+    if options.calib_data != "real":
+        raise SpecError(f"--calib-data {options.calib_data}: the ONNX route ({why}) calibrates "
+                        "on real inputs; give --data")
+    from quant.graph_route import GraphModel
+    from quant.onnx_feeds import load_feeds
+
+    progress(f"{entry.name}: searched on its ONNX graph ({why})")
+    return GraphModel.of(entry, load_feeds(entry, ref.data, ref.preprocess, options.seed))
 
 
 def measure_costs(ctx: _Context, options: SearchOptions) -> _Costs | str:
@@ -494,6 +529,16 @@ def _sensitivity(ctx: _Context, net, method, calib_data, samples, distill_iters)
     from quant.zeroq import calibration_data, input_prior
 
     ctx.progress(f"{ctx.model}: {method} sensitivity on {calib_data} data")
+    if ctx.graph is not None:
+        if method != "kl":
+            raise SpecError(f"--sensitivity {method}: the ONNX route measures each layer's "
+                            "divergence on the graph (kl); the Hessian needs PyTorch")
+        sens = ctx.graph.sensitivity(ctx.progress)
+        by = {(lay, INT8): v for lay, v in sens.items()}
+        by.update({(lay, FLOAT): 0.0 for lay in ctx.layers})
+        size = {(lay, p): float(ctx.graph.size_bits(lay, 8 if p == INT8 else None))
+                for lay in ctx.layers for p in (INT8, FLOAT)}
+        return by, size
     data = ctx.entry.data()
     extra = ({"iters": distill_iters, **input_prior(ctx.entry.preprocess)}
              if calib_data == "distilled" else {})

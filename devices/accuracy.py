@@ -15,7 +15,9 @@ whole evaluation set, outside the timed window, and compares with what the set c
                     outputs; absent means class logits (the built-in classifiers). Top-1,
                     agreement and KL are only computed over class scores: a top-1 over a
                     box tensor means nothing. Every output gets SQNR and cosine, and maps,
-                    sequences and token strings get a task figure (`task`)
+                    sequences, token strings and detections get a task figure (`task`:
+                    map IoU, greedy-CTC agreement, exact match, mAP@0.5 against FP32's
+                    detections through pycocotools where the device has it)
     fixed:<name>    optional: an input that is the same for every sample (a recurrent state,
                     a sample rate), fed as it is rather than sliced
 
@@ -80,8 +82,93 @@ def ctc_greedy(probs: np.ndarray, blank: int = 0) -> list[tuple]:
     return out
 
 
+SCORE_MIN, NMS_IOU = 0.25, 0.45   # the decode every YOLO-family exporter ships
+
+
+def decode_detections(raw: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Raw YOLO-family output -> per sample (boxes xyxy, scores, classes) after the model's
+    usual decode and class-aware NMS. Channels-first (N, 4+C, A) is YOLOv8's head (box, then
+    class scores); channels-last (N, A, 5+C) YOLOv5's and YOLOX's (box, objectness, classes)."""
+    out = []
+    first = raw.shape[1] < raw.shape[2]
+    for a in raw.astype(np.float64):
+        a = a.T if first else a
+        box = a[:, :4]
+        cls = a[:, 4:] if first else a[:, 5:] * a[:, 4:5]
+        if cls.shape[1] == 0:
+            cls = a[:, 4:5]
+        c, score = cls.argmax(axis=1), cls.max(axis=1)
+        keep = score >= SCORE_MIN
+        xyxy = np.concatenate([box[:, :2] - box[:, 2:] / 2, box[:, :2] + box[:, 2:] / 2], axis=1)
+        xyxy, score, c = xyxy[keep], score[keep], c[keep]
+        kept = _nms(xyxy + c[:, None] * 1e5, score)      # offset per class: class-aware
+        out.append((xyxy[kept], score[kept], c[kept]))
+    return out
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Greedy non-maximum suppression at `NMS_IOU`: indices kept, best score first."""
+    order, keep = np.argsort(-scores, kind="stable"), []
+    area = np.prod(np.clip(boxes[:, 2:] - boxes[:, :2], 0, None), axis=1)
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        lt = np.maximum(boxes[i, :2], boxes[rest, :2])
+        rb = np.minimum(boxes[i, 2:], boxes[rest, 2:])
+        inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
+        iou = inter / (area[i] + area[rest] - inter + 1e-12)
+        order = rest[iou <= NMS_IOU]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def detection_map(ref: np.ndarray, got: np.ndarray) -> dict:
+    """mAP@0.5 (COCO's evaluation, pycocotools) of the quantized model's detections against
+    FP32's as ground truth, both decoded the same way; None where pycocotools is absent or
+    FP32 detects nothing."""
+    import contextlib
+    import io
+
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError:
+        return {"detection_map50": None}
+    truth, preds = decode_detections(ref), decode_detections(got)
+    anns, dets = [], []
+    for img, (b, _, c) in enumerate(truth):
+        for box, cls in zip(b, c):
+            w, h = box[2:] - box[:2]
+            anns.append({"id": len(anns) + 1, "image_id": img, "category_id": int(cls),
+                         "bbox": [float(box[0]), float(box[1]), float(w), float(h)],
+                         "area": float(w * h), "iscrowd": 0})
+    for img, (b, s, c) in enumerate(preds):
+        for box, score, cls in zip(b, s, c):
+            w, h = box[2:] - box[:2]
+            dets.append({"image_id": img, "category_id": int(cls), "score": float(score),
+                         "bbox": [float(box[0]), float(box[1]), float(w), float(h)]})
+    if not anns:
+        return {"detection_map50": None, "fp32_detections": 0}
+    cats = sorted({a["category_id"] for a in anns} | {d["category_id"] for d in dets})
+    gt = COCO()
+    gt.dataset = {"images": [{"id": i} for i in range(len(truth))], "annotations": anns,
+                  "categories": [{"id": c} for c in cats]}
+    with contextlib.redirect_stdout(io.StringIO()):   # the agent's stdout is its JSON channel
+        gt.createIndex()
+        if not dets:
+            return {"detection_map50": 0.0, "fp32_detections": len(anns)}
+        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        ev.params.iouThrs = np.array([0.5])
+        ev.params.maxDets = [1, 10, 100]      # summarize() reads stats[0] at 100
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"detection_map50": float(max(ev.stats[0], 0.0)), "fp32_detections": len(anns)}
+
+
 def task_figures(kind: str, ref: np.ndarray, got: np.ndarray) -> dict:
     """The task figure for one output of a known kind (higher is better, in [0, 1])."""
+    if kind == "detections":
+        return detection_map(ref, got)
     if kind == "map":
         return {"map_iou": map_iou(ref, got)}
     if kind == "sequence":
@@ -168,5 +255,7 @@ def evaluate(outputs: list, ev) -> dict:
         res["outputs"].append({"index": k, "kind": kinds[k], "sqnr_db": sqnr_db(ref, got),
                                "cosine": cosine(ref, got), **task})
         for name, value in task.items():
-            res["task"].setdefault(name if name not in res["task"] else f"{name}_{k}", value)
+            if name != "fp32_detections":
+                res["task"].setdefault(name if name not in res["task"] else f"{name}_{k}",
+                                       value)
     return res

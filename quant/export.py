@@ -806,7 +806,8 @@ def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu"
                                   cache_key=lambda extra: _cache_path(
                                       out_dir, model, variant, target, v, {
                                           **settings, **extra, **ref.key(),
-                                          **_source_digests(entry, ref, None)}), route=route)
+                                          **_source_digests(entry, ref, None)}),
+                                  route=ref.route if route == "auto" else route)
         if art is not None:
             return art
     net = entry.build().eval()

@@ -71,6 +71,8 @@ def normalise(path: str, out_dir: str | None = None):
     import onnx
     import onnxruntime as ort
 
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="hilq-norm-", dir=out_dir)
     out = os.path.join(tmp, "normalised.onnx")
     so = ort.SessionOptions()
@@ -143,54 +145,11 @@ def layers(proto) -> dict[str, Layer]:
     return out
 
 
-def _observe(proto, qlayers: dict, found: dict[str, Layer], inputs, feeds: dict,
-             fixed: dict) -> None:
-    """Run the float graph on the calibration feeds and show each layer's input tensor to
-    that layer's observer; then freeze every layer."""
-    import onnx
-
-    wanted = sorted({found[n].input for n, q in qlayers.items() if q.observer is not None})
-    if wanted:
-        m = copy.deepcopy(proto)
-        outs = {o.name for o in m.graph.output}
-        m.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                              for t in wanted if t not in outs)
-        sess = session(m)
-        for feed in chunks(feeds, fixed, chunk_size(inputs, feeds, fixed)):
-            values = dict(zip(wanted, sess.run(wanted, feed)))
-            for name, q in qlayers.items():
-                if q.observer is not None:
-                    q.observer.update(torch.from_numpy(np.asarray(values[found[name].input],
-                                                                  np.float32)))
-    for q in qlayers.values():
-        q.freeze()
-
-
-def _ranges(proto, inputs, feeds: dict, fixed: dict):
-    """Min-max of the float graph's tensors on the calibration feeds (the tensors hilq's
-    layers do not quantize themselves: adds, pools), as `insert_qdq` asks for them."""
-    import onnx
-
-    def ranges(tensors: list[str]) -> dict[str, tuple[float, float]]:
-        m = copy.deepcopy(proto)
-        del m.graph.output[:]
-        m.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT,
-                                                                 None) for t in tensors)
-        sess = session(m)
-        lo = {t: np.inf for t in tensors}
-        hi = {t: -np.inf for t in tensors}
-        for feed in chunks(feeds, fixed, chunk_size(inputs, feeds, fixed)):
-            for t, v in zip(tensors, sess.run(tensors, feed)):
-                lo[t], hi[t] = min(lo[t], float(np.min(v))), max(hi[t], float(np.max(v)))
-        return {t: (lo[t], hi[t]) for t in tensors}
-    return ranges
-
-
-def quantize(proto, config: BitConfig, inputs, feeds: dict, fixed: dict, *,
-             act_dtype: str = "uint8", placement: str = "ort"):
-    """`proto` (normalised) with the layers `config` names quantized and Q/DQ inserted, and
-    the export facts for the manifest. `feeds`/`fixed`: calibration inputs by name."""
-    from .export import insert_qdq
+def calibrated(proto, config: BitConfig, inputs, feeds: dict, fixed: dict) -> dict:
+    """The layers `config` names as `QuantLayer`s (layer name = node name), their activation
+    observers shown each layer's input while the float graph runs on the calibration feeds,
+    then frozen. Layers calibrate independently (the float graph is what runs), so a subset
+    of them is what a config of that subset would give."""
     from .transform import QuantLayer
 
     found = layers(proto)
@@ -209,9 +168,182 @@ def quantize(proto, config: BitConfig, inputs, feeds: dict, fixed: dict, *,
     if not feeds and any(q.observer is not None for q in qlayers.values()):
         raise GraphRouteError("the ONNX route calibrates activations on real inputs: give "
                               "--data (data-free calibration needs the PyTorch route)")
-    _observe(proto, qlayers, found, inputs, feeds, fixed)
+    wanted = sorted({found[n].input for n, q in qlayers.items() if q.observer is not None})
+    if wanted:
+        sess = session(_with_outputs(proto, wanted, keep=True))
+        for feed in chunks(feeds, fixed, chunk_size(inputs, feeds, fixed)):
+            values = dict(zip(wanted, sess.run(wanted, feed)))
+            for name, q in qlayers.items():
+                if q.observer is not None:
+                    q.observer.update(torch.from_numpy(np.asarray(values[found[name].input],
+                                                                  np.float32)))
+    for q in qlayers.values():
+        q.freeze()
+    return qlayers
+
+
+def _with_outputs(proto, tensors: list[str], keep: bool):
+    """A copy of the graph whose outputs are `tensors` (after its own, with `keep`)."""
+    import onnx
+
+    m = copy.deepcopy(proto)
+    have = {o.name for o in m.graph.output} if keep else set()
+    if not keep:
+        del m.graph.output[:]
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                          for t in tensors if t not in have)
+    return m
+
+
+class Ranges:
+    """Min-max of the float graph's tensors on the calibration feeds, for the tensors hilq's
+    layers do not quantize themselves (adds, pools), as `insert_qdq` asks for them; each
+    tensor is computed once however many configurations ask."""
+
+    def __init__(self, proto, inputs, feeds: dict, fixed: dict):
+        self.proto, self.inputs, self.feeds, self.fixed = proto, inputs, feeds, fixed
+        self.known: dict[str, tuple[float, float]] = {}
+
+    def __call__(self, tensors: list[str]) -> dict[str, tuple[float, float]]:
+        todo = [t for t in tensors if t not in self.known]
+        if todo:
+            sess = session(_with_outputs(self.proto, todo, keep=False))
+            lo = dict.fromkeys(todo, np.inf)
+            hi = dict.fromkeys(todo, -np.inf)
+            for feed in chunks(self.feeds, self.fixed,
+                               chunk_size(self.inputs, self.feeds, self.fixed)):
+                for t, v in zip(todo, sess.run(todo, feed)):
+                    lo[t], hi[t] = min(lo[t], float(np.min(v))), max(hi[t], float(np.max(v)))
+            self.known.update({t: (lo[t], hi[t]) for t in todo})
+        return {t: self.known[t] for t in tensors}
+
+
+def with_qdq(proto, qlayers: dict, ranges: Ranges, *, act_dtype: str = "uint8",
+             placement: str = "ort"):
+    """A copy of `proto` with `qlayers` (calibrated) written as Q/DQ by hilq's export rules,
+    and the export facts."""
+    from .export import insert_qdq
+
     proto = copy.deepcopy(proto)
     info = insert_qdq(proto, None, qlayers, act_dtype=act_dtype, placement=placement,
-                      layer_of={n: n for n in found}, ranges_of=_ranges(proto, inputs, feeds,
-                                                                         fixed))
+                      layer_of={n: n for n in layers(proto)}, ranges_of=ranges)
     return proto, info
+
+
+def quantize(proto, config: BitConfig, inputs, feeds: dict, fixed: dict, *,
+             act_dtype: str = "uint8", placement: str = "ort"):
+    """`proto` (normalised) with the layers `config` names quantized and Q/DQ inserted, and
+    the export facts for the manifest. `feeds`/`fixed`: calibration inputs by name."""
+    qlayers = calibrated(proto, config, inputs, feeds, fixed)
+    return with_qdq(proto, qlayers, Ranges(proto, inputs, feeds, fixed), act_dtype=act_dtype,
+                    placement=placement)
+
+
+def edges(proto, names) -> list[tuple[str, str]]:
+    """(producer, consumer) pairs of layers joined by a tensor path through other ops only:
+    where a Q/DQ pair sits between two INT8 layers (the search's boundary costs), as
+    `bench.search.float_edges` finds them on a PyTorch graph."""
+    wanted = set(names)
+    producers: dict[str, set[str]] = {}
+    out = []
+    for node in proto.graph.node:
+        ins = {p for t in node.input for p in producers.get(t, ())}
+        if node.name in wanted:
+            out += [(p, node.name) for p in sorted(producers.get(node.input[0], ()))]
+            ins = {node.name}
+        for t in node.output:
+            producers[t] = ins
+    return out
+
+
+def size_bits(layer: Layer, bits: int | None) -> int:
+    """A layer's weights stored at `bits` (None: float), with a 32-bit scale and a zero point
+    per output channel when integer (the PyTorch route's accounting)."""
+    n, channels = layer.weight.size, layer.weight.shape[0]
+    return n * 32 if bits is None else n * bits + channels * (32 + bits)
+
+
+def sensitivity(proto, inputs, feeds: dict, fixed: dict, *, act_dtype: str = "uint8",
+                progress=lambda s: None) -> dict[str, float]:
+    """Each layer's sensitivity to W8A8, measured on the graph: that layer alone quantized
+    (Q/DQ as deployed), the simulation run on the calibration feeds, and its outputs
+    compared with the float graph's: mean KL where the model outputs class scores (ZeroQ's
+    measure), else the noise-to-signal ratio summed over outputs (1/SQNR)."""
+    from devices.accuracy import SCORES, output_kind
+
+    from .onnx_run import run
+    from .spec import parse_variant, variant_config
+
+    found = layers(proto)
+    qlayers = calibrated(proto, variant_config(parse_variant("w8a8"), list(found)), inputs,
+                         feeds, fixed)
+    ranges = Ranges(proto, inputs, feeds, fixed)
+    ref = run(session(proto), inputs, feeds, fixed)
+    kinds = [output_kind(o) for o in ref]
+    out = {}
+    for i, name in enumerate(found):
+        progress(f"sensitivity {i + 1}/{len(found)}: {name}")
+        one, _ = with_qdq(proto, {name: qlayers[name]}, ranges, act_dtype=act_dtype)
+        got = run(session(one), inputs, feeds, fixed)
+        out[name] = _divergence(ref, got, kinds, SCORES)
+    return out
+
+
+def _divergence(ref: list, got: list, kinds: list[str], scores) -> float:
+    for r, g, kind in zip(ref, got, kinds):
+        if kind in scores:
+            r, g = r.reshape(len(r), -1).astype(np.float64), g.reshape(len(g), -1)
+            if kind == "logits":
+                r, g = _softmax(r), _softmax(g)
+            g = np.clip(g, 1e-12, None)
+            return float((r * (np.log(r + 1e-12) - np.log(g))).sum(axis=1).mean())
+    num = sum(float(((g.astype(np.float64) - r) ** 2).sum()) for r, g in zip(ref, got))
+    den = sum(float((r.astype(np.float64) ** 2).sum()) for r in ref)
+    return num / den if den else 0.0
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class GraphModel:
+    """An ONNX file on the ONNX route, as the search sees a model: its layers (nodes), the
+    edges between them, its calibration feeds, and per-layer configs, sizes and
+    sensitivities, all on the normalised graph."""
+
+    proto: object
+    layers: dict[str, Layer]
+    inputs: tuple
+    feeds: object               # quant.onnx_feeds.Feeds
+
+    @classmethod
+    def of(cls, entry, feeds) -> GraphModel:
+        proto = normalise(entry.onnx_path)
+        found = layers(proto)
+        if not found:
+            raise GraphRouteError(f"{entry.onnx_path}: no Conv, Gemm or MatMul with constant "
+                                  "weights to quantize (fp32 still benchmarks)")
+        return cls(proto, found, entry.inputs, feeds)
+
+    def edges(self) -> list[tuple[str, str]]:
+        return edges(self.proto, list(self.layers))
+
+    def bit_config(self, allocation: dict[str, str]) -> BitConfig:
+        """{layer: precision label} (float ones left out) -> the `BitConfig`, activations
+        at 8 bits as the search deploys them."""
+        from .sensitivity import precision_of
+
+        unknown = sorted(set(allocation) - set(self.layers))
+        if unknown:
+            raise GraphRouteError(f"allocation names layer(s) not in the graph: "
+                                  f"{', '.join(unknown[:5])}")
+        return BitConfig({n: precision_of(label, 8) for n, label in allocation.items()})
+
+    def size_bits(self, layer: str, bits: int | None) -> int:
+        return size_bits(self.layers[layer], bits)
+
+    def sensitivity(self, progress=lambda s: None) -> dict[str, float]:
+        return sensitivity(self.proto, self.inputs, self.feeds.all_calib(), self.feeds.fixed,
+                           progress=progress)

@@ -113,7 +113,6 @@ def build(entry, ref, v, out_dir, target: str, settings: dict, versions: dict, s
     onnx2torch cannot convert the file); None where the PyTorch route builds it.
     `cache_key(extra)` is the artifact's path for these settings."""
     from .export import ExportError, _cached
-    from .models.onnx_file import NotConvertible
     from .onnx_feeds import load_feeds
 
     if route not in ROUTES:
@@ -127,21 +126,40 @@ def build(entry, ref, v, out_dir, target: str, settings: dict, versions: dict, s
         feeds = load_feeds(entry, ref.data, ref.preprocess, seed)
         return file_artifact(entry, feeds, path, model=entry.name, variant=v.name,
                              target=target, settings=settings, versions=versions, seed=seed)
-    if route == "torch" or target == "torch":
+    if target == "torch":
         return None
-    why = "asked for (--route onnx)"
-    if route == "auto":
-        try:
-            entry.build()
-            return None                 # it converts: the PyTorch route builds it
-        except NotConvertible as e:
-            why = str(e)
+    taken, why = route_of(entry, route)
+    if taken == "torch":
+        return None
     path = cache_key({"route": "onnx", **settings})
     if _cached(path):
         return Artifact.load(path)
     feeds = load_feeds(entry, ref.data, ref.preprocess, seed)
     return graph_artifact(entry, feeds, v, path, target=target, settings=settings,
                           versions=versions, seed=seed, why=why)
+
+
+def route_of(entry, route: str = "auto") -> tuple[str, str]:
+    """("torch", "") where the PyTorch route builds this file's integer variants, else
+    ("onnx", why): asked for, or onnx2torch cannot take the file (its own one line)."""
+    from .models.onnx_file import NotConvertible
+
+    if route == "torch" or not entry.onnx_path:
+        return "torch", ""
+    if route == "onnx":
+        return "onnx", "asked for (--route onnx)"
+    st = os.stat(entry.onnx_path)
+    key = (entry.onnx_path, st.st_mtime_ns, st.st_size)
+    if key not in _CONVERTS:        # a search builds dozens of artifacts of one file
+        try:
+            entry.build()
+            _CONVERTS[key] = ("torch", "")
+        except NotConvertible as e:
+            _CONVERTS[key] = ("onnx", str(e))
+    return _CONVERTS[key]
+
+
+_CONVERTS: dict[tuple, tuple[str, str]] = {}
 
 
 def graph_artifact(entry, feeds: Feeds, v, path: Path, *, target: str, settings: dict,

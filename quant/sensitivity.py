@@ -199,13 +199,14 @@ def sensitivity_table(model: nn.Module, x: torch.Tensor, bits: Sequence[int] = (
     infos = layer_infos(fold_bn(model), tuple(x.shape[1:]))
     for row in rows:
         one = {row["layer"]: infos[row["layer"]]}
-        cfg = BitConfig({row["layer"]: _parse(row["precision"])})
+        cfg = BitConfig({row["layer"]: precision_of(row["precision"])})
         row["size_bits"] = size_bits(one, cfg)
         row["bops"] = bops(one, cfg)
     return pd.DataFrame(rows, columns=["layer", "precision", "sensitivity", "size_bits", "bops"])
 
 
-def _parse(label: str, act_bits: int | None = None, calib: str = "minmax") -> LayerPrecision:
+def precision_of(label: str, act_bits: int | None = None, calib: str = "minmax") -> LayerPrecision:
+    """A per-layer precision label (`w8a8`, `w4a16`, `fp32`) as a `LayerPrecision`."""
     v = parse_variant(label)
     if v.config_path:
         raise SpecError(f"precision {label!r}: a per-layer precision cannot be a config file")
@@ -227,4 +228,4 @@ def config_from_allocation(model: nn.Module, allocation, *, act_bits: int | None
     unknown = sorted(set(config) - known)
     if unknown:
         raise SpecError(f"allocation names layer(s) not in the model: {', '.join(unknown[:5])}")
-    return BitConfig({name: _parse(label, act_bits, calib) for name, label in config.items()})
+    return BitConfig({name: precision_of(label, act_bits, calib) for name, label in config.items()})

@@ -68,12 +68,16 @@ class ModelRef:
     seq_len: int | None = None      # a sequence model at this length (None: its own)
     # an ONNX file's inputs by name, each with its batch: ((name, shape), ...)
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+    # how an ONNX file's integer variants are built: auto (PyTorch where onnx2torch converts
+    # the file, else the ONNX graph), torch, or onnx (quant.onnx_artifact.ROUTES)
+    route: str = "auto"
 
     def key(self) -> dict:
         """What decides an artifact's content besides the weights (its cache key)."""
         d = {"data": self.data, "input_shape": list(self.input_shape or ()) or None,
              "preprocess": self.preprocess, "seq_len": self.seq_len,
-             "input_shapes": {n: list(s) for n, s in self.input_shapes or ()} or None}
+             "input_shapes": {n: list(s) for n, s in self.input_shapes or ()} or None,
+             "route": None if self.route == "auto" else self.route}
         return {k: v for k, v in d.items() if v is not None}
 
 
