@@ -77,6 +77,10 @@ def add_model_arguments(p, *, required: bool = True, data_help: str = "") -> Non
                    help="how an ONNX file's integer variants are built: through PyTorch "
                         "(onnx2torch), on the ONNX graph itself, or auto (PyTorch where the "
                         "file converts); the manifest records the route taken")
+    p.add_argument("--metric", metavar="MODULE:FUNCTION",
+                   help="your own figure of merit, computed on the device over the evaluation "
+                        "set: fn(outputs, fp32_outputs, labels) -> {name: value}, higher is "
+                        "better (a module that runs on its own: it travels in the set)")
     p.add_argument("--preprocess", metavar="SPEC",
                    help="image preprocessing, torchvision's names: e.g. imagenet, or "
                         "resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,"
@@ -89,7 +93,7 @@ def model_ref(args):
 
     shape, named = parse_shapes(args.input_shape)
     return ModelRef(args.model, data=args.data, input_shape=shape, input_shapes=named,
-                    preprocess=args.preprocess, route=args.route)
+                    preprocess=args.preprocess, route=args.route, metric=args.metric)
 
 
 def add_runtime_option_argument(p) -> None:

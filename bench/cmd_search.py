@@ -30,15 +30,18 @@ def _budget(text: str) -> tuple[str, float | str]:
         raise UserError(f"--budget {text!r}: {e}") from None
 
 
-def _max_drop(text: str) -> float:
+def _max_drop(text: str) -> tuple[str, float]:
+    """`top1=0.5` (points), or `NAME=X` for a task figure or a --metric's figure (its own
+    units) -> (name, value)."""
     key, sep, value = text.partition("=")
     try:
         v = float(value)
     except ValueError:
         v = -1.0
-    if key != "top1" or not sep or v < 0:
-        raise UserError(f"--max-drop {text!r}: expected top1=POINTS, e.g. top1=0.5")
-    return v
+    if not key.strip() or not sep or v < 0:
+        raise UserError(f"--max-drop {text!r}: expected NAME=DROP, e.g. top1=0.5 (points) or "
+                        "map_iou=0.02 (a figure the model reports, in its own units)")
+    return key.strip(), v
 
 
 def add_arguments(p):
@@ -49,9 +52,11 @@ def add_arguments(p):
     p.add_argument("--budget", action="append", default=[], metavar="COL=VALUE",
                    help="latency_ms=4.2 or latency_ms=50%% (that share of the way from the "
                         "measured all-INT8 to the all-float latency), size_bits=...; repeatable")
-    p.add_argument("--max-drop", metavar="top1=POINTS",
+    p.add_argument("--max-drop", metavar="NAME=DROP",
                    help="instead of a latency budget: the fastest configuration losing at most "
-                        "this many top-1 points against float (measured)")
+                        "this much against float, measured: top1=POINTS, or a figure the model "
+                        "reports in its own units (map_iou, detection_map50, "
+                        "sequence_agreement, or a --metric name)")
     p.add_argument("--min-agreement", type=float, metavar="FRACTION",
                    help="instead of a latency budget: the fastest configuration agreeing with "
                         "float's predictions on at least this fraction of the test inputs")
@@ -95,7 +100,7 @@ def run(args) -> int:
     from quant.models import load_model
 
     budgets = dict(_budget(b) for b in args.budget)
-    max_drop = _max_drop(args.max_drop) if args.max_drop else None
+    drop_metric, max_drop = _max_drop(args.max_drop) if args.max_drop else ("top1", None)
     if args.min_agreement is not None and not 0 < args.min_agreement <= 1:
         raise UserError(f"--min-agreement {args.min_agreement}: give a fraction in (0, 1]")
     limited = max_drop is not None or args.min_agreement is not None
@@ -120,7 +125,8 @@ def run(args) -> int:
                                   "sensitivity": args.sensitivity, "calib_data": args.calib_data,
                                   "confidence": args.confidence, "tolerance": args.tolerance,
                                   "max_iters": args.max_iters}, seed=args.seed)
-        options = SearchOptions(budgets, max_drop=max_drop, min_agreement=args.min_agreement,
+        options = SearchOptions(budgets, max_drop=max_drop, drop_metric=drop_metric,
+                                min_agreement=args.min_agreement,
                                 sensitivity=args.sensitivity, calib_data=args.calib_data,
                                 rounds=args.rounds, reuse_costs=not args.no_history,
                                 seed=args.seed, z=statistics.NormalDist().inv_cdf(args.confidence),

@@ -33,7 +33,7 @@ class _ModelDoor:
 
         return ModelRef(self.model, data=self.data, input_shape=self.input_shape,
                         input_shapes=self.input_shapes, preprocess=self.preprocess,
-                        route=self.route)
+                        route=self.route, metric=self.metric)
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class Bench(_ModelDoor):
     input_shapes: tuple | None = None
     preprocess: str | None = None
     route: str = "auto"           # an ONNX file's integer variants: auto | torch | onnx
+    metric: str | None = None     # module:function, your figure of merit (higher is better)
     calib_data: str = "real"      # real | distilled | noise, for the INT8 variants
     # runtime -> its engine settings, e.g. {"openvino": {"hint": "throughput"}} (checked
     # against the runtime's declared OPTIONS)
@@ -72,6 +73,7 @@ class Search(_ModelDoor):
     input_shapes: tuple | None = None
     preprocess: str | None = None
     route: str = "auto"
+    metric: str | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,8 @@ def _door(where: str, d: dict, base: Path) -> dict:
         raise ConfigError(f"{where}.calib_data: use 'real', 'distilled' or 'noise'")
     if d.get("route", "auto") not in ("auto", "torch", "onnx"):
         raise ConfigError(f"{where}.route: use 'auto', 'torch' or 'onnx'")
+    if d.get("metric") is not None and (not isinstance(d["metric"], str) or ":" not in d["metric"]):
+        raise ConfigError(f"{where}.metric: expected 'package.module:function'")
     return out
 
 
@@ -207,8 +211,8 @@ def parse(d: dict, source: str = "") -> Config:
         variants = _tuple(f"{where}.variants", b["variants"])
         for v in variants:
             parse_variant(v)
-        door = {k: b[k] for k in ("data", "input_shape", "preprocess", "calib_data", "route")
-                if k in b}
+        door = {k: b[k] for k in ("data", "input_shape", "preprocess", "calib_data", "route",
+                                  "metric") if k in b}
         runtimes = _tuple(f"{where}.runtimes", b.get("runtimes", ["ort"]))
         benches.append(Bench(**{"model": b["model"], **door, **_door(where, b, base)},
                              variants=variants,

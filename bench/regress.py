@@ -232,17 +232,22 @@ def _current(rows: list[dict], metric: str) -> tuple[float | None, list[float]]:
 
 def _accuracy_verdicts(store, run_id: str, key: tuple, rows: list[dict], lookback: int
                        ) -> list[dict]:
-    """Device top-1 / agreement of one series tonight against its history on the same
-    evaluation set (the first round that measured it: the figure is deterministic)."""
+    """Device top-1 / agreement, the outputs' task figures (map IoU, mAP, CTC agreement) and
+    the user's metric, of one series tonight against its history on the same evaluation set
+    (the first round that measured it: the figures are deterministic), each higher-better."""
     from bench.store import METRICS
 
     out = []
     row = next((r for r in rows if r.get("eval_sha256")), None)
     if row is None:
         return out
-    n = (row.get("accuracy") or {}).get("n")
-    for metric in ACCURACY_METRICS:
-        current = row[METRICS[metric]]
+    acc = row.get("accuracy") or {}
+    n = acc.get("n")
+    figures = [f"{group}:{name}" for group in ("task", "metric")
+               for name, v in (acc.get(group) or {}).items() if isinstance(v, int | float)]
+    for metric in (*ACCURACY_METRICS, *figures):
+        current = (row[METRICS[metric]] if metric in METRICS
+                   else acc[metric.split(":")[0]][metric.split(":", 1)[1]])
         if current is None:
             continue
         hist = store.history(*key, metric, lookback, before_run=run_id,

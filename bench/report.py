@@ -216,12 +216,17 @@ def _device_accuracy(sec, results, regs) -> None:
         if gap is not None and abs(gap) > 0.005 and r.variant != "fp32":
             wide.append(f"{r.model} {r.variant} on {r.device}/{r.runtime}: "
                         f"{100 * gap:+.2f} pt")
-        drop = [m for m in ("top1", "agreement") if (*r.key, m) in flagged]
+        drop = sorted(g[-1] for g in flagged if g[:-1] == tuple(r.key)
+                      and (g[-1] in ("top1", "agreement") or ":" in g[-1]))
+        figures = ", ".join(f"{k} {v:.3f}" for group in ("task", "metric")
+                            for k, v in (a.get(group) or {}).items() if isinstance(v, float))
+        if a.get("metric_error"):
+            figures = ", ".join(filter(None, [figures, f"metric failed: {a['metric_error']}"]))
         rows.append([r.model, r.variant, f"{r.device}/{r.runtime}", a.get("n"),
                      _pct(a.get("top1")), _pct(a.get("simulated_top1")),
                      fmt(None if a.get("gap_top1") is None else 100 * a["gap_top1"], 3),
                      _pct(a.get("agreement_fp32")), _pct(a.get("simulated_agreement_fp32")),
-                     fmt(a.get("kl")), fmt(a.get("sqnr_db")),
+                     fmt(a.get("kl")), fmt(a.get("sqnr_db")), figures or "–",
                      ", ".join(map(str, (a.get("worst") or [])[:5])) or "–",
                      (a.get("eval_sha256") or "–")[:12],
                      "REGRESSION: " + ", ".join(drop) if drop else ""])
@@ -229,7 +234,8 @@ def _device_accuracy(sec, results, regs) -> None:
         sec.alert("Device accuracy differs from the simulation by more than 0.5 pt: "
                   + "; ".join(wide))
     sec.table(["model", "variant", "device/runtime", "n", "top-1 device %", "top-1 sim %",
-               "gap pt", "agree device %", "agree sim %", "KL", "SQNR dB", "worst samples",
+               "gap pt", "agree device %", "agree sim %", "KL", "SQNR dB", "task / metric",
+               "worst samples",
                "eval set", "regression"], rows)
 
 

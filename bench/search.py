@@ -216,15 +216,16 @@ class _Context:
         it was built (nothing is quantized twice); quantized here only if never built."""
         if self.graph is not None:      # the graph's simulation, recorded at build
             sim = self.artifact(cfg).manifest.get("simulated") or {}
-            return {k: sim[k] for k in ("agreement_fp32", "kl", "sqnr_db", "task")
-                    if sim.get(k) is not None}
+            return {k: sim[k] for k in ("agreement_fp32", "kl", "sqnr_db", "task", "metric")
+                    if sim.get(k)}
         sim = self._simulated(cfg)
+        figures = {k: sim[k] for k in ("task", "metric") if sim.get(k)}
         if sim.get("top1") is not None:
             fp32 = self._simulated(dict.fromkeys(self.layers, FLOAT)).get("top1")
             if fp32 is not None:
-                return {"top1": sim["top1"], "fp32_top1": fp32}
+                return {"top1": sim["top1"], "fp32_top1": fp32, **figures}
         elif sim.get("agreement_fp32") is not None:
-            return {"agreement_fp32": sim["agreement_fp32"]}
+            return {"agreement_fp32": sim["agreement_fp32"], **figures}
         return _accuracy(self.entry, self.bit_config(cfg), self.calib_data)
 
     def _simulated(self, cfg: dict) -> dict:
@@ -257,6 +258,9 @@ class SearchOptions:
 
     budgets: dict = field(default_factory=dict)
     max_drop: float | None = None
+    # what max_drop is measured in: top1 (points), or a figure the model reports, its own
+    # units: a task figure (map_iou, detection_map50, sequence_agreement) or a --metric name
+    drop_metric: str = "top1"
     min_agreement: float | None = None
     sensitivity: str = "kl"              # kl (ZeroQ) | hessian (HAWQ)
     calib_data: str = "real"             # real | distilled (ZeroQ) | ...
@@ -412,7 +416,8 @@ def allocate(ctx: _Context, options: SearchOptions, costs: _Costs, sens: _Sensit
               progress=ctx.progress)
     if options.accuracy_limited:
         return _fastest_within(ctx, sens.by, costs.prior, sens.base_acc[FLOAT],
-                               options.max_drop, options.min_agreement, result, **kw)
+                               options.max_drop, options.min_agreement, result,
+                               drop_metric=options.drop_metric, **kw)
     return loop.close_loop(ctx.layers, ctx.edges, sens.by, costs.prior, ctx.measure,
                            options.budgets["latency_ms"], **kw)
 
@@ -478,12 +483,14 @@ def _check_accuracy_limit(result: SearchResult, dev: dict | None, float_acc: dic
                           options: SearchOptions) -> None:
     """The limit holds only if it holds in simulation and on the device; else budget_missed."""
     checks = [("simulated", result.accuracy)]
-    if dev and (dev.get("top1") is not None or dev.get("agreement_fp32") is not None):
-        checks.append(("device", {k: dev[k] for k in ("top1", "agreement_fp32")
+    if dev and (dev.get("top1") is not None or dev.get("agreement_fp32") is not None
+                or figure(dev, options.drop_metric) is not None):
+        checks.append(("device", {k: dev[k] for k in ("top1", "agreement_fp32", "task", "metric")
                                   if dev.get(k) is not None}))
     misses = []
     for where, acc in checks:
-        over, limit = _loss(acc, float_acc, options.max_drop, options.min_agreement)
+        over, limit = _loss(acc, float_acc, options.max_drop, options.min_agreement,
+                            options.drop_metric)
         result.measured[f"accuracy_within_limit_{where}"] = over <= 0
         if over > 0:
             misses.append(f"{where} {acc}")
@@ -556,8 +563,25 @@ def _sensitivity(ctx: _Context, net, method, calib_data, samples, distill_iters)
     return sens_by, size
 
 
-def _loss(acc: dict, float_acc: dict, max_drop, min_agreement) -> tuple[float, float]:
+def figure(acc: dict, name: str) -> float | None:
+    """A named figure of an accuracy dict: its own key, a task figure or a user metric."""
+    for value in (acc.get(name), (acc.get("task") or {}).get(name),
+                  (acc.get("metric") or {}).get(name)):
+        if isinstance(value, int | float):
+            return float(value)
+    return None
+
+
+def _loss(acc: dict, float_acc: dict, max_drop, min_agreement, drop_metric: str = "top1"
+          ) -> tuple[float, float]:
     """(how far past the limit, the limit) in the limit's own unit: > 0 means it fails."""
+    if max_drop is not None and drop_metric != "top1":
+        now, base = figure(acc, drop_metric), figure(float_acc, drop_metric)
+        if now is None or base is None:
+            have = sorted({*(acc.get("task") or {}), *(acc.get("metric") or {})})
+            raise SpecError(f"--max-drop {drop_metric}=...: the model reports no figure "
+                            f"{drop_metric!r} (it reports: {', '.join(have) or 'none'})")
+        return (base - now) - max_drop, max_drop
     if max_drop is not None:
         if "top1" not in acc:
             raise SpecError("--max-drop needs labelled data; this model has none "
@@ -568,7 +592,8 @@ def _loss(acc: dict, float_acc: dict, max_drop, min_agreement) -> tuple[float, f
 
 
 def _fastest_within(ctx: _Context, sens_by, prior, float_acc, max_drop, min_agreement, result,
-                    *, history, measured, z, tolerance, max_iters, limits, progress):
+                    *, history, measured, z, tolerance, max_iters, limits, progress,
+                    drop_metric: str = "top1"):
     """The fastest configuration whose measured accuracy stays within the limit: the least
     sensitive pick under a latency budget is the best one can do at that budget, so bisect
     the budget between the measured all-INT8 and all-float latencies, each candidate's
@@ -587,7 +612,7 @@ def _fastest_within(ctx: _Context, sens_by, prior, float_acc, max_drop, min_agre
             lo = pct
             continue
         acc = ctx.accuracy(cfg)
-        over, limit = _loss(acc, float_acc, max_drop, min_agreement)
+        over, limit = _loss(acc, float_acc, max_drop, min_agreement, drop_metric)
         checked.append({"budget_pct": pct, "float_layers": sum(v != INT8 for v in cfg.values()),
                         "accuracy": acc, "within_limit": over <= 0})
         progress(f"{ctx.model}: at {pct:.1f}% of the latency range the pick has "

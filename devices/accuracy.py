@@ -20,6 +20,11 @@ whole evaluation set, outside the timed window, and compares with what the set c
                     detections through pycocotools where the device has it)
     fixed:<name>    optional: an input that is the same for every sample (a recurrent state,
                     a sample rate), fed as it is rather than sliced
+    metric:source, metric:function
+                    optional: a user's metric (`--metric module:fn`, as NNCF's
+                    `validation_fn`), its module's source carried inside the set so it runs
+                    where the artifact runs and the set's sha256 names the code too:
+                    `fn(outputs, fp32_outputs, labels) -> {name: value}`, higher is better
 
 Standard library and numpy only: this file travels in the agent bundle.
 """
@@ -258,4 +263,26 @@ def evaluate(outputs: list, ev) -> dict:
             if name != "fp32_detections":
                 res["task"].setdefault(name if name not in res["task"] else f"{name}_{k}",
                                        value)
+    if "metric:source" in ev:
+        res.update(user_metric(outputs, ev))
     return res
+
+
+def _text(a) -> str:
+    return str(np.asarray(a).reshape(-1)[0])
+
+
+def user_metric(outputs: list, ev) -> dict:
+    """{"metric": {name: value}} from the user's function the set carries, or
+    {"metric_error": one line}: a metric that fails is said, never a crashed run."""
+    fn_name = _text(ev["metric:function"])
+    refs = [np.asarray(ev[f"fp32:{k}"]) for k in range(len(outputs)) if f"fp32:{k}" in ev]
+    labels = np.asarray(ev["labels"]) if "labels" in ev else None
+    try:
+        scope: dict = {"__name__": "hilq_user_metric"}
+        exec(compile(_text(ev["metric:source"]), f"<metric {fn_name}>", "exec"), scope)
+        got = scope[fn_name]([np.asarray(o) for o in outputs], refs, labels)
+        return {"metric": {str(k): float(v) for k, v in dict(got).items()}}
+    except Exception as e:  # noqa: BLE001 — the user's code: its error, in one line
+        return {"metric_error": f"{fn_name}: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                if str(e) else f"{fn_name}: {type(e).__name__}"}

@@ -50,6 +50,45 @@ def arrays(float_model, data, input_name: str) -> dict[str, np.ndarray] | None:
     return out
 
 
+def metric_arrays(spec: str | None) -> dict[str, np.ndarray]:
+    """`module:function` (or `path/to/file.py:function`) -> the arrays that carry the user's
+    metric inside the evaluation set (its module's source and the function's name); {} for
+    None. The module must stand alone (it is run from its source on the device)."""
+    import importlib.util
+
+    from .models import ModelError
+
+    if not spec:
+        return {}
+    module, _, fn = spec.rpartition(":")
+    if not module or not fn:
+        raise ModelError(f"--metric {spec!r}: expected package.module:function")
+    path = Path(module) if module.endswith(".py") else None
+    if path is None:
+        import os
+        import sys
+
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+        path = Path(found.origin) if found is not None and found.origin else None
+    if path is None or not path.is_file():
+        raise ModelError(f"--metric {spec!r}: cannot find module {module!r}")
+    source = path.read_text()
+    scope: dict = {"__name__": "hilq_user_metric"}
+    try:
+        exec(compile(source, str(path), "exec"), scope)
+    except Exception as e:  # noqa: BLE001 — the user's module: its error, in one line
+        raise ModelError(f"--metric {spec!r}: {path} does not run on its own: "
+                         f"{type(e).__name__}: {e}") from None
+    if not callable(scope.get(fn)):
+        raise ModelError(f"--metric {spec!r}: {path} has no function {fn!r}")
+    return {"metric:source": np.array(source), "metric:function": np.array(fn)}
+
+
 def write(out_dir: str | Path, arrays: dict[str, np.ndarray], model: str, data_name: str
           ) -> Artifact:
     """`<out_dir>/evalset-<sha16>.npz` (reused when present) as an Artifact whose manifest
@@ -91,4 +130,5 @@ def simulated(model, ev: dict[str, np.ndarray]) -> dict:
 
     x = torch.from_numpy(next(v for k, v in ev.items() if k.startswith("input:")))
     res = evaluate([logits(model, x).detach().float().numpy()], ev)
-    return {k: res[k] for k in ("n", "top1", "agreement_fp32", "kl", "sqnr_db", "cosine")}
+    return {k: res[k] for k in ("n", "top1", "agreement_fp32", "kl", "sqnr_db", "cosine",
+                                "task", "metric", "metric_error") if k in res}

@@ -675,7 +675,7 @@ def _reference(model: nn.Module, data, path: Path, seed: int, n: int = 8,
 
 
 def evaluation_fields(float_model: nn.Module, model: nn.Module | None, data, out_dir: Path,
-                      input_name: str, name: str) -> dict:
+                      input_name: str, name: str, metric: str | None = None) -> dict:
     """Manifest fields for accuracy on the device: `eval_set` (the shared evaluation set
     beside the artifact: file, sha256, n, labels) and `simulated` (this model's figures on
     it, the fake-quant side of the simulated-vs-device comparison; absent when `model` is
@@ -685,6 +685,7 @@ def evaluation_fields(float_model: nn.Module, model: nn.Module | None, data, out
     arrays = evalset.arrays(float_model, data, input_name)
     if arrays is None:
         return {}
+    arrays.update(evalset.metric_arrays(metric))
     ev = evalset.write(out_dir, arrays, name, data.name)
     return {"eval_set": {"file": Path(ev.path).name, "sha256": ev.sha256,
                          "n": ev.manifest["n"], "labels": ev.manifest["labels"],
@@ -722,6 +723,11 @@ def _source_digests(entry, ref, net: nn.Module) -> dict:
         out["modules_sha256"] = hashlib.sha256(repr(modules).encode()).hexdigest()
     if entry.onnx_path:
         out["onnx_sha256"] = sha256_file(Path(entry.onnx_path))
+    if getattr(ref, "metric", None):    # the metric's code travels in the evaluation set
+        from .evalset import metric_arrays
+
+        source = str(metric_arrays(ref.metric)["metric:source"])
+        out["metric_sha256"] = hashlib.sha256(source.encode()).hexdigest()
     data = Path(ref.data) if ref.data else None
     if data is not None and data.is_file():
         out["data_sha256"] = sha256_file(data)
@@ -840,7 +846,8 @@ def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu"
     info = export_onnx(qmodel, entry.input_shape, path, act_dtype=settings["act_dtype"],
                        calib_x=calib_x, input_dtype=calib_x.dtype)
     ref = _reference(qmodel, data, path, seed)
-    evaluation = evaluation_fields(net, qmodel, data, out_dir, info["input_name"], model)
+    evaluation = evaluation_fields(net, qmodel, data, out_dir, info["input_name"], model,
+                                   ref.metric)
     runtimes = ["ort", "openvino"] + (["tensorrt"] if target == "tensorrt" else [])
     settings.update(opset=info["opset"], calib_samples=len(calib_x), notes=notes,
                     placement=info.get("placement"),

@@ -39,7 +39,7 @@ def fp32_outputs(path: str | Path, entry, feeds: dict, fixed: dict) -> list[np.n
 
 
 def reference_and_evalset(path: Path, entry, feeds: Feeds, out_dir: Path, model: str,
-                          fp32_path: str | Path, seed: int) -> dict:
+                          fp32_path: str | Path, seed: int, metric: str | None = None) -> dict:
     """The manifest fields for the agent's two checks, both computed here on the host:
 
     - `<file>.reference.npz`: a few test samples and this file's outputs run by ONNX
@@ -72,6 +72,7 @@ def reference_and_evalset(path: Path, entry, feeds: Feeds, out_dir: Path, model:
               **{f"kind:{i}": np.array(k) for i, k in enumerate(kinds)}}
     if feeds.labels is not None:
         arrays["labels"] = feeds.labels
+    arrays.update(evalset.metric_arrays(metric))
     ev = evalset.write(out_dir, arrays, model, feeds.name)
     sim = evaluate(run(simulation, entry.inputs, feeds.test, feeds.fixed), arrays)
     return {"reference": ref.name, "reference_ort_max_abs_diff": dev, "output_kinds": kinds,
@@ -79,11 +80,13 @@ def reference_and_evalset(path: Path, entry, feeds: Feeds, out_dir: Path, model:
                          "n": ev.manifest["n"], "labels": ev.manifest["labels"],
                          "data": feeds.name},
             "simulated": {k: sim[k] for k in ("n", "top1", "agreement_fp32", "kl", "sqnr_db",
-                                              "cosine", "task")}}
+                                              "cosine", "task", "metric", "metric_error")
+                          if k in sim}}
 
 
 def file_artifact(entry, feeds: Feeds, path: Path, *, model: str, variant: str, target: str,
-                  settings: dict, versions: dict, seed: int) -> Artifact:
+                  settings: dict, versions: dict, seed: int, metric: str | None = None
+                  ) -> Artifact:
     """The user's FP32 file as its own artifact, copied as it is (no PyTorch involved)."""
     import onnx
 
@@ -92,7 +95,7 @@ def file_artifact(entry, feeds: Feeds, path: Path, *, model: str, variant: str, 
     shutil.copyfile(entry.onnx_path, tmp)
     os.replace(tmp, path)
     proto = onnx.load(str(path), load_external_data=False)
-    fields = reference_and_evalset(path, entry, feeds, path.parent, model, path, seed)
+    fields = reference_and_evalset(path, entry, feeds, path.parent, model, path, seed, metric)
     settings = {**settings, "route": "file", "source_onnx": entry.onnx_path,
                 "opset": max((o.version for o in proto.opset_import
                               if o.domain in ("", "ai.onnx")), default=None)}
@@ -125,7 +128,8 @@ def build(entry, ref, v, out_dir, target: str, settings: dict, versions: dict, s
             return Artifact.load(path)
         feeds = load_feeds(entry, ref.data, ref.preprocess, seed)
         return file_artifact(entry, feeds, path, model=entry.name, variant=v.name,
-                             target=target, settings=settings, versions=versions, seed=seed)
+                             target=target, settings=settings, versions=versions, seed=seed,
+                             metric=ref.metric)
     if target == "torch":
         return None
     taken, why = route_of(entry, route)
@@ -136,7 +140,7 @@ def build(entry, ref, v, out_dir, target: str, settings: dict, versions: dict, s
         return Artifact.load(path)
     feeds = load_feeds(entry, ref.data, ref.preprocess, seed)
     return graph_artifact(entry, feeds, v, path, target=target, settings=settings,
-                          versions=versions, seed=seed, why=why)
+                          versions=versions, seed=seed, why=why, metric=ref.metric)
 
 
 def route_of(entry, route: str = "auto") -> tuple[str, str]:
@@ -163,7 +167,7 @@ _CONVERTS: dict[tuple, tuple[str, str]] = {}
 
 
 def graph_artifact(entry, feeds: Feeds, v, path: Path, *, target: str, settings: dict,
-                   versions: dict, seed: int, why: str) -> Artifact:
+                   versions: dict, seed: int, why: str, metric: str | None = None) -> Artifact:
     """The file quantized on its own graph (`quant.graph_route`), Q/DQ as hilq exports."""
     import onnx
 
@@ -189,7 +193,7 @@ def graph_artifact(entry, feeds: Feeds, v, path: Path, *, target: str, settings:
     onnx.save(qproto, str(tmp))
     os.replace(tmp, path)
     fields = reference_and_evalset(path, entry, feeds, path.parent, entry.name,
-                                   entry.onnx_path, seed)
+                                   entry.onnx_path, seed, metric)
     settings = {**settings, "route": "onnx", "route_reason": why,
                 "normalised_by": "onnxruntime basic offline optimisation",
                 "source_onnx": entry.onnx_path, "calib_samples": len(

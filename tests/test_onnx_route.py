@@ -220,3 +220,78 @@ def test_search_on_the_onnx_route(files, tmp_path):
     assert res["predicted"]["latency_ms"] > 0 and res["measured"]["latency_ms"] > 0
     assert {row["layer"] for row in res["cost_table"]} == {"conv1", "conv2", "fc"}
     assert "searched on its ONNX graph" in r.stderr + r.stdout
+
+
+def test_a_user_metric_runs_on_the_device_and_reaches_store_and_report(files, tmp_path):
+    """`--metric module:fn` travels inside the evaluation set, is computed by the agent
+    beside the engine, stored with the measurement, and shown in the report; a metric that
+    raises is said in one field, the measurement stands."""
+    import sqlite3
+
+    model, data, _ = files
+    db = tmp_path / "hilq.sqlite"
+    r = hilq("bench", "--model", model, "--input-shape", SHAPE, "--data", data, "--variants",
+             "fp32,w8a8", "--runtime", "ort", "--rounds", "1", "--db", db,
+             "--metric", "tests.user_metric:logits_close")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = sqlite3.connect(db).execute("select variant, accuracy from measurements").fetchall()
+    acc = {v: json.loads(a) for v, a in rows}
+    assert acc["fp32"]["metric"] == {"close": 1.0, "same_class": 1.0}
+    assert 0 < acc["w8a8"]["metric"]["close"] < 1.0
+    rep = hilq("report", "--run", "latest", "--db", db, "--out", tmp_path / "rep")
+    assert rep.returncode == 0, rep.stderr
+    md = next((tmp_path / "rep").rglob("report.md")).read_text()
+    assert f"close {acc['w8a8']['metric']['close']:.3f}" in md
+    bad = hilq("bench", "--model", model, "--input-shape", SHAPE, "--data", data, "--variants",
+               "fp32", "--runtime", "ort", "--rounds", "1", "--no-store", "--json",
+               tmp_path / "bad.json", "--metric", "tests.user_metric:broken")
+    assert bad.returncode == 0, bad.stderr
+    m = json.loads((tmp_path / "bad.json").read_text())["measurements"][0]
+    assert m["status"] == "ok" and "ValueError: no such thing" in m["accuracy"]["metric_error"]
+    missing = hilq("bench", "--model", model, "--input-shape", SHAPE, "--variants", "fp32",
+                   "--no-store", "--metric", "tests.user_metric:nothing")
+    assert missing.returncode == 2 and "has no function 'nothing'" in missing.stderr
+
+
+def test_the_regression_rule_watches_task_figures_and_user_metrics(tmp_path):
+    """A stored figure inside the accuracy (a task figure, a user metric) is compared with its
+    history on the same evaluation set, like top-1: a drop past the threshold is flagged."""
+    from bench import regress
+    from bench.store import open_store
+    from devices.measurement import Measurement
+
+    store = open_store(tmp_path / "hilq.sqlite")
+    runs = []
+    for night, (iou, close) in enumerate([(0.91, 0.80)] * 3 + [(0.908, 0.60)]):
+        run = store.begin_run({"night": night})
+        acc = {"n": 200, "eval_sha256": "e" * 64, "task": {"map_iou": iou},
+               "metric": {"close": close}}
+        store.add_measurement(run, Measurement("det", "w8a8", "local", "ort",
+                                               latency_ms={"p50": 1.0}, accuracy=acc), round=0)
+        store.finish_run(run)
+        runs.append(run)
+    rows = {r["metric"]: r for r in regress.detect(store, runs[-1])}
+    assert rows["metric:close"]["flagged"] and not rows["task:map_iou"]["flagged"]
+    assert rows["task:map_iou"]["n_history"] == 3
+    store.close()
+
+
+def test_max_drop_on_a_user_metric(files, tmp_path):
+    """`--max-drop NAME=X` limits the search by a figure the model reports (here the user's
+    metric): the fastest configuration whose simulated and device figure stay within it."""
+    model, data, _ = files
+    out = tmp_path / "search.json"
+    r = hilq("search", "--model", model, "--input-shape", SHAPE, "--data", data, "--runtime",
+             "ort", "--max-drop", "same_class=0.25", "--metric",
+             "tests.user_metric:logits_close", "--rounds", "1", "--min-duration-s", "0.2",
+             "--work-dir", tmp_path / "work", "--json", out)
+    assert r.returncode in (0, 4), r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    checks = res["accuracy_checks"]
+    assert checks and all("same_class" in (c["accuracy"].get("metric") or {}) for c in checks)
+    if res["status"] == "ok":
+        assert res["measured"]["accuracy_within_limit"]
+    nope = hilq("search", "--model", model, "--input-shape", SHAPE, "--data", data,
+                "--max-drop", "nothing=0.1", "--rounds", "1", "--min-duration-s", "0.2",
+                "--work-dir", tmp_path / "work2")
+    assert nope.returncode == 2 and "reports no figure 'nothing'" in nope.stderr, nope.stderr

@@ -304,8 +304,10 @@ class Store:
         `through_run`): run_id, started, value (median over rounds of `metric`), rounds (each
         round's value, sorted) and, if asked, the raw samples of all its rounds. Failed runs
         and measurements are left out. `eval_sha256`: only figures measured on that
-        evaluation set (accuracy on another set is not comparable)."""
-        col = measurements.c[METRICS[metric]]
+        evaluation set (accuracy on another set is not comparable). `metric` may name a
+        figure inside the stored accuracy (`json_figure`): `task:map_iou`, `metric:NAME`."""
+        figure = json_figure(metric)
+        col = measurements.c.accuracy if figure else measurements.c[METRICS[metric]]
         m, r = measurements.c, runs.c
         where = [m.model == model, m.variant == variant, m.device == device,
                  m.runtime == runtime, m.kind == "bench", m.status != "failed",
@@ -334,6 +336,10 @@ class Store:
             rows = c.execute(q.order_by(r.started, m.round)).all() if wanted else []
         per_run: dict[str, dict] = {}
         for run_id, started, value, raw in rows:
+            if figure:
+                value = (json.loads(value).get(figure[0]) or {}).get(figure[1])
+                if value is None:
+                    continue
             e = per_run.setdefault(run_id, {"run_id": run_id, "started": started,
                                             "values": [], "samples": []})
             e["values"].append(value)
@@ -473,3 +479,10 @@ def open_store(url_or_path: str | Path | None = None) -> Store:
         if isinstance(e, ModuleNotFoundError) and "psycopg" in why:
             why += " (pip install 'hilq[postgres]')"
         raise StoreError(f"cannot open store {redact(url)}: {why}") from None
+
+
+def json_figure(metric: str) -> tuple[str, str] | None:
+    """`task:NAME` / `metric:NAME` -> (the accuracy dict's group, NAME): the task figures of
+    an output's kind and a user's metric, stored in the accuracy JSON rather than a column."""
+    group, sep, name = metric.partition(":")
+    return (group, name) if sep and group in ("task", "metric") and name else None

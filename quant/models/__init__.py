@@ -71,13 +71,16 @@ class ModelRef:
     # how an ONNX file's integer variants are built: auto (PyTorch where onnx2torch converts
     # the file, else the ONNX graph), torch, or onnx (quant.onnx_artifact.ROUTES)
     route: str = "auto"
+    # a user's metric, `module:function` (NNCF's validation_fn): fn(outputs, fp32_outputs,
+    # labels) -> {name: value}, higher is better, computed on the device
+    metric: str | None = None
 
     def key(self) -> dict:
         """What decides an artifact's content besides the weights (its cache key)."""
         d = {"data": self.data, "input_shape": list(self.input_shape or ()) or None,
              "preprocess": self.preprocess, "seq_len": self.seq_len,
              "input_shapes": {n: list(s) for n, s in self.input_shapes or ()} or None,
-             "route": None if self.route == "auto" else self.route}
+             "route": None if self.route == "auto" else self.route, "metric": self.metric}
         return {k: v for k, v in d.items() if v is not None}
 
 
@@ -206,6 +209,10 @@ def load_model(ref: str | ModelRef, data: str | None = None, *,
 
     from ..data import check_fits, load_data, parse_preprocess
 
+    if isinstance(ref, ModelRef) and ref.metric:
+        from ..evalset import metric_arrays
+
+        metric_arrays(ref.metric)       # a metric that cannot run is one line, before any work
     if isinstance(ref, ModelRef):
         data = data if data is not None else ref.data
         input_shape = input_shape if input_shape is not None else ref.input_shape
