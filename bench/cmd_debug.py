@@ -117,8 +117,6 @@ def _engine(args, dbg, taps, arrays, out: Path, model: str, data_name: str):
 
 def debug(args, out: Path) -> tuple[dict, int]:
     """The whole command but printing: (result, exit code)."""
-    import torch
-
     from quant import debug as qd
     from quant.debug_onnx import write_debug_artifact
     from quant.models import load_model
@@ -129,37 +127,26 @@ def debug(args, out: Path) -> tuple[dict, int]:
         raise UserError(f"artifact {art.path} is not an ONNX Q/DQ export with a layer map "
                         f"(format {m.get('format')}): nothing quantized to debug")
     entry = load_model(ref)
-    res = qd.fake_quant_model(entry, m)
-    notes = []
-    dev = qd.reference_deviation(art, res.qmodel)
-    if dev is not None and dev > 1e-4:
-        notes.append(f"the fake-quant model rebuilt from the manifest differs from the one "
-                     f"exported (max |Δ| {dev:.3g} on the reference inputs): simulated "
-                     "figures describe the rebuilt model")
-    data = entry.data()
-    pool, labels = (data.test_x, data.test_y) if data.test_x is not None and len(data.test_x) \
-        else (data.calib_x, None)
-    x = pool[: args.samples]
-    labels = labels[: args.samples] if labels is not None else None
     try:
         dbg, taps = write_debug_artifact(art, out / "debug")
     except ValueError as e:   # no layer of the map left in the graph
         raise UserError(str(e)) from None
-    with torch.no_grad():
-        cap = qd.capture(res.fmodel, res.qmodel, x, [t.layer for t in taps if t.kind == "chain"])
-    sim = qd.simulated(cap, taps, qd.deployed_chain(res.qmodel, x, taps))
+    side = _graph_side if (m.get("settings") or {}).get("route") == "onnx" else _torch_side
+    sim, arrays, notes, data_name, n = side(args, art, entry, ref, taps)
+    if side is _graph_side:
+        from quant.graph_debug import debug_input_shapes
+
+        dbg = debug_input_shapes(dbg, arrays)
     info = {v["layer"]: {"op": v["op"], "precision": v["precision"]}
             for v in m["layer_map"].values()}
     result = {"model": m.get("model"), "variant": m.get("variant"),
               "runtime": None if args.no_engine else args.runtime,
               "device": None if args.no_engine else args.device,
-              "n": len(x), "artifact": art.path, "artifact_sha256": art.sha256,
+              "n": n, "artifact": art.path, "artifact_sha256": art.sha256,
               "debug_artifact_sha256": dbg.sha256, "status": "simulated", "notes": notes}
     code, engine, flags = 0, None, None
     if not args.no_engine:
-        arrays = qd.evalset_arrays(cap, taps, m["input_name"], len(m.get("output_names") or [1]),
-                                   labels)
-        meas, ev = _engine(args, dbg, taps, arrays, out, str(m.get("model")), data.name)
+        meas, ev = _engine(args, dbg, taps, arrays, out, str(m.get("model")), data_name)
         result.update(status=meas.status, failure=meas.failure, reason=meas.reason,
                       eval_sha256=ev.sha256, kernels=meas.kernels or None,
                       engine=(meas.facts or {}).get("engine"))
@@ -176,6 +163,51 @@ def debug(args, out: Path) -> tuple[dict, int]:
     result["culprits"] = qd.culprits(rows)
     notes += _gap_notes(rows, args.runtime if engine is not None else None, flags)
     return result, code
+
+
+def _torch_side(args, art, entry, ref, taps):
+    """The PyTorch route's simulation: hilq's fake-quant model rebuilt from the manifest.
+    Returns (simulated rows, the debug copy's evaluation set, notes, data name, n)."""
+    import torch
+
+    from quant import debug as qd
+
+    m = art.manifest
+    res = qd.fake_quant_model(entry, m)
+    notes = []
+    dev = qd.reference_deviation(art, res.qmodel)
+    if dev is not None and dev > 1e-4:
+        notes.append(f"the fake-quant model rebuilt from the manifest differs from the one "
+                     f"exported (max |Δ| {dev:.3g} on the reference inputs): simulated "
+                     "figures describe the rebuilt model")
+    data = entry.data()
+    pool, labels = (data.test_x, data.test_y) if data.test_x is not None and len(data.test_x) \
+        else (data.calib_x, None)
+    x = pool[: args.samples]
+    labels = labels[: args.samples] if labels is not None else None
+    with torch.no_grad():
+        cap = qd.capture(res.fmodel, res.qmodel, x, [t.layer for t in taps if t.kind == "chain"])
+    sim = qd.simulated(cap, taps, qd.deployed_chain(res.qmodel, x, taps))
+    arrays = qd.evalset_arrays(cap, taps, m["input_name"], len(m.get("output_names") or [1]),
+                               labels)
+    return sim, arrays, notes, data.name, len(x)
+
+
+def _graph_side(args, art, entry, ref, taps):
+    """The ONNX route's simulation: the graphs run by ONNX Runtime with Q/DQ as written
+    (`quant.graph_debug`); same return as `_torch_side`."""
+    from quant import debug as qd
+    from quant import graph_debug
+    from quant.onnx_feeds import load_feeds
+
+    feeds = load_feeds(entry, ref.data, ref.preprocess, args.seed)
+    n = min(args.samples, len(feeds))
+    cap = graph_debug.capture(art, entry, feeds, n)
+    sim = qd.simulated(cap, taps)
+    labels = feeds.labels[:n] if feeds.labels is not None else None
+    arrays = graph_debug.evalset_arrays(cap, taps, entry, feeds, n, labels)
+    return sim, arrays, ["ONNX route: the simulation is the graph itself, run by ONNX Runtime "
+                         "with Q/DQ executed as written"], feeds.name, n
 
 
 def _saturates(runtime: str | None, flags: dict | None) -> bool:

@@ -120,7 +120,9 @@ def _check_keys(where: str, table: dict, allowed) -> None:
 
 
 def _names(dc) -> set[str]:
-    return {f.name for f in fields(dc)}
+    """The keys a config entry may use: the dataclass's fields, but `input_shapes`, which
+    `input_shape = {name = [...]}` fills."""
+    return {f.name for f in fields(dc)} - {"input_shapes"}
 
 
 def _tuple(where: str, v) -> tuple:

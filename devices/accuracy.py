@@ -58,7 +58,9 @@ def output_kind(ref: np.ndarray) -> str:
         if v > 1 and a.min() >= 0 and np.allclose(a.sum(axis=2), 1.0, atol=1e-3):
             return "sequence"
         small, large = min(t, v), max(t, v)
-        if 5 <= small <= 128 and large >= 8 * small:
+        scores = a[:, 4:, :] if t < v else a[:, :, 4:]     # YOLO: classes (objectness) in [0, 1]
+        if 5 <= small <= 128 and large >= max(200, 16 * small) and scores.min() >= 0 \
+                and scores.max() <= 1:
             return "detections"
     return "tensor"
 

@@ -43,8 +43,10 @@ def arrays(float_model, data, input_name: str) -> dict[str, np.ndarray] | None:
     x = data.test_x
     if x is None or not len(x):
         return None
-    out = {f"input:{input_name}": x.numpy(),
-           "fp32:0": logits(float_model, x).detach().float().numpy()}
+    from devices.accuracy import output_kind
+
+    fp32 = logits(float_model, x).detach().float().numpy()
+    out = {f"input:{input_name}": x.numpy(), "fp32:0": fp32, "kind:0": np.array(output_kind(fp32))}
     if data.test_y is not None:
         out["labels"] = torch.as_tensor(data.test_y).long().numpy()
     return out

@@ -525,10 +525,16 @@ def _quantize_compute(g: _Graph, node, q: QuantLayer, qp, head: list, int_bias: 
                              np.int8 if spec.symmetric else np.uint8)
     head.append(wnode)
     node.input[1] = wout
-    if int_bias and len(node.input) > 2 and node.input[2] in g.inits:
+    bias = g.inits.get(node.input[2]) if len(node.input) > 2 else None
+    s_w = q.w_scale.numpy().astype(np.float32)
+    # a Gemm's C may be written [1, N] (tf2onnx, ORT's MatMul+Add fusion): the same bias as
+    # [N]; a C of any other shape stays float
+    if bias is not None and s_w.size > 1 and bias.size == s_w.size:
+        bias = bias.reshape(-1)
+    if int_bias and bias is not None and (s_w.size == 1 or bias.shape == s_w.shape):
         s_in, _ = qp(node.input[0])
-        bscale = (np.float32(s_in) * q.w_scale.numpy().astype(np.float32)).astype(np.float32)
-        bias = g.inits[node.input[2]].astype(np.float64)
+        bscale = (np.float32(s_in) * s_w).astype(np.float32)
+        bias = bias.astype(np.float64)
         bq = np.clip(np.round(bias / bscale), -2**31, 2**31 - 1).astype(np.int32)
         bnode, bout = _dq_weight(g, node.input[2], bq, bscale, np.zeros(bscale.shape), 0, np.int32)
         head.append(bnode)
@@ -687,7 +693,8 @@ def evaluation_fields(float_model: nn.Module, model: nn.Module | None, data, out
         return {}
     arrays.update(evalset.metric_arrays(metric))
     ev = evalset.write(out_dir, arrays, name, data.name)
-    return {"eval_set": {"file": Path(ev.path).name, "sha256": ev.sha256,
+    return {"output_kinds": [str(arrays["kind:0"])],
+            "eval_set": {"file": Path(ev.path).name, "sha256": ev.sha256,
                          "n": ev.manifest["n"], "labels": ev.manifest["labels"],
                          "data": data.name},
             **({"simulated": evalset.simulated(model, arrays)} if model is not None else {})}
@@ -818,6 +825,8 @@ def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu"
             return art
     net = entry.build().eval()
     settings["float_weights_sha256"] = weights_sha256(net)
+    if entry.onnx_path:
+        settings["route"] = "torch"         # onnx2torch converted the file (quant.onnx_artifact)
     if calib_data != "real":
         settings["calib_data"] = calib_data
     if calib_data == "distilled":
@@ -845,7 +854,7 @@ def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu"
         qmodel, calib_x = fold_bn(net), data.calib_x if data.calib_x is not None else data.test_x
     info = export_onnx(qmodel, entry.input_shape, path, act_dtype=settings["act_dtype"],
                        calib_x=calib_x, input_dtype=calib_x.dtype)
-    ref = _reference(qmodel, data, path, seed)
+    ref_npz = _reference(qmodel, data, path, seed)
     evaluation = evaluation_fields(net, qmodel, data, out_dir, info["input_name"], model,
                                    ref.metric)
     runtimes = ["ort", "openvino"] + (["tensorrt"] if target == "tensorrt" else [])
@@ -862,5 +871,5 @@ def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu"
         bit_config=config.to_dict(), input_shape=[1, *entry.input_shape],
         input_dtype=str(calib_x.dtype).replace("torch.", ""), input_name=info["input_name"],
         output_names=info["output_names"], versions=_versions(), settings=settings,
-        layer_map=info["layer_map"], runtimes=runtimes, reference=ref.name,
-        reference_ort_max_abs_diff=_ort_deviation(path, ref), **evaluation)
+        layer_map=info["layer_map"], runtimes=runtimes, reference=ref_npz.name,
+        reference_ort_max_abs_diff=_ort_deviation(path, ref_npz), **evaluation)

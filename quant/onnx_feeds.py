@@ -140,3 +140,21 @@ def _split(arrays: dict, inputs, name: str) -> Feeds:
     test = {k: v[1::2] for k, v in per.items()}
     return Feeds(calib, test, fixed, None if labels is None else
                  np.asarray(labels)[1::2].astype(np.int64), name=Path(name).name)
+
+
+def named_data(data: str, inputs):
+    """`quant.models.Data` for the PyTorch route of a one-input file whose data is keyed by
+    input name (an `.npz` or factory dict); None when the data is for the image door."""
+    import torch
+
+    from .models import Data
+
+    arrays = _named_arrays(data, inputs) if len(inputs) == 1 else None
+    if arrays is None:
+        return None
+    feeds = _split(arrays, inputs, str(data))
+    name = inputs[0].name
+    return Data(calib_x=torch.from_numpy(feeds.calib[name]),
+                test_x=torch.from_numpy(feeds.test[name]),
+                test_y=None if feeds.labels is None else torch.from_numpy(feeds.labels),
+                name=feeds.name)

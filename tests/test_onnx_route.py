@@ -138,13 +138,21 @@ def test_no_top1_over_boxes():
     """A detector's raw output (N, 4+C, anchors) is `detections`: SQNR and cosine, never a
     top-1 or an agreement over a box tensor."""
     rng = np.random.default_rng(0)
-    ref = rng.standard_normal((6, 22, 2100)).astype(np.float32)
-    got = ref + rng.normal(0, 0.05, ref.shape).astype(np.float32)
+    ref = np.concatenate([rng.uniform(0, 320, (6, 4, 2100)), rng.uniform(0, 0.3, (6, 18, 2100))],
+                         axis=1).astype(np.float32)
+    ref[:, 4, :40] = 0.9                                   # forty confident boxes
+    got = ref + rng.normal(0, 0.01, ref.shape).astype(np.float32) * ref.max(axis=2,
+                                                                            keepdims=True)
     ev = {"fp32:0": ref, "kind:0": np.array(output_kind(ref))}
     res = evaluate([got], ev)
     assert res["kinds"] == ["detections"]
     assert res["top1"] is None and res["agreement_fp32"] is None and res["kl"] is None
-    assert res["outputs"][0]["sqnr_db"] == pytest.approx(26, abs=1)
+    assert res["outputs"][0]["sqnr_db"] > 30 and 0.5 < res["task"]["detection_map50"] <= 1
+    # every box moved by half its size: the task figure sees it, the SQNR barely does
+    moved = ref.copy()
+    moved[:, :2] += 0.5 * moved[:, 2:4]
+    worse = evaluate([moved], ev)
+    assert worse["task"]["detection_map50"] < 0.2 and worse["outputs"][0]["sqnr_db"] > 8
 
 
 def test_output_kinds_from_values():
@@ -295,3 +303,21 @@ def test_max_drop_on_a_user_metric(files, tmp_path):
                 "--max-drop", "nothing=0.1", "--rounds", "1", "--min-duration-s", "0.2",
                 "--work-dir", tmp_path / "work2")
     assert nope.returncode == 2 and "reports no figure 'nothing'" in nope.stderr, nope.stderr
+
+
+@pytest.mark.parametrize("runtime", ["ort", "openvino"])
+def test_debug_on_the_onnx_route(files, runtime, tmp_path):
+    """`hilq debug` on a file quantized on its own graph: each layer's error on the engine
+    beside the graph's simulation, and each layer's own error, worst first."""
+    model, data, _ = files
+    out = tmp_path / "debug.json"
+    r = hilq("debug", "--model", model, "--input-shape", SHAPE, "--data", data, "--variant",
+             "w8a8", "--runtime", runtime, "--json", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    rows = {row["layer"]: row for row in res["layers"]}
+    assert set(rows) == {"conv1", "conv2", "fc"}
+    for row in rows.values():
+        assert row["sqnr_db"] > 20 and row["own_error_db"] > 20, row
+        assert abs(row["gap_db"]) < 1.0, row          # the engine computes what was simulated
+    assert set(res["culprits"]) == set(rows)

@@ -226,7 +226,10 @@ def load_model(ref: str | ModelRef, data: str | None = None, *,
 
     def user_data() -> Data:
         if "d" not in loaded:
-            loaded["d"] = load_data(data, pre)
+            from ..onnx_feeds import named_data
+
+            by_name = named_data(data, inputs) if inputs else None
+            loaded["d"] = by_name if by_name is not None else load_data(data, pre)
         return loaded["d"]
 
     inputs: tuple = ()
