@@ -45,13 +45,17 @@ def artifact_for(model, variant, out_dir, runtime: str = "ort", seed: int = 0,
 def reference_for(art: Artifact) -> tuple[str | None, float, float]:
     """(reference .npz beside the artifact, rtol, atol) for the agent's wrong-answer check.
     The tolerance allows 4x the deviation ONNX Runtime showed at export (rounding ties of
-    integer kernels) and never less than 1e-3: it catches broken engines, not ulps."""
+    integer kernels) and never less than 1e-3, or the artifact's own `reference_atol` (the
+    ONNX route's: its reference is ORT's exact Q/DQ arithmetic, which another engine's
+    rounding ties move by a step of the last integer layer): it catches broken engines, not
+    ulps."""
     name = art.manifest.get("reference")
     path = Path(art.path).parent / name if name else None
     if path is None or not path.is_file():
         return None, 1e-3, 1e-4
     dev = art.manifest.get("reference_ort_max_abs_diff") or 0.0
-    return str(path), 1e-2, max(1e-3, 4 * float(dev))
+    floor = art.manifest.get("reference_atol") or 1e-3
+    return str(path), 1e-2, max(floor, 4 * float(dev))
 
 
 def with_simulated(accuracy: dict, manifest: dict) -> dict:

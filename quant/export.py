@@ -70,7 +70,7 @@ ACTIVATIONS = ("Relu", "Clip")
 PLACEMENTS = ("ort", "tensorrt")
 ORT_KERNEL = {"Conv": "QLinearConv", "Gemm": "QGemm", "MatMul": "MatMulIntegerToFloat"}
 DISTILL_ITERS = 100  # ZeroQ iterations for --calib-data distilled artifacts
-EXPORT_VERSION = 3   # bump when the exported graph changes: it is part of the cache key
+EXPORT_VERSION = 4   # bump when the exported graph changes: it is part of the cache key
 
 
 class ExportError(SpecError):

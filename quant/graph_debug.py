@@ -22,10 +22,10 @@ from .debug import Capture
 
 
 def _values(proto, inputs, feeds: dict, fixed: dict, tensors: list[str]) -> dict:
-    from .graph_route import _with_outputs
+    from .graph_route import with_outputs
     from .onnx_run import run, session
 
-    got = run(session(_with_outputs(proto, tensors, keep=False)), inputs, feeds, fixed)
+    got = run(session(with_outputs(proto, tensors, keep=False)), inputs, feeds, fixed)
     return dict(zip(tensors, got))
 
 

@@ -60,10 +60,6 @@ class Layer:
     weight: np.ndarray
     input: str
 
-    @property
-    def macs_per_output(self) -> int:
-        return int(np.prod(self.weight.shape[1:]))
-
 
 def normalise(path: str, out_dir: str | None = None):
     """The file after ONNX Runtime's basic offline optimisation, shape-inferred, every node
@@ -170,7 +166,7 @@ def calibrated(proto, config: BitConfig, inputs, feeds: dict, fixed: dict) -> di
                               "--data (data-free calibration needs the PyTorch route)")
     wanted = sorted({found[n].input for n, q in qlayers.items() if q.observer is not None})
     if wanted:
-        sess = session(_with_outputs(proto, wanted, keep=True))
+        sess = session(with_outputs(proto, wanted, keep=True))
         for feed in chunks(feeds, fixed, chunk_size(inputs, feeds, fixed)):
             values = dict(zip(wanted, sess.run(wanted, feed)))
             for name, q in qlayers.items():
@@ -182,7 +178,7 @@ def calibrated(proto, config: BitConfig, inputs, feeds: dict, fixed: dict) -> di
     return qlayers
 
 
-def _with_outputs(proto, tensors: list[str], keep: bool):
+def with_outputs(proto, tensors: list[str], keep: bool):
     """A copy of the graph whose outputs are `tensors` (after its own, with `keep`)."""
     import onnx
 
@@ -207,7 +203,7 @@ class Ranges:
     def __call__(self, tensors: list[str]) -> dict[str, tuple[float, float]]:
         todo = [t for t in tensors if t not in self.known]
         if todo:
-            sess = session(_with_outputs(self.proto, todo, keep=False))
+            sess = session(with_outputs(self.proto, todo, keep=False))
             lo = dict.fromkeys(todo, np.inf)
             hi = dict.fromkeys(todo, -np.inf)
             for feed in chunks(self.feeds, self.fixed,
@@ -230,13 +226,69 @@ def with_qdq(proto, qlayers: dict, ranges: Ranges, *, act_dtype: str = "uint8",
     return proto, info
 
 
+REPAIRS = ("bias",)
+
+
 def quantize(proto, config: BitConfig, inputs, feeds: dict, fixed: dict, *,
-             act_dtype: str = "uint8", placement: str = "ort"):
+             act_dtype: str = "uint8", placement: str = "ort", repairs=(),
+             progress=lambda s: None):
     """`proto` (normalised) with the layers `config` names quantized and Q/DQ inserted, and
-    the export facts for the manifest. `feeds`/`fixed`: calibration inputs by name."""
+    the export facts for the manifest. `feeds`/`fixed`: calibration inputs by name;
+    `repairs`: `bias` (empirical bias correction, as the PyTorch route's repair)."""
+    unknown = sorted(set(repairs) - set(REPAIRS))
+    if unknown:
+        raise GraphRouteError(f"repair {unknown[0]!r}: the ONNX route has "
+                              f"{', '.join(REPAIRS)} (CLE, AdaRound and the rest need the "
+                              "PyTorch route)")
     qlayers = calibrated(proto, config, inputs, feeds, fixed)
-    return with_qdq(proto, qlayers, Ranges(proto, inputs, feeds, fixed), act_dtype=act_dtype,
-                    placement=placement)
+    ranges = Ranges(proto, inputs, feeds, fixed)
+    if "bias" in repairs:
+        proto = bias_corrected(proto, qlayers, ranges, inputs, feeds, fixed,
+                               act_dtype=act_dtype, placement=placement, progress=progress)
+    return with_qdq(proto, qlayers, ranges, act_dtype=act_dtype, placement=placement)
+
+
+def _channel_mean(x: np.ndarray, op: str) -> np.ndarray:
+    """Per-output-channel mean: axis 1 of a convolution's NC..., the last of a linear's."""
+    x = np.asarray(x, np.float64)
+    axis = 1 if op == "Conv" else x.ndim - 1
+    return x.mean(axis=tuple(a for a in range(x.ndim) if a != axis))
+
+
+def bias_corrected(proto, qlayers: dict, ranges: Ranges, inputs, feeds: dict, fixed: dict, *,
+                   act_dtype: str = "uint8", placement: str = "ort", progress=lambda s: None):
+    """Empirical bias correction on the graph (Nagel et al., 2019; `quant.repairs`'s
+    `bias_correction` on the PyTorch route): layer by layer in graph order, the mean of each
+    output channel in the quantized graph (earlier layers already corrected) against the
+    float graph's, the difference taken off the layer's bias. A copy of `proto`."""
+    from onnx import numpy_helper
+
+    from .onnx_run import run
+
+    proto = copy.deepcopy(proto)
+    found = layers(proto)
+    nodes = {n.name: n for n in proto.graph.node if n.name in qlayers}
+    ys = [nodes[n].output[0] for n in nodes]
+    ref = dict(zip(ys, run(session(with_outputs(proto, ys, keep=False)), inputs, feeds, fixed)))
+    inits = {i.name: i for i in proto.graph.initializer}
+    for i, (name, node) in enumerate(nodes.items()):
+        progress(f"bias correction {i + 1}/{len(nodes)}: {name}")
+        q, _ = with_qdq(proto, qlayers, ranges, act_dtype=act_dtype, placement=placement)
+        y = next(n.output[0] for n in q.graph.node if n.name == name)
+        got = run(session(with_outputs(q, [y], keep=False)), inputs, feeds, fixed)[0]
+        shift = _channel_mean(got, found[name].op) - _channel_mean(ref[node.output[0]],
+                                                                   found[name].op)
+        if len(node.input) > 2 and node.input[2] in inits:
+            b = inits[node.input[2]]
+            bias = numpy_helper.to_array(b).astype(np.float64)
+            new = (bias.reshape(-1) - shift).reshape(bias.shape).astype(np.float32)
+            b.CopyFrom(numpy_helper.from_array(new, b.name))
+        elif len(node.input) < 3 and node.op_type in ("Conv", "Gemm"):
+            b = numpy_helper.from_array((-shift).astype(np.float32), f"{name}_bias_corrected")
+            proto.graph.initializer.append(b)
+            inits[b.name] = b
+            node.input.append(b.name)
+    return proto
 
 
 def edges(proto, names) -> list[tuple[str, str]]:

@@ -321,3 +321,26 @@ def test_debug_on_the_onnx_route(files, runtime, tmp_path):
         assert row["sqnr_db"] > 20 and row["own_error_db"] > 20, row
         assert abs(row["gap_db"]) < 1.0, row          # the engine computes what was simulated
     assert set(res["culprits"]) == set(rows)
+
+
+@pytest.mark.parametrize("runtime", ["ort", "openvino"])
+def test_a_small_detector_through_bench_and_debug(runtime, tmp_path):
+    """The detector made in the test, on both engines: FP32 (the file) and W8A8 (the ONNX
+    route) benchmarked and judged by mAP@0.5 on the device, and debugged layer by layer."""
+    det = small_detector(tmp_path / "det.onnx")
+    np.savez(tmp_path / "images.npz",
+             images=np.random.default_rng(2).uniform(0, 1, (24, 3, 32, 32)).astype(np.float32))
+    door = ("--model", det, "--input-shape", "images=1,3,32,32", "--data",
+            tmp_path / "images.npz", "--route", "onnx", "--runtime", runtime)
+    r = hilq("bench", *door, "--variants", "fp32,w8a8", "--rounds", "1", "--no-store",
+             "--json", tmp_path / "bench.json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {m["variant"]: m for m in json.loads((tmp_path / "bench.json").read_text())
+            ["measurements"]}
+    assert rows["fp32"]["accuracy"]["task"]["detection_map50"] == 1.0
+    assert rows["w8a8"]["accuracy"]["task"]["detection_map50"] > 0.5
+    assert rows["w8a8"]["accuracy"]["top1"] is None
+    r = hilq("debug", *door, "--variant", "w8a8", "--json", tmp_path / "debug.json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    layers = {row["layer"] for row in json.loads((tmp_path / "debug.json").read_text())["layers"]}
+    assert layers == {"stem", "head"}
