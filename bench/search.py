@@ -75,7 +75,8 @@ def _p50s(ms: list[Measurement]) -> list[float]:
 
 
 def _write_config(work: Path, name: str, config: BitConfig) -> str:
-    path = work / f"{name}.json"
+    # a model given as a path (`models/det.onnx`) names a file here, not a folder
+    path = work / f"{name.strip('/').replace('/', '_').replace(':', '_')}.json"
     path.write_text(json.dumps(config.to_dict(), indent=1, sort_keys=True))
     return f"config:{path}"
 
@@ -212,20 +213,23 @@ class _Context:
         return self.built[key]
 
     def accuracy(self, cfg: dict) -> dict:
-        """A configuration's fake-quant accuracy as its artifact's manifest recorded it when
-        it was built (nothing is quantized twice); quantized here only if never built."""
-        if self.graph is not None:      # the graph's simulation, recorded at build
-            sim = self.artifact(cfg).manifest.get("simulated") or {}
-            return {k: sim[k] for k in ("agreement_fp32", "kl", "sqnr_db", "task", "metric")
-                    if sim.get(k)}
-        sim = self._simulated(cfg)
+        """A configuration's simulated accuracy as its artifact's manifest recorded it when
+        it was built (built here if it was not; nothing is quantized twice): top-1 or
+        agreement where the model outputs class scores, else its SQNR and the task figures
+        of its outputs (a detector's agreement over a box tensor would mean nothing); a
+        user's metric beside either."""
+        sim = self.artifact(cfg).manifest.get("simulated") or {}
         figures = {k: sim[k] for k in ("task", "metric") if sim.get(k)}
         if sim.get("top1") is not None:
             fp32 = self._simulated(dict.fromkeys(self.layers, FLOAT)).get("top1")
             if fp32 is not None:
                 return {"top1": sim["top1"], "fp32_top1": fp32, **figures}
-        elif sim.get("agreement_fp32") is not None:
+        if sim.get("agreement_fp32") is not None:
             return {"agreement_fp32": sim["agreement_fp32"], **figures}
+        if sim:
+            return {k: sim[k] for k in ("sqnr_db", "task", "metric") if sim.get(k)}
+        if self.graph is not None:
+            return {}
         return _accuracy(self.entry, self.bit_config(cfg), self.calib_data)
 
     def _simulated(self, cfg: dict) -> dict:

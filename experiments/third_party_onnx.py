@@ -364,7 +364,9 @@ def _cell(fid) -> str:
 
 
 def _ms(v) -> str:
-    return f"{v:.2f}" if isinstance(v, float) else "fails"
+    if not isinstance(v, float):
+        return "fails"
+    return f"{v:.2f}" if v >= 1 else f"{v:.3f}"
 
 
 def table(rows: list[dict]) -> str:
