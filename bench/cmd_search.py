@@ -101,6 +101,12 @@ def run(args) -> int:
 
     budgets = dict(_budget(b) for b in args.budget)
     drop_metric, max_drop = _max_drop(args.max_drop) if args.max_drop else ("top1", None)
+    from devices.accuracy import TASK_FIGURES
+
+    if drop_metric not in ("top1", *TASK_FIGURES) and not args.metric:
+        raise UserError(f"--max-drop {args.max_drop!r}: no figure named {drop_metric!r} "
+                        f"without --metric (use top1=POINTS, a task figure such as "
+                        f"map_iou=0.02, or a name your --metric returns)")
     if args.min_agreement is not None and not 0 < args.min_agreement <= 1:
         raise UserError(f"--min-agreement {args.min_agreement}: give a fraction in (0, 1]")
     limited = max_drop is not None or args.min_agreement is not None

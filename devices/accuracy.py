@@ -39,6 +39,8 @@ WORST = 10  # sample indices returned, the largest KL (or wrong) first
 # (N, T) integers; raw detections (N, 4+C, A) or (N, A, 4+C); anything else
 KINDS = ("logits", "probs", "map", "sequence", "tokens", "detections", "tensor")
 SCORES = ("logits", "probs")
+# the task figures `task_figures` reports, by the kinds that have one
+TASK_FIGURES = ("map_iou", "sequence_agreement", "token_agreement", "detection_map50")
 
 
 def output_kind(ref: np.ndarray) -> str:

@@ -34,8 +34,10 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def arrays(float_model, data, input_name: str) -> dict[str, np.ndarray] | None:
-    """The evaluation set's arrays for `data.test_x` (None without test inputs)."""
+def arrays(float_model, data, input_name: str, kind: str | None = None
+           ) -> dict[str, np.ndarray] | None:
+    """The evaluation set's arrays for `data.test_x` (None without test inputs); `kind`:
+    what the output is, where the model declares it (else judged from its values)."""
     import torch
 
     from .evaluate import logits
@@ -46,7 +48,8 @@ def arrays(float_model, data, input_name: str) -> dict[str, np.ndarray] | None:
     from devices.accuracy import output_kind
 
     fp32 = logits(float_model, x).detach().float().numpy()
-    out = {f"input:{input_name}": x.numpy(), "fp32:0": fp32, "kind:0": np.array(output_kind(fp32))}
+    out = {f"input:{input_name}": x.numpy(), "fp32:0": fp32,
+           "kind:0": np.array(kind or output_kind(fp32))}
     if data.test_y is not None:
         out["labels"] = torch.as_tensor(data.test_y).long().numpy()
     return out

@@ -681,14 +681,15 @@ def _reference(model: nn.Module, data, path: Path, seed: int, n: int = 8,
 
 
 def evaluation_fields(float_model: nn.Module, model: nn.Module | None, data, out_dir: Path,
-                      input_name: str, name: str, metric: str | None = None) -> dict:
+                      input_name: str, name: str, metric: str | None = None,
+                      kind: str | None = None) -> dict:
     """Manifest fields for accuracy on the device: `eval_set` (the shared evaluation set
     beside the artifact: file, sha256, n, labels) and `simulated` (this model's figures on
     it, the fake-quant side of the simulated-vs-device comparison; absent when `model` is
     None); {} without test data."""
     from . import evalset
 
-    arrays = evalset.arrays(float_model, data, input_name)
+    arrays = evalset.arrays(float_model, data, input_name, kind)
     if arrays is None:
         return {}
     arrays.update(evalset.metric_arrays(metric))
@@ -856,7 +857,7 @@ def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu"
                        calib_x=calib_x, input_dtype=calib_x.dtype)
     ref_npz = _reference(qmodel, data, path, seed)
     evaluation = evaluation_fields(net, qmodel, data, out_dir, info["input_name"], model,
-                                   ref.metric)
+                                   ref.metric, (entry.output_kinds or (None,))[0])
     runtimes = ["ort", "openvino"] + (["tensorrt"] if target == "tensorrt" else [])
     settings.update(opset=info["opset"], calib_samples=len(calib_x), notes=notes,
                     placement=info.get("placement"),

@@ -134,11 +134,12 @@ def build(model: str, variant: str, out_dir: str | Path, seed: int = 0,
                            input_shape=[1, *entry.input_shape], input_dtype="float32",
                            format=FORMAT, runtimes=[runtime], versions=_versions(),
                            settings=settings,
-                           **_evaluation(net, path, data, model, variant, device, settings))
+                           **_evaluation(net, path, data, model, variant, device, settings,
+                                         (entry.output_kinds or (None,))[0]))
 
 
 def _evaluation(net: nn.Module, path: Path, data, model: str, variant: str, device: str,
-                settings: dict) -> dict:
+                settings: dict, kind: str | None = None) -> dict:
     """The evaluation set for accuracy on the device, keyed by the program's own input name.
     The simulated side is the saved program run eagerly here (the reference Q/DQ graph for
     CPU `w8a8`: fake-quant arithmetic in float); CUDA variants quantized at load have no
@@ -150,7 +151,7 @@ def _evaluation(net: nn.Module, path: Path, data, model: str, variant: str, devi
     twin = None
     if device == "cpu" or variant == "fp32":
         twin = _Program(ep.module(), None if settings.get("dynamic_batch") else 1)
-    return evaluation_fields(net, twin, data, path.parent, name, model)
+    return evaluation_fields(net, twin, data, path.parent, name, model, kind=kind)
 
 
 class _Program(nn.Module):

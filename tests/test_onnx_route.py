@@ -303,7 +303,7 @@ def test_max_drop_on_a_user_metric(files, tmp_path):
     nope = hilq("search", "--model", model, "--input-shape", SHAPE, "--data", data,
                 "--max-drop", "nothing=0.1", "--rounds", "1", "--min-duration-s", "0.2",
                 "--work-dir", tmp_path / "work2")
-    assert nope.returncode == 2 and "reports no figure 'nothing'" in nope.stderr, nope.stderr
+    assert nope.returncode == 2 and "no figure named 'nothing'" in nope.stderr, nope.stderr
 
 
 @pytest.mark.parametrize("runtime", ["ort", "openvino"])

@@ -120,7 +120,7 @@ def test_accuracy_limited_search_finds_a_pick_within_the_drop(tmp_path):
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--max-drop", "top5=1"], "expected top1=POINTS"),
+    (["--max-drop", "top5=1"], "use top1=POINTS"),
     (["--budget", "latency_ms=50%", "--max-drop", "top1=1"], "one of them"),
     ([], "one of them"),
     (["--budget", "energy_mj=3"], "expected COLUMN=VALUE"),

@@ -54,6 +54,9 @@ class ModelEntry:
     # an ONNX file's inputs at their static shapes (`onnx_file.InputSpec`), all of them:
     # the file is benchmarked and quantized on the graph from these, without PyTorch
     inputs: tuple = ()
+    # what the outputs are (`devices.accuracy.KINDS`) where the model knows better than the
+    # values can tell: tiny-transformer's (batch, seq, vocab) logits look like any tensor
+    output_kinds: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -130,4 +130,4 @@ def entry(seed: int = 0, seq_len: int = SEQ_LEN) -> ModelEntry:
                       (seq_len, D_MODEL),
                       f"{DEPTH} pre-LN transformer blocks, d_model {D_MODEL}, {HEADS} heads, "
                       f"MLP 4x, float input (seq {seq_len}, d_model {D_MODEL}), seeded weights",
-                      at_seq_len=lambda n: entry(seed, n))
+                      at_seq_len=lambda n: entry(seed, n), output_kinds=("logits",))
