@@ -194,6 +194,14 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def kl_per_sample(ref: np.ndarray, got: np.ndarray, kind: str = "logits") -> np.ndarray:
+    """KL(FP32 ‖ got) per sample over class scores (N, C): softmax first for `logits`,
+    as they are for `probs`."""
+    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    p, q = (_softmax(ref), _softmax(got)) if kind == "logits" else (ref, np.clip(got, 0, None))
+    return (p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum(axis=1)
+
+
 def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float | None:
     """10·log10(‖ref‖² / ‖got − ref‖²); None for an all-zero reference, 200 dB for exact."""
     ref, got = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
@@ -243,9 +251,7 @@ def evaluate(outputs: list, ev) -> dict:
         res["cosine"] = cosine(ref, out0.reshape(n, -1))
         if pred is not None:
             res["agreement_fp32"] = float((pred == ref.argmax(axis=1)).mean())
-            p, q = ((_softmax(ref), _softmax(logits)) if kinds[c] == "logits"
-                    else (ref, np.clip(logits, 0, None)))
-            kl = (p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum(axis=1)
+            kl = kl_per_sample(ref, logits, kinds[c])
             res["kl"] = float(kl.mean())
             score = kl
     if score is not None:

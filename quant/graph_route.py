@@ -342,60 +342,12 @@ def sensitivity(proto, inputs, feeds: dict, fixed: dict, *, act_dtype: str = "ui
 
 
 def _divergence(ref: list, got: list, kinds: list[str], scores) -> float:
+    from devices.accuracy import kl_per_sample
+
     for r, g, kind in zip(ref, got, kinds):
         if kind in scores:
-            r, g = r.reshape(len(r), -1).astype(np.float64), g.reshape(len(g), -1)
-            if kind == "logits":
-                r, g = _softmax(r), _softmax(g)
-            g = np.clip(g, 1e-12, None)
-            return float((r * (np.log(r + 1e-12) - np.log(g))).sum(axis=1).mean())
+            return float(kl_per_sample(r.reshape(len(r), -1), g.reshape(len(g), -1),
+                                       kind).mean())
     num = sum(float(((g.astype(np.float64) - r) ** 2).sum()) for r, g in zip(ref, got))
     den = sum(float((r.astype(np.float64) ** 2).sum()) for r in ref)
     return num / den if den else 0.0
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-@dataclass
-class GraphModel:
-    """An ONNX file on the ONNX route, as the search sees a model: its layers (nodes), the
-    edges between them, its calibration feeds, and per-layer configs, sizes and
-    sensitivities, all on the normalised graph."""
-
-    proto: object
-    layers: dict[str, Layer]
-    inputs: tuple
-    feeds: object               # quant.onnx_feeds.Feeds
-
-    @classmethod
-    def of(cls, entry, feeds) -> GraphModel:
-        proto = normalise(entry.onnx_path)
-        found = layers(proto)
-        if not found:
-            raise GraphRouteError(f"{entry.onnx_path}: no Conv, Gemm or MatMul with constant "
-                                  "weights to quantize (fp32 still benchmarks)")
-        return cls(proto, found, entry.inputs, feeds)
-
-    def edges(self) -> list[tuple[str, str]]:
-        return edges(self.proto, list(self.layers))
-
-    def bit_config(self, allocation: dict[str, str]) -> BitConfig:
-        """{layer: precision label} (float ones left out) -> the `BitConfig`, activations
-        at 8 bits as the search deploys them."""
-        from .sensitivity import precision_of
-
-        unknown = sorted(set(allocation) - set(self.layers))
-        if unknown:
-            raise GraphRouteError(f"allocation names layer(s) not in the graph: "
-                                  f"{', '.join(unknown[:5])}")
-        return BitConfig({n: precision_of(label, 8) for n, label in allocation.items()})
-
-    def size_bits(self, layer: str, bits: int | None) -> int:
-        return size_bits(self.layers[layer], bits)
-
-    def sensitivity(self, progress=lambda s: None) -> dict[str, float]:
-        return sensitivity(self.proto, self.inputs, self.feeds.all_calib(), self.feeds.fixed,
-                           progress=progress)
