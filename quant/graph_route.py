@@ -351,3 +351,45 @@ def _divergence(ref: list, got: list, kinds: list[str], scores) -> float:
     num = sum(float(((g.astype(np.float64) - r) ** 2).sum()) for r, g in zip(ref, got))
     den = sum(float((r.astype(np.float64) ** 2).sum()) for r in ref)
     return num / den if den else 0.0
+
+
+@dataclass
+class GraphModel:
+    """An ONNX file on the ONNX route, as the search sees a model: its layers (nodes), the
+    edges between them, its calibration feeds, and per-layer configs, sizes and
+    sensitivities, all on the normalised graph."""
+
+    proto: object
+    layers: dict[str, Layer]
+    inputs: tuple
+    feeds: object               # quant.onnx_feeds.Feeds
+
+    @classmethod
+    def of(cls, entry, feeds) -> GraphModel:
+        proto = normalise(entry.onnx_path)
+        found = layers(proto)
+        if not found:
+            raise GraphRouteError(f"{entry.onnx_path}: no Conv, Gemm or MatMul with constant "
+                                  "weights to quantize (fp32 still benchmarks)")
+        return cls(proto, found, entry.inputs, feeds)
+
+    def edges(self) -> list[tuple[str, str]]:
+        return edges(self.proto, list(self.layers))
+
+    def bit_config(self, allocation: dict[str, str]) -> BitConfig:
+        """{layer: precision label} (float ones left out) -> the `BitConfig`, activations
+        at 8 bits as the search deploys them."""
+        from .sensitivity import precision_of
+
+        unknown = sorted(set(allocation) - set(self.layers))
+        if unknown:
+            raise GraphRouteError(f"allocation names layer(s) not in the graph: "
+                                  f"{', '.join(unknown[:5])}")
+        return BitConfig({n: precision_of(label, 8) for n, label in allocation.items()})
+
+    def size_bits(self, layer: str, bits: int | None) -> int:
+        return size_bits(self.layers[layer], bits)
+
+    def sensitivity(self, progress=lambda s: None) -> dict[str, float]:
+        return sensitivity(self.proto, self.inputs, self.feeds.all_calib(), self.feeds.fixed,
+                           progress=progress)

@@ -218,6 +218,7 @@ def _hogs(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
+@pytest.mark.load
 def test_busy_is_set_by_a_cpu_hog_and_clear_without_one(bundle_dir, art, tmp_path):
     """A process spinning on every core while the agent idles and times: `busy`, with the
     others' share measured. Without it the same run is not busy (the machine is shared, so up

@@ -104,6 +104,7 @@ def test_command_meter_watts_end_to_end(tmp_path):
     assert e == pytest.approx(12.5 * (t1 - t0), rel=1e-6)
 
 
+@pytest.mark.load
 def test_command_meter_joules_counter(tmp_path):
     cmd = _script(tmp_path, "import time\nj=100.0\nwhile True:\n    print(f'{j} J', flush=True)\n"
                             "    j += 1.0\n    time.sleep(0.02)\n")

@@ -35,6 +35,7 @@ def _run(art, tmp_path, **kw):
     return m
 
 
+@pytest.mark.load
 @pytest.mark.parametrize("name", list(scenario.SCENARIOS))
 def test_each_scenario_is_valid_where_the_device_carries_it(digits, tmp_path, name):
     m = _run(digits, tmp_path, scenario=name)

@@ -44,6 +44,7 @@ def _search(tmp_path, *extra):
     return rc, (json.loads(out.read_text()) if out.exists() else None)
 
 
+@pytest.mark.load
 @pytest.mark.slow
 def test_search_on_the_local_cpu_closes_the_loop_and_stores_every_iteration(tmp_path):
     import sqlite3
@@ -68,9 +69,13 @@ def test_search_on_the_local_cpu_closes_the_loop_and_stores_every_iteration(tmp_
     names = {r[0] for r in db.execute("select name from allocations")}
     assert {"chosen" if rc == 0 else "iteration-1", "iteration-1"} <= names
     # a second search takes the first one's measurements into its fit
-    # (on a noisy VM it may honestly miss a 0.08 ms budget: then it must say so, exit 4)
+    # (on a noisy VM it may honestly miss a 0.03 ms budget: then it must say so, exit 4; or,
+    # when the first search's picks read 50% slow, find no configuration under the budget
+    # with 95% confidence: exit 2, and the fit still grew)
     rc, again = _search(tmp_path, "--budget", "latency_ms=50%")
-    assert (rc, again["status"]) in {(0, "ok"), (4, "budget_missed")}, again["message"]
+    assert (rc, again["status"]) in {(0, "ok"), (4, "budget_missed")} or (
+        (rc, again["status"]) == (2, "infeasible") and "confidence" in again["message"]), \
+        again["message"]
     assert again["measured"].get("within_budget", False) == (rc == 0)
     assert again["latency_model"]["observations"] > res["latency_model"]["observations"]
     # the stored searches replay offline (scripts/replay_loop.py): the first pick's
