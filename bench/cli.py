@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from . import __version__
+from .errors import UserError
 
 COMMANDS = {
     "quantize": "quantize a model to a variant: accuracy before/after, size, artifact",
@@ -27,10 +28,6 @@ COMMANDS = {
     "report": "render a Markdown + HTML report from the store",
     "results": "export or inspect the results store",
 }
-
-
-class UserError(Exception):
-    """Bad input a user can fix; printed as one line, exit code 2."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -116,6 +113,14 @@ def runtime_options(args) -> dict:
         return check_options(args.runtime, given)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def defaults(options_class) -> dict:
+    """{field: default} of a verb's options dataclass: the flags' defaults are the options'
+    own, defined once on the dataclass."""
+    from dataclasses import MISSING, fields
+
+    return {f.name: f.default for f in fields(options_class) if f.default is not MISSING}
 
 
 def _module(name: str):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from quant.allocate import Allocation, CostTable, frontier, pareto_dp, solve_ilp
 
-from .cli import UserError
 from .cli import console as cli_console
+from .errors import UserError
 
 
 def add_arguments(parser) -> None:

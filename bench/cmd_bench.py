@@ -8,18 +8,13 @@ from __future__ import annotations
 import json
 from dataclasses import fields, replace
 
-from bench.cli import (
-    UserError,
-    add_model_arguments,
-    add_runtime_option_argument,
-    model_ref,
-    runtime_options,
-)
+from bench.cli import add_model_arguments, add_runtime_option_argument, model_ref, runtime_options
+from bench.errors import UserError
 from bench.runner import bench_variants
 from devices import inventory
-from devices.measurement import Protocol
 from devices.runtimes import NAMES
 from devices.scenario import SCENARIOS
+from hilq.measurement import Protocol
 from quant.artifact import Artifact
 
 # Protocol fields settable from the command line: --min-iters, --min-duration-s, ...

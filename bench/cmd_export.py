@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cli import UserError, add_model_arguments, model_ref
+from .cli import add_model_arguments, model_ref
+from .errors import UserError
 
 FORMATS = ("onnx-qdq",)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from .cli import UserError
 from .cli import console as cli_console
+from .errors import UserError
 
 
 def add_arguments(p):

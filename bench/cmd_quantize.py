@@ -19,8 +19,9 @@ from pathlib import Path
 
 from quant.spec import CALIBRATIONS, GRANULARITIES
 
-from .cli import UserError, add_model_arguments, model_ref
+from .cli import add_model_arguments, model_ref
 from .cli import console as cli_console
+from .errors import UserError
 
 
 def add_arguments(parser) -> None:

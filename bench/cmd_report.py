@@ -12,7 +12,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from .cli import UserError
+from .errors import UserError
 
 
 def add_arguments(parser) -> None:

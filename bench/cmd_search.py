@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import statistics
 
-from bench.cli import UserError, add_model_arguments, model_ref
+from bench.cli import add_model_arguments, model_ref
 from bench.cli import console as cli_console
+from bench.errors import UserError
 
 EXIT = {"ok": 0, "failed": 1, "infeasible": 2, "budget_missed": 4}
 
@@ -96,12 +97,12 @@ def run(args) -> int:
     from bench.search import SearchOptions, run_search
     from bench.store import open_store
     from devices import inventory
-    from devices.measurement import Protocol
+    from hilq.measurement import Protocol
     from quant.models import load_model
 
     budgets = dict(_budget(b) for b in args.budget)
     drop_metric, max_drop = _max_drop(args.max_drop) if args.max_drop else ("top1", None)
-    from devices.accuracy import TASK_FIGURES
+    from hilq.accuracy import TASK_FIGURES
 
     if drop_metric not in ("top1", *TASK_FIGURES) and not args.metric:
         raise UserError(f"--max-drop {args.max_drop!r}: no figure named {drop_metric!r} "

@@ -17,8 +17,9 @@ from pathlib import Path
 from quant.sensitivity import METHODS, sensitivity_table
 from quant.zeroq import CALIB_DATA, calibration_data, input_prior
 
-from .cli import UserError, add_model_arguments, model_ref
+from .cli import add_model_arguments, model_ref
 from .cli import console as cli_console
+from .errors import UserError
 
 
 def add_arguments(parser) -> None:

@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from devices.measurement import Protocol
+from hilq.measurement import Protocol
 from quant.spec import SpecError, parse_variant
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "nightly-local.toml"  # -> configs/, shipped in the wheel

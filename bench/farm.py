@@ -7,7 +7,7 @@ own. A node declares the devices it can reach when it joins:
     ray start --address HEAD:6379 --resources '{"device:edge1": 1, "device:edge2": 1}'
 
 and a measurement task for edge1 asks for `device:edge1: 1`, so Ray runs it on that node and
-never two at once. The task is the thread engine's own per-device loop (`nightly._bench_device`:
+never two at once. The task is the thread engine's own per-device loop (`matrix.bench_device`:
 alternating rounds, one artifact per agent process, the device lock, the store's natural keys),
 so both engines write the same rows. Build tasks (quantize, calibrate, export) ask for a CPU
 and run on any node; their files come back through Ray's object store and are checked by
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from quant.artifact import Artifact
 
-from .cli import UserError
+from .errors import UserError
 
 MEASURE_RETRIES = 0          # a half-timed measurement is not repeated
 BUILD_RETRIES = 3            # building is pure: safe to run again elsewhere
@@ -85,7 +85,8 @@ def _measure(cfg, run_id: str, name: str, tasks: list, board) -> dict:
 
     from devices import inventory
 
-    from .nightly import _bench_device, _one_line
+    from .errors import one_line
+    from .matrix import bench_device
     from .store import open_store
 
     where = _where()
@@ -98,12 +99,12 @@ def _measure(cfg, run_id: str, name: str, tasks: list, board) -> dict:
         try:
             local = [(b, runtime, {v: unpack(ray.get(ref), scratch) for v, ref in arts.items()})
                      for b, runtime, arts in tasks]
-            out["rows"], out["failures"] = _bench_device(
+            out["rows"], out["failures"] = bench_device(
                 cfg, store, run_id, device, local, lambda s: board.say.remote(s))
         finally:
             device.close()
     except Exception as e:  # noqa: BLE001 — one device failing must not stop the others
-        out["failures"].append((f"device {name}", _one_line(e)))
+        out["failures"].append((f"device {name}", one_line(e)))
     finally:
         store.close()
     board.update.remote(name, "failed" if out["failures"] else "done", where)

@@ -15,14 +15,16 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from devices import inventory
 from devices.errors import DeviceError
 
 from . import runner
-from .config import Bench, Config, Search
+from .config import Config, Search
+from .errors import one_line
+from .matrix import bench_device
 
 
 @dataclass
@@ -74,90 +76,6 @@ def _accuracy(store, run_id: str, b, seed: int, say, arts: dict | None = None) -
         say(f"accuracy {model} {v}: top-1 {top1:.2%}")
 
 
-def series_mde(cfg: Config, store, run_id: str, key: tuple, tonight: list[float]
-               ) -> tuple[float | None, float | None, int]:
-    """(minimum detectable effect, round noise σ, history rounds) of one p50 series with
-    tonight's per-round values, against the history the regression rule will use."""
-    from . import regress
-
-    hist = store.history(*key, "p50", cfg.lookback, before_run=run_id)
-    groups = [h["rounds"] for h in hist]
-    sigma = regress.round_noise([*groups, tonight])
-    m = sum(len(g) for g in groups)
-    return (regress.minimum_detectable_effect(sigma, len(tonight), m,
-                                              threshold=cfg.regression_threshold),
-            sigma, m)
-
-
-def protocol_for(cfg: Config, b, runtime: str):
-    """The night's protocol with this entry's settings of `runtime`'s engine."""
-    return replace(cfg.protocol, runtime_options=b.runtime_options.get(runtime, {}))
-
-
-def _adaptive_rounds(cfg: Config, store, run_id, device, b, runtime, arts, per, say,
-                     budget_s: float) -> tuple[dict, float]:
-    """More rounds for the series that cannot yet see `cfg.detect`, alternating among them,
-    until each can, `max_rounds` is reached or `budget_s` (what is left of the device's
-    extra time tonight) is spent. Returns the series and the seconds spent. Each extra
-    round is stored like the first ones (a killed run resumes them)."""
-    t0 = time.perf_counter()
-    k = cfg.rounds
-    while k < cfg.max_rounds:
-        lagging = []
-        for name, ms in per.items():
-            tonight = [m.latency_ms["p50"] for m in ms if m.ok and m.latency_ms.get("p50")]
-            mde, sigma, hist = series_mde(cfg, store, run_id, (b.model, name, device.name,
-                                                                runtime), tonight)
-            if hist and mde is not None and mde > cfg.detect:
-                lagging.append(name)
-        spent = time.perf_counter() - t0
-        per_round = spent / max(1, k - cfg.rounds) if k > cfg.rounds else 0.0
-        if not lagging or spent + per_round > budget_s:
-            break
-        say(f"{b.model} on {device.name}/{runtime}: round {k + 1} for {', '.join(lagging)} "
-            f"(cannot yet see {cfg.detect:.0%})")
-        more = runner.measure_artifacts(device, runtime, b.model, {n: arts[n] for n in lagging},
-                                        protocol_for(cfg, b, runtime), rounds=k + 1,
-                                        store=store, run_id=run_id,
-                                        kind="bench", on_result=say)
-        per = {**per, **more}
-        k += 1
-    return per, time.perf_counter() - t0
-
-
-def _bench_device(cfg: Config, store, run_id: str, device, tasks: list[tuple[Bench, str, dict]],
-                  say) -> tuple[list, list]:
-    rows, failures = [], []
-    left = cfg.detect_budget_s          # one budget of extra rounds per device and night
-    for b, runtime, arts in tasks:
-        try:
-            per = runner.measure_artifacts(device, runtime, b.model, arts,
-                                           protocol_for(cfg, b, runtime),
-                                           rounds=cfg.rounds, store=store, run_id=run_id,
-                                           kind="bench", on_result=say)
-        except DeviceError as e:
-            failures.append((f"{b.model} on {device.name}/{runtime}", f"{e.kind}: {e}"))
-            continue
-        if cfg.detect is not None:
-            per, spent = _adaptive_rounds(cfg, store, run_id, device, b, runtime, arts, per,
-                                          say, left)
-            left = max(0.0, left - spent)
-        for name, ms in per.items():
-            m = runner.combine(ms, cfg.seed)
-            rows.append({"model": b.model, "variant": name, "device": device.name,
-                         "runtime": runtime, "status": m.status, "failure": m.failure,
-                         "p50_ms": (m.latency_ms or {}).get("p50"),
-                         "cv_p50": (m.rounds or {}).get("cv_p50"), "reason": m.reason})
-            if not m.ok:
-                failures.append((f"{b.model} {name} on {device.name}/{runtime}",
-                                 f"{m.failure}: {m.reason}"))
-            elif m.scenario and not m.scenario.get("valid"):
-                failures.append((f"{b.model} {name} on {device.name}/{runtime} "
-                                 f"{m.scenario.get('scenario')}", "LoadGen INVALID: "
-                                 + "; ".join(m.scenario.get("reasons") or [])))
-    return rows, failures
-
-
 def run_nightly(cfg: Config, *, say: Callable[[str], None] = print,
                 report: bool = True, resume: str | None = None) -> NightlyResult:
     """The whole night (the module docstring). `resume`: a run id to reopen and fill in (a
@@ -192,7 +110,7 @@ def run_nightly(cfg: Config, *, say: Callable[[str], None] = print,
                 try:
                     _accuracy(store, run_id, b, cfg.seed, say, built.get(b.model))
                 except Exception as e:  # noqa: BLE001
-                    result.failures.append((f"accuracy {b.model}", _one_line(e)))
+                    result.failures.append((f"accuracy {b.model}", one_line(e)))
 
         # 4. searches, one at a time (they build and measure)
         for s in cfg.search:
@@ -235,7 +153,7 @@ def _build_matrix(cfg: Config, result: NightlyResult, say, build) -> tuple[dict,
             try:
                 arts, for_device = build(i, b, runtime)
             except Exception as e:  # noqa: BLE001 — a model that will not build is a failure
-                result.failures.append((f"build {b.model} for {runtime}", _one_line(e)))
+                result.failures.append((f"build {b.model} for {runtime}", one_line(e)))
                 continue
             built.setdefault(b.model, arts)
             for d in b.devices:
@@ -261,9 +179,9 @@ def _on_threads(cfg: Config, store, run_id: str, devs, artifacts_dir: Path,
         except DeviceError as e:
             return [], [(f"device {name}", f"{e.kind}: {e}")]
         try:
-            return _bench_device(cfg, store, run_id, device, per_device[name], say)
+            return bench_device(cfg, store, run_id, device, per_device[name], say)
         except Exception as e:  # noqa: BLE001 — one device failing must not stop the others
-            return [], [(f"device {name}", _one_line(e))]
+            return [], [(f"device {name}", one_line(e))]
         finally:
             device.close()
 
@@ -340,8 +258,8 @@ def _search(cfg: Config, store, run_id: str, devs, s: Search, artifacts_dir: Pat
         d.pop("cost_table", None)
         return d
     except Exception as e:  # noqa: BLE001 — recorded, the nightly goes on
-        failures.append((name, _one_line(e)))
-        say(f"{name}: failed: {_one_line(e)}")
+        failures.append((name, one_line(e)))
+        say(f"{name}: failed: {one_line(e)}")
         traceback.print_exc()
         return {"model": s.model, "device": s.device, "runtime": s.runtime, "status": "failed"}
     finally:
@@ -350,34 +268,24 @@ def _search(cfg: Config, store, run_id: str, devs, s: Search, artifacts_dir: Pat
 
 def _debug_pick(cfg: Config, store, run_id: str, s: Search, res, artifacts_dir: Path, say
                 ) -> None:
-    """`hilq debug` on the searched configuration, on the same device and runtime: where its
-    error comes from, layer by layer, kept with the chosen allocation for the report. A
+    """The debug verb on the searched configuration, on the same device and runtime: where
+    its error comes from, layer by layer, kept with the chosen allocation for the report. A
     failure here is a note, not a failed search."""
-    from . import cli
-    from .cmd_debug import debug
+    from .debug import DebugOptions, debug
     from .latmodel import FLOAT
 
     if all(v == FLOAT for v in res.config.values()):
         say(f"debug {s.model} on {s.device}/{s.runtime}: the pick is all float, nothing "
             "quantized to debug")
         return
-    ref = s.ref
-    argv = ["debug", "--model", ref.name, "--variant", res.variant, "--device", s.device,
-            "--runtime", s.runtime, "--calib-data", s.calib_data, "--samples", "32",
-            "--seed", str(cfg.seed)]
-    for flag, value in (("--data", ref.data), ("--inventory", cfg.inventory),
-                        ("--preprocess", ref.preprocess if isinstance(ref.preprocess, str)
-                         else None),
-                        ("--input-shape", ",".join(map(str, ref.input_shape or ())) or None)):
-        if value:
-            argv += [flag, str(value)]
-    for name, shape in ref.input_shapes or ():
-        argv += ["--input-shape", f"{name}={','.join(map(str, shape))}"]
     try:
+        options = DebugOptions(model=s.ref, variant=res.variant, device=s.device,
+                               runtime=s.runtime, inventory=cfg.inventory,
+                               calib_data=s.calib_data, samples=32, seed=cfg.seed)
         # the search's own work folder: its artifact of the pick is reused from the cache
-        result, _ = debug(cli.build_parser().parse_args(argv), artifacts_dir / "search")
+        result, _ = debug(options, artifacts_dir / "search")
     except Exception as e:  # noqa: BLE001
-        say(f"debug {s.model} on {s.device}/{s.runtime}: not run: {_one_line(e)}")
+        say(f"debug {s.model} on {s.device}/{s.runtime}: not run: {one_line(e)}")
         return
     chosen = next((r for r in store.rows("allocations", run_id) if r["name"] == "chosen"
                    and (r["model"], r["device"], r["runtime"]) == (s.model, s.device,
@@ -389,7 +297,3 @@ def _debug_pick(cfg: Config, store, run_id: str, s: Search, res, artifacts_dir: 
     say(f"debug {s.model} on {s.device}/{s.runtime}: worst layer {worst.get('layer')} "
         f"({worst.get('sqnr_db') or worst.get('sqnr_db_simulated'):.1f} dB), error introduced "
         f"most at {', '.join(result.get('culprits', [])[:1]) or '–'}")
-
-
-def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from devices.stats import Stats
+from hilq.stats import Stats
 
 SECTIONS = ("Summary", "Latency distribution", "Accuracy on the device", "Accuracy vs latency",
             "Energy per inference", "Memory", "MLPerf scenarios (LoadGen)", "Batch sweep",

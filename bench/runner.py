@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from devices import stats
-from devices.measurement import Measurement, Protocol
+from hilq import stats
+from hilq.measurement import Measurement, Protocol
 from quant import evalset
 from quant.artifact import Artifact
 

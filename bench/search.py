@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from devices.measurement import Measurement, Protocol
+from hilq.measurement import Measurement, Protocol
 from quant.spec import BitConfig, SpecError
 
 from . import latmodel, loop, runner

@@ -55,7 +55,9 @@ import time
 import traceback
 
 if __package__:  # imported as devices.agent (host-side tools, tests)
-    from . import accuracy, memory, power, scenario, stats, timing
+    from hilq import accuracy, stats
+
+    from . import memory, power, scenario, timing
 else:  # run as a script, here or on a device: siblings are top-level modules
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import accuracy

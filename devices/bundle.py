@@ -8,18 +8,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hilq.measurement import Measurement, Protocol
+
 from .agent import FAILURE_OF_EXIT
-from .measurement import Measurement, Protocol
 
 EXIT_FAILURES = {c: k for c, k in FAILURE_OF_EXIT.items() if c}  # the agent's exit codes
 
 HERE = Path(__file__).resolve().parent
+CORE = HERE.parent / "hilq"      # the numpy-only core the agent shares with the host
 
 
 def files() -> list[tuple[Path, str]]:
-    """(local file, path relative to the bundle dir on the device)."""
-    out = [(HERE / n, n) for n in ("agent.py", "accuracy.py", "memory.py", "scenario.py",
-                                   "stats.py", "timing.py", "power.py", "measurement.py")]
+    """(local file, path relative to the bundle dir on the device): the agent and its
+    siblings, the core's modules beside them (flat: the agent imports them top-level), and
+    one module per runtime."""
+    out = [(HERE / n, n) for n in ("agent.py", "memory.py", "scenario.py", "timing.py",
+                                   "power.py")]
+    out += [(CORE / n, n) for n in ("accuracy.py", "stats.py", "measurement.py")]
     out += [(p, f"runtimes/{p.name}") for p in sorted((HERE / "runtimes").glob("*.py"))]
     return out
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Protocol as _Structural
 from typing import runtime_checkable
 
-from .measurement import Measurement, Protocol
+from hilq.measurement import Measurement, Protocol
 
 
 @runtime_checkable

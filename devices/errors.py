@@ -1,4 +1,4 @@
-"""Typed device failures. `kind` is one of `devices.measurement.FAILURES`, so a failure is
+"""Typed device failures. `kind` is one of `hilq.measurement.FAILURES`, so a failure is
 stored like any other result and the CLI can print it as one line."""
 
 from __future__ import annotations

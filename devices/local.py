@@ -13,10 +13,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hilq.measurement import Measurement, Protocol
+
 from . import bundle
 from .errors import DeviceError
 from .lock import local_lock
-from .measurement import Measurement, Protocol
 
 
 def _default_workdir() -> str:

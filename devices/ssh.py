@@ -23,10 +23,11 @@ from contextlib import contextmanager
 
 import paramiko
 
+from hilq.measurement import Measurement, Protocol
+
 from . import bundle
 from .errors import DeviceError
 from .lock import dir_lock
-from .measurement import Measurement, Protocol
 
 # One remote process per run prepares the workdir and hashes the cached artifact, if any
 # (each remote command costs a login-shell start, ~0.3 s).

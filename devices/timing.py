@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 if __package__:
-    from .measurement import Protocol
+    from hilq.measurement import Protocol
 else:  # in the agent's bundle, beside it
     from measurement import Protocol
 

@@ -260,7 +260,7 @@ def _peers(entry, feeds, out: Path) -> dict:
 
 def _fidelity(runtime: str, path, entry, feeds, ev: dict) -> dict:
     """Per-output SQNR and the task figures of `path` on the engine, in this process."""
-    from devices.accuracy import evaluate
+    from hilq.accuracy import evaluate
     from quant.onnx_run import chunk_size, chunks
 
     size = chunk_size(entry.inputs, feeds.test, feeds.fixed)
@@ -297,7 +297,7 @@ def _fidelity(runtime: str, path, entry, feeds, ev: dict) -> dict:
 def _timing(name: str, runtime: str, arts: dict, time_s: float, rounds: int) -> dict:
     from bench import runner
     from devices.local import LocalDevice
-    from devices.measurement import Protocol
+    from hilq.measurement import Protocol
 
     ms = runner.measure_artifacts(LocalDevice(), runtime, name, arts,
                                   Protocol(min_duration_s=time_s, threads=2), rounds=rounds)

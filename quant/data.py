@@ -18,21 +18,31 @@ Every bad input raises `DataError` with one line naming the file or folder.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .spec import SpecError
-
-if TYPE_CHECKING:      # quant.models imports this module's loaders lazily, and vice versa
-    from .models import Data
+from .spec import ModelError, SpecError
 
 
 class DataError(SpecError):
     """Data that cannot be read, or that does not fit the model (the message names it)."""
+
+
+@dataclass
+class Data:
+    """Calibration and evaluation data. `test_y` None = no labels (latency-only models)."""
+
+    calib_x: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor | None = None
+    train_x: torch.Tensor | None = None
+    train_y: torch.Tensor | None = None
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -156,8 +166,6 @@ def _labelled(folder: Path) -> tuple[list[Path], list[int], list[str]]:
 
 
 def image_folder(folder: Path, p: Preprocess | None) -> Data:
-    from .models import Data
-
     p = p or Preprocess()
     splits = {d.name: d for d in folder.iterdir() if d.is_dir()} if folder.is_dir() else {}
     test_dir = splits.get("test") or splits.get("val")
@@ -181,8 +189,6 @@ def image_folder(folder: Path, p: Preprocess | None) -> Data:
 
 
 def _arrays(path: Path) -> Data:
-    from .models import Data
-
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -221,9 +227,8 @@ def load_data(spec: str, preprocess: Preprocess | None = None):
             raise DataError(f"no such file: {path}")
         return _arrays(path)
     if ":" in spec and not path.exists():
-        from .models import _as_data, _import_factory
 
-        return _as_data(_import_factory(spec)(), spec)
+        return as_data(import_factory(spec)(), spec)
     raise DataError(f"--data {spec!r}: not a folder of images, a .npy/.npz file or "
                     "package.module:factory")
 
@@ -243,3 +248,31 @@ def check_labels(data, n_outputs: int) -> None:
         if lo < 0 or hi >= n_outputs:
             raise DataError(f"{data.name or 'data'}: labels {lo}..{hi} outside the model's "
                             f"{n_outputs} outputs")
+
+
+def import_factory(spec: str) -> Callable:
+    """`package.module:factory`, found on sys.path or in the current directory (as
+    `python -m` would find it, so `hilq --model mymodels:build` works beside mymodels.py)."""
+    import os
+    import sys
+
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ModelError(f"expected package.module:factory, got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ModelError(f"cannot import {spec!r}: {e}") from None
+
+
+def as_data(obj, spec: str) -> Data:
+    if isinstance(obj, Data):
+        return obj
+    if isinstance(obj, dict):
+        try:
+            return Data(**obj)
+        except TypeError as e:
+            raise ModelError(f"data factory {spec!r} returned a dict with bad keys: {e}") from None
+    raise ModelError(f"data factory {spec!r} must return quant.models.Data or a dict")

@@ -9,7 +9,7 @@ For every quantizable layer, three tensors on the same inputs:
   its own, what AIMET's QuantAnalyzer and ORT's `qdq_loss_debug` call the per-layer error).
 
 The errors are signal-to-quantization-noise ratios in dB (10·log10 ‖ref‖² / ‖x − ref‖²) and
-cosine similarities, computed by `devices.accuracy` so the host and the device use one
+cosine similarities, computed by `hilq.accuracy` so the host and the device use one
 formula. `inherited_db` is the part of the chain's noise the layer did not make: own and
 inherited noise are assumed uncorrelated, so their powers add (None when the chain is no
 noisier than the layer alone).
@@ -132,7 +132,7 @@ def simulated(cap: Capture, taps: list[Tap] | None = None,
     `cosine_simulated`, `own_error_db_simulated`, `inherited_db_simulated`. With `taps`,
     only the tapped layers, each read through its tap's output Q; with `deployed`
     (`deployed_chain`), `sqnr_db_deployed_sim` beside them."""
-    from devices.accuracy import cosine, sqnr_db
+    from hilq.accuracy import cosine, sqnr_db
 
     by_layer = {t.layer: t for t in taps or () if t.kind == "chain"}
     layers = list(by_layer) if taps else list(cap.chain)

@@ -45,7 +45,7 @@ def arrays(float_model, data, input_name: str, kind: str | None = None
     x = data.test_x
     if x is None or not len(x):
         return None
-    from devices.accuracy import output_kind
+    from hilq.accuracy import output_kind
 
     fp32 = logits(float_model, x).detach().float().numpy()
     out = {f"input:{input_name}": x.numpy(), "fp32:0": fp32,
@@ -61,7 +61,7 @@ def metric_arrays(spec: str | None) -> dict[str, np.ndarray]:
     None. The module must stand alone (it is run from its source on the device)."""
     import importlib.util
 
-    from .models import ModelError
+    from .spec import ModelError
 
     if not spec:
         return {}
@@ -129,7 +129,7 @@ def simulated(model, ev: dict[str, np.ndarray]) -> dict:
     figures are compared with."""
     import torch
 
-    from devices.accuracy import evaluate
+    from hilq.accuracy import evaluate
 
     from .evaluate import logits
 

@@ -144,7 +144,7 @@ def _evaluation(net: nn.Module, path: Path, data, model: str, variant: str, devi
     The simulated side is the saved program run eagerly here (the reference Q/DQ graph for
     CPU `w8a8`: fake-quant arithmetic in float); CUDA variants quantized at load have no
     host-side twin, so they get the set and the device figure but no simulated one."""
-    from .export import evaluation_fields
+    from .assembly import evaluation_fields
 
     ep = torch.export.load(str(path))
     name = ep.graph_signature.user_inputs[0]

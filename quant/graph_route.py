@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from .onnx_run import chunk_size, chunks, session
+from .qdq import COMPUTE
 from .spec import BitConfig, SpecError
 
-COMPUTE = ("Conv", "Gemm", "MatMul")
 MIN_OPSET = 13
 
 
@@ -218,10 +218,10 @@ def with_qdq(proto, qlayers: dict, ranges: Ranges, *, act_dtype: str = "uint8",
              placement: str = "ort"):
     """A copy of `proto` with `qlayers` (calibrated) written as Q/DQ by hilq's export rules,
     and the export facts."""
-    from .export import insert_qdq
+    from .qdq import insert_qdq
 
     proto = copy.deepcopy(proto)
-    info = insert_qdq(proto, None, qlayers, act_dtype=act_dtype, placement=placement,
+    info = insert_qdq(proto, qlayers, act_dtype=act_dtype, placement=placement,
                       layer_of={n: n for n in layers(proto)}, ranges_of=ranges)
     return proto, info
 
@@ -321,7 +321,7 @@ def sensitivity(proto, inputs, feeds: dict, fixed: dict, *, act_dtype: str = "ui
     (Q/DQ as deployed), the simulation run on the calibration feeds, and its outputs
     compared with the float graph's: mean KL where the model outputs class scores (ZeroQ's
     measure), else the noise-to-signal ratio summed over outputs (1/SQNR)."""
-    from devices.accuracy import SCORES, output_kind
+    from hilq.accuracy import SCORES, output_kind
 
     from .onnx_run import run
     from .spec import parse_variant, variant_config
@@ -342,7 +342,7 @@ def sensitivity(proto, inputs, feeds: dict, fixed: dict, *, act_dtype: str = "ui
 
 
 def _divergence(ref: list, got: list, kinds: list[str], scores) -> float:
-    from devices.accuracy import kl_per_sample
+    from hilq.accuracy import kl_per_sample
 
     for r, g, kind in zip(ref, got, kinds):
         if kind in scores:

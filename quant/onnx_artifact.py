@@ -5,7 +5,7 @@ Benchmarking a file needs the engine and a static shape per input, nothing else:
 artifact is the file, byte for byte, with a manifest naming each input's shape (the engines
 fix the file's dynamic dimensions there) and an evaluation set whose reference outputs are
 the file's own, computed by ONNX Runtime on the host. Its outputs are classified once
-(`devices.accuracy.output_kind`) so that every device judges them by a figure that fits.
+(`hilq.accuracy.output_kind`) so that every device judges them by a figure that fits.
 Integer variants take the PyTorch route (`quant.export`) where onnx2torch converts the file,
 else the ONNX route (`route_of` decides; the manifest's `settings.route` records it).
 """
@@ -49,7 +49,7 @@ def reference_and_evalset(path: Path, entry, feeds: Feeds, out_dir: Path, model:
       `reference_ort_max_abs_diff`, how far ORT's own optimized kernels land from it;
     - the shared evaluation set: test inputs, the FP32 file's outputs and their kinds,
       labels; `simulated`: the simulation's figures on it."""
-    from devices.accuracy import evaluate, output_kind
+    from hilq.accuracy import evaluate, output_kind
 
     from . import evalset
 
@@ -120,8 +120,9 @@ def build(entry, ref, v, out_dir, target: str, settings: dict, versions: dict, s
     itself), and integer variants on the ONNX route (`route="onnx"`, or `auto` when
     onnx2torch cannot convert the file); None where the PyTorch route builds it.
     `cache_key(extra)` is the artifact's path for these settings."""
-    from .export import ExportError, _cached
+    from .assembly import cached
     from .onnx_feeds import load_feeds
+    from .spec import ExportError
 
     if route not in ROUTES:
         raise ExportError(f"route {route!r}: use {', '.join(ROUTES)}")
@@ -129,7 +130,7 @@ def build(entry, ref, v, out_dir, target: str, settings: dict, versions: dict, s
         if v.float_dtype != "fp32":     # a TensorRT builder flag, not in the file
             settings = {**settings, "engine_precision": v.float_dtype}
         path = cache_key({"route": "file", **settings})
-        if _cached(path):
+        if cached(path):
             return Artifact.load(path)
         feeds = load_feeds(entry, ref.data, ref.preprocess, seed)
         return file_artifact(entry, feeds, path, model=entry.name, variant=v.name,
@@ -141,7 +142,7 @@ def build(entry, ref, v, out_dir, target: str, settings: dict, versions: dict, s
     if taken == "torch":
         return None
     path = cache_key({"route": "onnx", **settings})
-    if _cached(path):
+    if cached(path):
         return Artifact.load(path)
     feeds = load_feeds(entry, ref.data, ref.preprocess, seed)
     return graph_artifact(entry, feeds, v, path, target=target, settings=settings,
@@ -177,7 +178,7 @@ def graph_artifact(entry, feeds: Feeds, v, path: Path, *, target: str, settings:
     import onnx
 
     from . import graph_route
-    from .export import target_config
+    from .assembly import target_config
     from .spec import variant_config
 
     proto = graph_route.normalise(entry.onnx_path, str(path.parent))

@@ -90,9 +90,9 @@ def _named_arrays(data: str, inputs) -> dict | None:
     """An `.npz` or factory keyed by input names as a dict; None for the image door."""
     names = {i.name for i in inputs}
     if ":" in data and not Path(data).exists():
-        from .models import _import_factory
+        from .data import import_factory
 
-        obj = _import_factory(data)()
+        obj = import_factory(data)()
         if isinstance(obj, dict) and names & set(obj):
             return {k: np.asarray(_np(v)) for k, v in obj.items()}
         return None
@@ -147,7 +147,7 @@ def named_data(data: str, inputs):
     input name (an `.npz` or factory dict); None when the data is for the image door."""
     import torch
 
-    from .models import Data
+    from .data import Data
 
     arrays = _named_arrays(data, inputs) if len(inputs) == 1 else None
     if arrays is None:

@@ -66,3 +66,23 @@ def run(sess, inputs, per_sample: dict, fixed: dict, names: list[str] | None = N
         raise RunError(f"ONNX Runtime cannot run the graph on {shapes}: {msg}") from None
     return [np.concatenate([np.asarray(p[k]) for p in parts]) if np.asarray(parts[0][k]).ndim
             else np.asarray(parts[0][k]) for k in range(len(names))]
+
+
+def minmax(proto, tensors: list[str], x: np.ndarray, batch: int = 64
+           ) -> dict[str, tuple[float, float]]:
+    """Min and max of the float tensors `tensors` of a one-input graph over `x`."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    del m.graph.output[:]
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                          for t in tensors)
+    sess = session(m)
+    name = sess.get_inputs()[0].name
+    lo = {t: np.inf for t in tensors}
+    hi = {t: -np.inf for t in tensors}
+    for i in range(0, len(x), batch):
+        for t, v in zip(tensors, sess.run(tensors, {name: x[i: i + batch]})):
+            lo[t], hi[t] = min(lo[t], float(v.min())), max(hi[t], float(v.max()))
+    return {t: (lo[t], hi[t]) for t in tensors}

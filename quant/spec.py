@@ -220,3 +220,11 @@ def variant_config(variant: Variant, layer_names, *, granularity: str = "channel
     w = weight_spec(variant.w_bits, granularity=granularity, group_size=group_size)
     a = act_spec(variant.a_bits, calib=calib) if variant.a_bits else None
     return BitConfig.uniform(layer_names, w, a)
+
+
+class ModelError(SpecError):
+    """Unknown model name, a factory that cannot be imported, or data of the wrong shape."""
+
+
+class ExportError(SpecError):
+    """A model or setting that cannot be written as Q/DQ ONNX (the message says why)."""

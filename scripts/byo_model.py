@@ -263,7 +263,7 @@ def _time(onnx_path: Path, built: dict, time_s: float) -> dict:
     IR beside its .bin), through hilq's agent: fresh processes, alternating, 3 rounds."""
     from bench import runner
     from devices.local import LocalDevice
-    from devices.measurement import Protocol
+    from hilq.measurement import Protocol
     from quant.artifact import Artifact
 
     proto = Protocol(min_duration_s=time_s, threads=2)

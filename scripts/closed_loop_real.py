@@ -30,7 +30,7 @@ from bench import deltas, latmodel, runner, search  # noqa: E402
 from bench.latmodel import FLOAT, INT8  # noqa: E402
 from bench.store import open_store  # noqa: E402
 from devices.local import LocalDevice  # noqa: E402
-from devices.measurement import Protocol  # noqa: E402
+from hilq.measurement import Protocol  # noqa: E402
 
 
 def cpu() -> str:

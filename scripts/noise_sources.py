@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from bench import runner  # noqa: E402
 from devices.agent import cpu_facts  # noqa: E402
 from devices.local import LocalDevice  # noqa: E402
-from devices.measurement import Protocol  # noqa: E402
+from hilq.measurement import Protocol  # noqa: E402
 
 BASE = Protocol(min_iters=50, min_duration_s=1.5)
 SETTINGS = {   # name -> what changes from the default protocol

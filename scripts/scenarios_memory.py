@@ -28,7 +28,7 @@ from bench.report import render  # noqa: E402
 from bench.runner import artifact_for, bench_variants, combine, measure_artifacts  # noqa: E402
 from bench.store import open_store  # noqa: E402
 from devices.local import LocalDevice  # noqa: E402
-from devices.measurement import Protocol  # noqa: E402
+from hilq.measurement import Protocol  # noqa: E402
 from scripts.closed_loop_real import cpu  # noqa: E402
 
 SERVER_SHARES = (0.5, 0.35, 0.25)    # of the single-stream rate, tried in turn until VALID

@@ -27,7 +27,7 @@ from bench.nightly import run_nightly  # noqa: E402
 from bench.runner import artifact_for, measure_artifacts  # noqa: E402
 from bench.store import open_store  # noqa: E402
 from devices.local import LocalDevice  # noqa: E402
-from devices.measurement import Protocol  # noqa: E402
+from hilq.measurement import Protocol  # noqa: E402
 from scripts.closed_loop_real import cpu  # noqa: E402
 
 

@@ -12,10 +12,10 @@ import statistics
 
 import pytest
 
-from devices import stats, timing
 from devices.agent import LoadProbe
 from devices.local import LocalDevice
-from devices.measurement import Protocol
+from hilq import stats, timing
+from hilq.measurement import Protocol
 
 pytestmark = pytest.mark.bench
 

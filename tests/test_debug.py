@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from bench import cli, debug_report
-from bench.cmd_debug import _saturates
+from bench.debug import saturates as engine_saturates
 from quant import debug as qd
 from quant.artifact import Artifact
 from quant.debug_onnx import write_debug_artifact
@@ -136,7 +136,7 @@ def test_engine_agrees_with_simulation_or_says_why(digits):
     rows = _layers(res)
     for name in ("stem.0", "block.conv1", "block.conv2"):    # before the Add: no extra Q
         assert abs(rows[name]["gap_db"]) < 0.1, rows[name]
-    saturates = _saturates("ort", res["cpu_flags"])
+    saturates = engine_saturates("ort", res["cpu_flags"])
     for r in res["layers"]:
         if saturates and r["op"] == "Gemm" and r["own_error_db"] < r["own_error_db_simulated"] - 1:
             # AVX2 without VNNI (e.g. Zen 3): ORT's u8×s8 Gemm sums product pairs in int16
@@ -204,7 +204,7 @@ def test_inherited_error_is_told_apart_from_own(digits, tmp_path):
     rc, res = _debug(["--artifact", str(path)], tmp_path)
     rows = _layers(res)
     assert rc == 0 and res["culprits"][0] == "conv.0"
-    intact = 30 if _saturates("ort", res["cpu_flags"]) else 35   # saturation costs ~7 dB
+    intact = 30 if engine_saturates("ort", res["cpu_flags"]) else 35   # saturation costs ~7 dB
     assert rows["fc"]["sqnr_db"] < 10 and rows["fc"]["own_error_db"] > intact
     assert rows["fc"]["inherited_db"] < 10
 

@@ -17,9 +17,9 @@ from onnx import numpy_helper
 from bench import cli, regress
 from bench.runner import bench_variants
 from bench.store import open_store
-from devices.accuracy import evaluate
 from devices.local import LocalDevice
-from devices.measurement import Measurement, Protocol
+from hilq.accuracy import evaluate
+from hilq.measurement import Measurement, Protocol
 from quant import evalset
 from quant.artifact import Artifact
 from quant.export import build_artifact

@@ -21,8 +21,8 @@ from onnx_tiny import tiny_artifact
 
 from devices.bundle import DEADLINE_GRACE_S
 from devices.errors import DeviceError
-from devices.measurement import Protocol
 from devices.ssh import SSHDevice
+from hilq.measurement import Protocol
 
 pytestmark = pytest.mark.ssh
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ from bench import cli
 from bench.runner import bench_variants, combine
 from devices import lock
 from devices.local import LocalDevice
-from devices.measurement import Measurement, Protocol
+from hilq.measurement import Measurement, Protocol
 
 QUICK = Protocol(warmup_iters=2, warmup_s=0.0, min_iters=20, min_duration_s=0.05, idle_s=0.05)
 

@@ -64,18 +64,18 @@ def _unused_initializer_model(path: Path) -> Path:
 
 
 def test_host_side_onnx_runtime_sessions_log_at_error_level(tmp_path, capfd):
-    """The calibration pass and the export's deviation check (quant.export) and the engine's
+    """The calibration pass and the export's deviation check (quant.onnx_export, quant.assembly) and the engine's
     profiling session (devices.runtimes.ort) open a graph with an unused initializer: ORT's
     default level would print a warning for it on fd 2 each time."""
     from devices.runtimes import ort as ort_runtime
-    from quant import export
+    from quant import assembly, onnx_export
 
     path = _unused_initializer_model(tmp_path / "m.onnx")
     x = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
     np.savez(tmp_path / "ref.npz", **{"input:x": x, "output:0": np.maximum(x, 0)})
-    ranges = export._calibrate(onnx.load(path), ["y"], torch.from_numpy(x))
+    ranges = onnx_export.calibrate(onnx.load(path), ["y"], torch.from_numpy(x))
     assert ranges["y"] == (0.0, 1.0)
-    assert export._ort_deviation(path, tmp_path / "ref.npz") == 0.0
+    assert assembly.ort_deviation(path, tmp_path / "ref.npz") == 0.0
     ort_runtime._profiled_ops(str(path), ["CPUExecutionProvider"], [("x", [2, 3], np.float32)])
     err = capfd.readouterr().err
     assert "Removing initializer" not in err, err

@@ -14,7 +14,7 @@ from bench.runner import bench_variants
 from bench.store import open_store
 from devices import memory
 from devices.local import LocalDevice
-from devices.measurement import Protocol
+from hilq.measurement import Protocol
 from quant.export import build_artifact
 
 QUICK = Protocol(warmup_iters=3, warmup_s=0.0, min_iters=10, min_duration_s=0.05, idle_s=0.05)

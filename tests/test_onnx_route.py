@@ -15,7 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from devices.accuracy import evaluate, output_kind
+from hilq.accuracy import evaluate, output_kind
 from quant.export import build_artifact
 from quant.models import ModelRef, load_model
 
@@ -267,7 +267,7 @@ def test_the_regression_rule_watches_task_figures_and_user_metrics(tmp_path):
     history on the same evaluation set, like top-1: a drop past the threshold is flagged."""
     from bench import regress
     from bench.store import open_store
-    from devices.measurement import Measurement
+    from hilq.measurement import Measurement
 
     store = open_store(tmp_path / "hilq.sqlite")
     runs = []

@@ -13,9 +13,9 @@ from bench import runner
 from bench.store import open_store
 from devices import agent
 from devices.local import LocalDevice
-from devices.measurement import Measurement, Protocol
 from devices.runtimes import OnnxNames
 from devices.runtimes.tensorrt import layer_sources
+from hilq.measurement import Measurement, Protocol
 from quant.export import build_artifact
 from quant.models import load_model
 from quant.pipeline import variant_bit_config

@@ -8,7 +8,7 @@ import pytest
 
 from bench import regress
 from bench.store import open_store
-from devices.measurement import Measurement
+from hilq.measurement import Measurement
 
 NIGHTS = 10
 SAMPLES = 200

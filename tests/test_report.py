@@ -14,7 +14,7 @@ import pytest
 
 from bench import regress, report
 from bench.store import open_store
-from devices.measurement import Measurement
+from hilq.measurement import Measurement
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"fp32": (20.0, 0.712), "w8a8": (9.0, 0.705), "w4a8": (7.5, 0.664)}

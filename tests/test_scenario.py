@@ -17,7 +17,7 @@ from bench.runner import bench_variants
 from bench.store import open_store
 from devices import scenario
 from devices.local import LocalDevice
-from devices.measurement import Protocol
+from hilq.measurement import Protocol
 from quant.export import build_artifact
 
 SHORT = Protocol(warmup_iters=20, warmup_s=0.0, min_iters=50, min_duration_s=0.5,

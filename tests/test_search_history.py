@@ -6,7 +6,7 @@ import pytest
 from bench import search
 from bench.latmodel import FLOAT, INT8
 from bench.store import open_store
-from devices.measurement import Measurement, Protocol
+from hilq.measurement import Measurement, Protocol
 
 LAYERS = ["a", "b"]
 INT8_SPEC = {"weight": {"bits": 8}, "act": {"bits": 8}}

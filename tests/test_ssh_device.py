@@ -22,8 +22,8 @@ from onnx_tiny import reference_npz, tiny_artifact
 
 from devices.errors import DeviceError
 from devices.local import LocalDevice
-from devices.measurement import Protocol
 from devices.ssh import SSHDevice
+from hilq.measurement import Protocol
 
 pytestmark = pytest.mark.ssh
 SSHD = "/usr/sbin/sshd"

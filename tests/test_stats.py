@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from devices.stats import FIELDS, MIN_SAMPLES, Stats, summarize
+from hilq.stats import FIELDS, MIN_SAMPLES, Stats, summarize
 
 
 def test_fields_are_all_derived_and_named():

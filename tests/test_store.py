@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from bench import store as st
 from bench.store import load_frame, open_store
-from devices.measurement import Measurement
+from hilq.measurement import Measurement
 
 FACTS = {"cpu": "Synthetic CPU @ 3GHz", "flags": ["avx2", "avx512_vnni"], "os": "Linux",
          "onnxruntime": "1.32.0", "load": 0.3}

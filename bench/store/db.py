@@ -15,7 +15,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import Table
 
-from devices.measurement import Measurement
+from hilq.measurement import Measurement
 
 from .connection import (
     Connections,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-from devices.measurement import Measurement
+from hilq.measurement import Measurement
 
 from .connection import dumps
 

@@ -12,30 +12,16 @@ for reference outputs only (`Data.calib_x` None, `data_free` True).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..spec import SpecError
+from ..data import Data, import_factory
+from ..spec import ModelError
 
-
-class ModelError(SpecError):
-    """Unknown model name, a factory that cannot be imported, or data of the wrong shape."""
-
-
-@dataclass
-class Data:
-    """Calibration and evaluation data. `test_y` None = no labels (latency-only models)."""
-
-    calib_x: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor | None = None
-    train_x: torch.Tensor | None = None
-    train_y: torch.Tensor | None = None
-    name: str = ""
+__all__ = ["BUILTIN", "Data", "ModelEntry", "ModelError", "ModelRef", "load_model"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +40,7 @@ class ModelEntry:
     # an ONNX file's inputs at their static shapes (`onnx_file.InputSpec`), all of them:
     # the file is benchmarked and quantized on the graph from these, without PyTorch
     inputs: tuple = ()
-    # what the outputs are (`devices.accuracy.KINDS`) where the model knows better than the
+    # what the outputs are (`hilq.accuracy.KINDS`) where the model knows better than the
     # values can tell: tiny-transformer's (batch, seq, vocab) logits look like any tensor
     output_kinds: tuple = ()
 
@@ -148,34 +134,6 @@ def _builtin() -> dict[str, Callable[[], ModelEntry]]:
 BUILTIN = ("digits-cnn", "resnet18", "resnet50", "mobilenet_v2", "tiny-transformer")
 
 
-def _import_factory(spec: str) -> Callable:
-    """`package.module:factory`, found on sys.path or in the current directory (as
-    `python -m` would find it, so `hilq --model mymodels:build` works beside mymodels.py)."""
-    import os
-    import sys
-
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise ModelError(f"expected package.module:factory, got {spec!r}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ModelError(f"cannot import {spec!r}: {e}") from None
-
-
-def _as_data(obj, spec: str) -> Data:
-    if isinstance(obj, Data):
-        return obj
-    if isinstance(obj, dict):
-        try:
-            return Data(**obj)
-        except TypeError as e:
-            raise ModelError(f"data factory {spec!r} returned a dict with bad keys: {e}") from None
-    raise ModelError(f"data factory {spec!r} must return quant.models.Data or a dict")
-
-
 def _module_factory(factory: Callable, spec: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         m = factory()
@@ -263,7 +221,7 @@ def load_model(ref: str | ModelRef, data: str | None = None, *,
         raise ModelError(f"--input-shape NAME=...: only an ONNX file's inputs are named; "
                          f"{name} takes --input-shape 1,3,224,224")
     elif ":" in name:
-        build = _module_factory(_import_factory(name), name)
+        build = _module_factory(import_factory(name), name)
         desc, onnx_path, dtype = f"user model {name}", None, "float32"
         if input_shape is not None:
             shape = tuple(input_shape[1:])
