@@ -17,7 +17,7 @@ import json
 import platform
 from pathlib import Path
 
-from quant.spec import CALIBRATIONS, GRANULARITIES
+from quant.spec import CALIBRATIONS, DISTILL_ITERS, GRANULARITIES
 
 from .cli import add_model_arguments, model_ref
 from .cli import console as cli_console
@@ -42,8 +42,9 @@ def add_arguments(parser) -> None:
                         help="AdaRound iterations per layer (default 300)")
     parser.add_argument("--calib-data", default="real",
                         help="calibration inputs: real (default), distilled (ZeroQ), noise")
-    parser.add_argument("--distill-iters", type=int, default=500,
-                        help="ZeroQ iterations for --calib-data distilled (default 500, ZeroQ's)")
+    parser.add_argument("--distill-iters", type=int, default=DISTILL_ITERS,
+                        help=f"ZeroQ iterations for --calib-data distilled (default "
+                             f"{DISTILL_ITERS}; ZeroQ's paper runs 500)")
     parser.add_argument("--distill-objective", choices=("batch", "sample"), default="batch",
                         help="batch: match the batch's BatchNorm statistics from N(0,1) "
                              "(default); sample: ZeroQ's reference code, every sample's own "
@@ -55,7 +56,7 @@ def add_arguments(parser) -> None:
 
 
 def _validate(args) -> None:
-    from quant.pipeline import CALIB_DATA
+    from quant.spec import CALIB_DATA
 
     if not 1 <= args.w_bits <= 8:
         raise UserError(f"--w-bits must be 1..8, got {args.w_bits}")

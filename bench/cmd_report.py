@@ -1,6 +1,7 @@
 """`hilq report`: render a run from the store as Markdown + self-contained HTML.
 
     hilq report [--run ID|latest] [--db URL|PATH] [--out DIR] [--json OUT]
+                [--screenshot PNG [--size 1400x5000]]
 
 Writes `<DIR>/report.md` (plots in `<DIR>/plots/`) and `<DIR>/report.html`; DIR defaults to
 `reports/<run-id>/`.
@@ -22,6 +23,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default reports/<run-id>/)")
     parser.add_argument("--json", metavar="PATH", help="write what was rendered as JSON")
+    parser.add_argument("--screenshot", metavar="PNG",
+                        help="also capture the HTML page in headless Chromium (installed "
+                             "separately: apt-get install -y chromium)")
+    parser.add_argument("--size", default="1400x5000", metavar="WxH",
+                        help="screenshot size in pixels (default 1400x5000)")
 
 
 @contextmanager
@@ -54,5 +60,21 @@ def run(args) -> int:
     print(f"  html      {rep.html}")
     if empty:
         print(f"  no data   {', '.join(empty)}")
+    if args.screenshot:
+        print(f"  screenshot {_screenshot(rep.html, args.screenshot, args.size)}")
     write_json(args.json, rep.to_dict())
     return 0
+
+
+def _screenshot(html, png: str, size: str):
+    import subprocess
+
+    from .screenshot import screenshot
+
+    width, _, height = size.partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise UserError(f"--size {size!r}: expected WIDTHxHEIGHT in pixels, e.g. 1400x5000")
+    try:
+        return screenshot(html, png, width=int(width), height=int(height))
+    except (FileNotFoundError, RuntimeError, subprocess.TimeoutExpired) as e:
+        raise UserError(f"--screenshot: {e}") from None

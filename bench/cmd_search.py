@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import statistics
 
-from bench.cli import add_model_arguments, model_ref
+from bench.cli import add_model_arguments, defaults, model_ref
 from bench.cli import console as cli_console
 from bench.errors import UserError
+from quant.spec import CALIB_DATA, SENSITIVITIES
 
 EXIT = {"ok": 0, "failed": 1, "infeasible": 2, "budget_missed": 4}
 
@@ -46,6 +47,10 @@ def _max_drop(text: str) -> tuple[str, float]:
 
 
 def add_arguments(p):
+    from .loop import CONFIDENCE
+    from .search import SearchOptions
+
+    d = defaults(SearchOptions)
     add_model_arguments(p)
     p.add_argument("--device", default="local")
     p.add_argument("--runtime", default="ort")
@@ -61,25 +66,35 @@ def add_arguments(p):
     p.add_argument("--min-agreement", type=float, metavar="FRACTION",
                    help="instead of a latency budget: the fastest configuration agreeing with "
                         "float's predictions on at least this fraction of the test inputs")
-    p.add_argument("--sweep", type=int, default=0, metavar="N",
+    p.add_argument("--sweep", type=int, default=d["sweep"], metavar="N",
                    help="also measure N picks from 0%% to 100%% of the latency range: the "
                         "latency-vs-accuracy frontier")
-    p.add_argument("--sensitivity", choices=("kl", "hessian"), default="kl")
-    p.add_argument("--calib-data", choices=("real", "distilled", "noise"), default="real")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--sensitivity", choices=SENSITIVITIES, default=d["sensitivity"])
+    p.add_argument("--calib-data", choices=CALIB_DATA, default=d["calib_data"])
+    p.add_argument("--samples", type=int, default=d["samples"],
+                   help=f"calibration inputs for the sensitivity (default {d['samples']})")
+    p.add_argument("--distill-iters", type=int, default=d["distill_iters"],
+                   help=f"ZeroQ iterations with --calib-data distilled (default "
+                        f"{d['distill_iters']})")
+    p.add_argument("--rounds", type=int, default=d["rounds"])
     p.add_argument("--min-duration-s", type=float, default=1.5)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--confidence", type=float, default=0.95,
+    p.add_argument("--confidence", type=float, default=CONFIDENCE,
                    help="one-sided confidence that the pick's prediction meets the budget")
-    p.add_argument("--tolerance", type=float, default=0.05,
+    p.add_argument("--tolerance", type=float, default=d["tolerance"],
                    help="|predicted - measured| / measured above which the model is refitted")
-    p.add_argument("--max-iters", type=int, default=3, help="re-measure/refit iterations")
+    p.add_argument("--max-iters", type=int, default=d["max_iters"],
+                   help="re-measure/refit iterations")
     p.add_argument("--no-history", action="store_true",
                    help="fit tonight's measurements only, not the store's earlier ones")
     p.add_argument("--db", help="results store (default results/hilq.sqlite)")
     p.add_argument("--work-dir", default="results/artifacts/search")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--json", dest="json_out", metavar="OUT")
+    p.add_argument("--replay", action="store_true",
+                   help="no device: refit the latency model on the searches stored in --db "
+                        "for this model, device and runtime, and print how well each pick "
+                        "was predicted from what was measured before it")
 
 
 def _accuracy(acc: dict) -> str:
@@ -93,7 +108,40 @@ def _accuracy(acc: dict) -> str:
     return ", ".join(one(k, v) for k, v in acc.items() if isinstance(v, (int, float)))
 
 
+def replay(args) -> int:
+    """`--replay`: the stored searches through the latency model, offline."""
+    from bench import replay as rp
+    from bench.search import float_edges
+    from bench.store import open_store
+    from quant.models import load_model
+    from quant.transform import fold_bn, quantizable_layers
+
+    folded = fold_bn(load_model(model_ref(args)).build().eval())
+    layers = quantizable_layers(folded)
+    store = open_store(args.db)
+    try:
+        runs = rp.nights(store, args.model, args.device, args.runtime, layers)
+    finally:
+        store.close()
+    console = cli_console(highlight=False)
+    console.print(f"{args.model} on {args.device}/{args.runtime}: {len(runs)} stored search(es)")
+    out = {}
+    for scaled in (False, True):
+        rows = rp.summary(rp.replay(layers, float_edges(folded, layers), runs, scaled))
+        out["on_one_scale" if scaled else "as_read"] = rows
+        for r in rows:
+            console.print(f"{'on one scale' if scaled else 'as read':>12}  {r['kind']:<8} "
+                          f"n {r['n']:<3} median |error| {r['median_abs']:.1%}  "
+                          f"max {r['max_abs']:.1%}  median {r['median']:+.1%}")
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump({"runs": len(runs), **out}, fh, indent=2)
+    return 0
+
+
 def run(args) -> int:
+    if args.replay:
+        return replay(args)
     from bench.search import SearchOptions, run_search
     from bench.store import open_store
     from devices import inventory
@@ -108,19 +156,16 @@ def run(args) -> int:
         raise UserError(f"--max-drop {args.max_drop!r}: no figure named {drop_metric!r} "
                         f"without --metric (use top1=POINTS, a task figure such as "
                         f"map_iou=0.02, or a name your --metric returns)")
-    if args.min_agreement is not None and not 0 < args.min_agreement <= 1:
-        raise UserError(f"--min-agreement {args.min_agreement}: give a fraction in (0, 1]")
-    limited = max_drop is not None or args.min_agreement is not None
-    if ("latency_ms" in budgets) == limited:
-        raise UserError("give a latency budget (--budget latency_ms=50%) or an accuracy limit "
-                        "(--max-drop top1=0.5 / --min-agreement 0.99), one of them")
-    if args.sweep == 1 or args.sweep < 0:
-        raise UserError(f"--sweep {args.sweep}: needs at least 2 points")
     if not 0.5 <= args.confidence < 1:
         raise UserError(f"--confidence {args.confidence}: give a value in [0.5, 1)")
-    if args.max_iters < 1 or args.tolerance <= 0:
-        raise UserError(f"--max-iters {args.max_iters} / --tolerance {args.tolerance}: "
-                        "need at least 1 iteration and a positive tolerance")
+    options = SearchOptions(budgets, max_drop=max_drop, drop_metric=drop_metric,
+                            min_agreement=args.min_agreement,
+                            sensitivity=args.sensitivity, calib_data=args.calib_data,
+                            samples=args.samples, distill_iters=args.distill_iters,
+                            rounds=args.rounds, reuse_costs=not args.no_history,
+                            seed=args.seed, z=statistics.NormalDist().inv_cdf(args.confidence),
+                            tolerance=args.tolerance, max_iters=args.max_iters,
+                            sweep=args.sweep)       # checks itself: one line, exit 2
     load_model(model_ref(args))      # a bad model or data door fails before the device opens
     device = inventory.open_device(args.device, inventory.load(args.inventory))
     protocol = Protocol(min_duration_s=args.min_duration_s, threads=args.threads, seed=args.seed)
@@ -132,13 +177,6 @@ def run(args) -> int:
                                   "sensitivity": args.sensitivity, "calib_data": args.calib_data,
                                   "confidence": args.confidence, "tolerance": args.tolerance,
                                   "max_iters": args.max_iters}, seed=args.seed)
-        options = SearchOptions(budgets, max_drop=max_drop, drop_metric=drop_metric,
-                                min_agreement=args.min_agreement,
-                                sensitivity=args.sensitivity, calib_data=args.calib_data,
-                                rounds=args.rounds, reuse_costs=not args.no_history,
-                                seed=args.seed, z=statistics.NormalDist().inv_cdf(args.confidence),
-                                tolerance=args.tolerance, max_iters=args.max_iters,
-                                sweep=args.sweep)
         res = run_search(model_ref(args), device, args.runtime, options, protocol=protocol,
                          work_dir=args.work_dir, store=store, run_id=run_id,
                          progress=lambda s: console.print(f"[dim]{s}[/dim]"))

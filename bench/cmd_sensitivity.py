@@ -1,7 +1,7 @@
 """`hilq sensitivity`: per-layer sensitivity table (ZeroQ KL or HAWQ Hessian trace).
 
     hilq sensitivity --model digits-cnn --method kl|hessian --bits 2,4,8 [--act-bits 8]
-                     [--calib-data distilled|real|noise] [--samples 32] [--iters 500]
+                     [--calib-data distilled|real|noise] [--samples 32] [--iters 100]
                      [--seed 0] [--json OUT] [--csv costs.csv]
 
 Data-free by default: the batch is ZeroQ-distilled from the model's BatchNorm statistics.
@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from quant.sensitivity import METHODS, sensitivity_table
-from quant.zeroq import CALIB_DATA, calibration_data, input_prior
+from quant.spec import CALIB_DATA, DISTILL_ITERS
+from quant.zeroq import calibration_data, input_prior
 
 from .cli import add_model_arguments, model_ref
 from .cli import console as cli_console
@@ -33,8 +34,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--calib-data", choices=CALIB_DATA, default="distilled",
                         help="the batch: distilled (ZeroQ, data-free; default), real, noise")
     parser.add_argument("--samples", type=int, default=32, help="batch size (default 32)")
-    parser.add_argument("--iters", type=int, default=500,
-                        help="distillation iterations (default 500, ZeroQ's)")
+    parser.add_argument("--iters", type=int, default=DISTILL_ITERS,
+                        help=f"distillation iterations (default {DISTILL_ITERS}; ZeroQ's paper "
+                             "runs 500)")
     parser.add_argument("--lr", type=float, default=0.5, help="distillation lr (default 0.5)")
     parser.add_argument("--distill-objective", choices=("batch", "sample"), default="batch",
                         help="batch (default) or sample (ZeroQ's reference code), see hilq "

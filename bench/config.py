@@ -17,7 +17,8 @@ from pathlib import Path
 from hilq.measurement import Protocol
 from quant.spec import SpecError, parse_variant
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "nightly-local.toml"  # -> configs/, shipped in the wheel
+# shipped in the wheel; configs/nightly-local.toml is a link to it, one file
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "nightly-local.toml"
 
 
 class ConfigError(SpecError):
@@ -58,22 +59,28 @@ class Bench(_ModelDoor):
 
 @dataclass(frozen=True)
 class Search(_ModelDoor):
+    """A [[search]] entry: the model door, where to search, and the search's own options
+    (`bench.search.SearchOptions`, whose keys the table takes directly, defaults included:
+    the command line and the config build the same object)."""
+
     model: str
+    options: object               # bench.search.SearchOptions, checked when built
     device: str = "local"
     runtime: str = "ort"
-    budgets: dict = field(default_factory=dict)
-    sensitivity: str = "kl"
-    calib_data: str = "real"
-    samples: int = 8              # calibration/sensitivity batch (distilled: ZeroQ batch size)
-    distill_iters: int = 100      # ZeroQ iterations (its paper uses 500; fewer keep nightly short)
-    sweep: str | None = None
-    points: int = 0
     data: str | None = None
     input_shape: tuple[int, ...] | None = None
     input_shapes: tuple | None = None
     preprocess: str | None = None
     route: str = "auto"
     metric: str | None = None
+
+    @property
+    def calib_data(self) -> str:
+        return self.options.calib_data
+
+
+# A search's options that the night sets for all of them, not each [[search]] table.
+NIGHT_WIDE = ("rounds", "seed")
 
 
 @dataclass(frozen=True)
@@ -193,6 +200,25 @@ def _runtime_options(where: str, b: dict, runtimes: tuple[str, ...]) -> dict:
     return out
 
 
+def _search(where: str, s: dict, base: Path, night: dict) -> Search:
+    """A [[search]] table -> `Search`, its options checked by `SearchOptions` itself."""
+    from .search import SearchOptions
+
+    own = _names(SearchOptions) - set(NIGHT_WIDE)
+    door = _names(Search) - {"options"}
+    _check_keys(where, s, own | door)
+    if "model" not in s:
+        raise ConfigError(f"{where}: needs 'model'")
+    budgets = {k: _budget(f"{where}.budgets", k, v) for k, v in s.get("budgets", {}).items()}
+    try:
+        options = SearchOptions(**{k: s[k] for k in own - {'budgets'} if k in s}, budgets=budgets,
+                                **{k: night.get(k, getattr(Config, k)) for k in NIGHT_WIDE})
+    except (SpecError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    fields_ = {k: s[k] for k in door if k in s}
+    return Search(**{**fields_, **_door(where, s, base)}, options=options)
+
+
 def parse(d: dict, source: str = "") -> Config:
     top = _names(Config) - {"protocol", "bench", "search", "source"}
     base = Path(source).resolve().parent if source else Path.cwd()
@@ -221,18 +247,8 @@ def parse(d: dict, source: str = "") -> Config:
                              devices=_tuple(f"{where}.devices", b.get("devices", ["local"])),
                              runtimes=runtimes, accuracy=bool(b.get("accuracy", True)),
                              runtime_options=_runtime_options(where, b, runtimes)))
-    searches = []
-    for i, s in enumerate(d.get("search", [])):
-        where = f"search[{i}]"
-        _check_keys(where, s, _names(Search))
-        if "model" not in s:
-            raise ConfigError(f"{where}: needs 'model'")
-        budgets = {k: _budget(f"{where}.budgets", k, v) for k, v in s.get("budgets", {}).items()}
-        if not budgets:
-            raise ConfigError(f"{where}: needs at least one budget")
-        if s.get("sensitivity", "kl") not in ("kl", "hessian"):
-            raise ConfigError(f"{where}.sensitivity: use 'kl' or 'hessian'")
-        searches.append(Search(**{**s, **_door(where, s, base), "budgets": budgets}))
+    searches = [_search(f"search[{i}]", s, base, kw)
+                for i, s in enumerate(d.get("search", []))]
     cfg_detect = kw.get("detect")
     if cfg_detect is not None:
         thr = kw.get("regression_threshold", 0.05)

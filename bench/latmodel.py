@@ -204,7 +204,7 @@ def on_one_scale(measured: Mapping[str, tuple[Mapping[str, str], Sequence[float]
     the shifts it is there to correct, it would add its own noise (a 13 µs network's
     uniforms read 43% slow in one batch while the pick beside them did not; beside a CPU
     hog, ResNet-18's read 8–13% slow, ±14%, and the pick did not). Over the 50 picks of
-    eleven stored sets of searches (scripts/replay_loop.py) the median |error| was 5.1% as
+    eleven stored sets of searches (`hilq search --replay`, bench/replay.py) the median |error| was 5.1% as
     read, 3.9% with every batch scaled and 3.9% with this gate, the max 52%, 40% and 52%, and
     the hog's worst pick 11.8%, 23.5% and 6.2%. Returns (observations, batch -> speed); a
     batch without a uniform beside it keeps speed 1."""

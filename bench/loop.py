@@ -32,7 +32,8 @@ from quant.allocate import CostTable, solve_ilp
 from . import latmodel
 from .latmodel import FLOAT, INT8, LatencyModel, Observation, Prior
 
-Z_MARGIN = 1.645     # one-sided 95%: the pick's prediction + margin must meet the budget
+CONFIDENCE = 0.95    # one-sided: that the pick's prediction + margin meets the budget
+Z_MARGIN = round(statistics.NormalDist().inv_cdf(CONFIDENCE), 3)   # 1.645
 Z_CI = 1.96          # two-sided 95% interval of a measured p50
 TOLERANCE = 0.05     # |predicted − measured| / measured above which the model is refitted
 MAX_ITERS = 3
@@ -291,7 +292,7 @@ def _close_loop(layers, edges, sensitivity, prior, measure, budget, *, history, 
     if len(first) < 2:
         return LoopResult("failed", math.nan, message="the uniform baselines failed on the device")
     q0, f0 = first["uniform-" + INT8], first["uniform-" + FLOAT]
-    past = _onto(history, q0)
+    past = onto(history, q0)
     budget_ms = resolve(budget, q0.latency_ms, f0.latency_ms)
     fastest = min(q0, f0, key=lambda o: o.latency_ms)
     result = LoopResult("failed", budget_ms)
@@ -384,7 +385,7 @@ def _close_loop(layers, edges, sensitivity, prior, measure, budget, *, history, 
     return result
 
 
-def _onto(history: list[Observation], q0: Observation) -> list[Observation]:
+def onto(history: list[Observation], q0: Observation) -> list[Observation]:
     """Earlier nights' observations (on the scale of the newest of them: `search.history`)
     moved onto tonight's, by tonight's all-INT8 baseline over theirs."""
     theirs = [o for o in pooled(history) if set(o.config.values()) == {INT8}]

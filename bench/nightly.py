@@ -50,9 +50,9 @@ def _accuracy(store, run_id: str, b, seed: int, say, arts: dict | None = None) -
     artifact agrees within 0.3 pt, see tests/test_export.py). Stored once per run. A built
     artifact's manifest already holds it (`simulated`): only a variant without one is
     quantized again here."""
-    from quant.export import DISTILL_ITERS
     from quant.models import load_model
     from quant.pipeline import quantize_model, variant_bit_config
+    from quant.spec import DISTILL_ITERS
     from quant.transform import fold_bn
 
     model, variants = b.model, b.variants
@@ -218,7 +218,6 @@ def _on_ray(cfg: Config, run_id: str, artifacts_dir: Path, result: NightlyResult
 
 def _search(cfg: Config, store, run_id: str, devs, s: Search, artifacts_dir: Path, say,
             failures: list, run_search) -> dict:
-    from .search import SearchOptions
 
     name = f"search {s.model} on {s.device}/{s.runtime}"
     done = [r for r in store.rows("allocations", run_id) if r["model"] == s.model
@@ -235,11 +234,8 @@ def _search(cfg: Config, store, run_id: str, devs, s: Search, artifacts_dir: Pat
         failures.append((name, f"{e.kind}: {e}"))
         return {"model": s.model, "device": s.device, "runtime": s.runtime, "status": "failed"}
     try:
-        options = SearchOptions(s.budgets, sensitivity=s.sensitivity, calib_data=s.calib_data,
-                                samples=s.samples, distill_iters=s.distill_iters,
-                                rounds=cfg.rounds, sweep=s.points if s.sweep else 0,
-                                seed=cfg.seed)   # reuse_costs: history joins, scaled to tonight
-        res = run_search(s.ref, device, s.runtime, options, protocol=cfg.protocol,
+        # reuse_costs: history joins, scaled to tonight
+        res = run_search(s.ref, device, s.runtime, s.options, protocol=cfg.protocol,
                          work_dir=artifacts_dir / "search", store=store, run_id=run_id,
                          progress=say)
         if res.status in ("failed", "infeasible"):

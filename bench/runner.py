@@ -30,7 +30,7 @@ def target_for(runtime: str) -> tuple[str, str]:
 
 
 def artifact_for(model, variant, out_dir, runtime: str = "ort", seed: int = 0,
-                 calib_data: str = "real") -> Artifact:
+                 calib_data: str = "real", distill_iters: int | None = None) -> Artifact:
     """A variant name built by quant.export for `runtime`'s target (`model`: a name or a
     `quant.models.ModelRef`); an Artifact passes through."""
     if isinstance(variant, Artifact):
@@ -39,7 +39,7 @@ def artifact_for(model, variant, out_dir, runtime: str = "ort", seed: int = 0,
 
     target, device = target_for(runtime)
     return build_artifact(model, variant, out_dir, target=target, device=device, seed=seed,
-                          calib_data=calib_data)
+                          calib_data=calib_data, distill_iters=distill_iters)
 
 
 def reference_for(art: Artifact) -> tuple[str | None, float, float]:

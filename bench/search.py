@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hilq.measurement import Measurement, Protocol
-from quant.spec import BitConfig, SpecError
+from quant.spec import CALIB_DATA, DISTILL_ITERS, SENSITIVITIES, BitConfig, SpecError
 
 from . import latmodel, loop, runner
 from .latmodel import FLOAT, INT8
@@ -100,7 +100,7 @@ def precisions_of(bit_config: dict | None, layers) -> dict[str, str] | None:
 
 def batch_of(variant: str) -> tuple[str, str]:
     """A stored search variant -> (batch, name): `it<N>-<name>` was the search's N-th
-    measurement (`_Context.measure`), anything else batch "0" (the patterns)."""
+    measurement (`Context.measure`), anything else batch "0" (the patterns)."""
     it = re.match(r"it(\d+)-(.*)", variant)
     return (it.group(1), it.group(2)) if it else ("0", variant)
 
@@ -144,8 +144,8 @@ def _accuracy(entry, config: BitConfig, calib_data: str = "real") -> dict:
     0.3 pt: see the export tests), else top-1 agreement with the float model."""
     import torch
 
-    from quant.export import DISTILL_ITERS
     from quant.pipeline import quantize_model
+    from quant.spec import DISTILL_ITERS
 
     res = quantize_model(entry, config, calib_data=calib_data, distill_iters=DISTILL_ITERS)
     if res.quant_top1 is not None:
@@ -159,7 +159,7 @@ def _accuracy(entry, config: BitConfig, calib_data: str = "real") -> dict:
 
 
 @dataclass
-class _Context:
+class Context:
     """What every phase of one search shares: the model, its layers and edges, the device,
     the artifacts built so far (one per configuration), tonight's timed patterns and the
     latency model's prior and history."""
@@ -182,6 +182,7 @@ class _Context:
     batches: int = 0
     ref: object = None              # the quant.models.ModelRef, when not a plain name
     calib_data: str = "real"
+    distill_iters: int = DISTILL_ITERS    # the search's, for its distilled artifacts too
     device_accuracy: dict = field(default_factory=dict)   # config key -> accuracy on the device
     graph: object = None            # quant.graph_route.GraphModel: an ONNX-route file
 
@@ -209,7 +210,8 @@ class _Context:
                                         self.bit_config(cfg))
             self.built[key] = runner.artifact_for(self.ref or self.model, variant, self.work,
                                                   self.runtime, seed=self.seed,
-                                                  calib_data=self.calib_data)
+                                                  calib_data=self.calib_data,
+                                                  distill_iters=self.distill_iters)
         return self.built[key]
 
     def accuracy(self, cfg: dict) -> dict:
@@ -269,7 +271,7 @@ class SearchOptions:
     sensitivity: str = "kl"              # kl (ZeroQ) | hessian (HAWQ)
     calib_data: str = "real"             # real | distilled (ZeroQ) | ...
     samples: int = 16                    # calibration inputs for the sensitivity
-    distill_iters: int = 100
+    distill_iters: int = DISTILL_ITERS
     rounds: int = 2                      # alternating rounds per measurement batch
     reuse_costs: bool = True             # earlier nights' measurements join the fit
     seed: int = 0
@@ -278,18 +280,36 @@ class SearchOptions:
     max_iters: int = loop.MAX_ITERS
     sweep: int = 0                       # > 1: also the frontier at that many budgets
 
+    def __post_init__(self):
+        self.check()
+
     @property
     def accuracy_limited(self) -> bool:
         return self.max_drop is not None or self.min_agreement is not None
 
     def check(self) -> None:
+        """One line naming the first setting that cannot be searched, before any work."""
         unknown = set(self.budgets) - set(loop.BUDGETS)
         if unknown:
             raise SpecError(f"budget {', '.join(sorted(unknown))}: the search fits latency "
                             "(and counts size exactly); an energy model is not built yet")
         if ("latency_ms" in self.budgets) == self.accuracy_limited:
-            raise SpecError("give either a latency_ms budget or an accuracy limit "
-                            "(max drop / min agreement), not both or neither")
+            raise SpecError("give a latency budget (latency_ms=50%) or an accuracy limit "
+                            "(max drop top1=0.5 / min agreement 0.99), one of them")
+        if self.min_agreement is not None and not 0 < self.min_agreement <= 1:
+            raise SpecError(f"min agreement {self.min_agreement}: give a fraction in (0, 1]")
+        if self.sweep == 1 or self.sweep < 0:
+            raise SpecError(f"sweep {self.sweep}: needs at least 2 points")
+        if self.sensitivity not in SENSITIVITIES:
+            raise SpecError(f"sensitivity {self.sensitivity!r}: use "
+                            f"{', '.join(SENSITIVITIES)}")
+        if self.calib_data not in CALIB_DATA:
+            raise SpecError(f"calib data {self.calib_data!r}: use {', '.join(CALIB_DATA)}")
+        for name in ("samples", "distill_iters", "rounds", "max_iters"):
+            if getattr(self, name) < 1:
+                raise SpecError(f"{name.replace('_', ' ')} {getattr(self, name)}: at least 1")
+        if self.tolerance <= 0 or self.z <= 0:
+            raise SpecError(f"tolerance {self.tolerance} / z {self.z}: both must be positive")
 
 
 @dataclass
@@ -340,9 +360,10 @@ def run_search(model, device, runtime: str, options: SearchOptions, *, protocol:
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     _check_runtime(runtime)
-    ctx = _Context(name, entry, folded, layers, edges, device, runtime,
+    ctx = Context(name, entry, folded, layers, edges, device, runtime,
                    protocol, work, store, run_id, options.rounds, options.seed, progress,
-                   ref=ref, calib_data=options.calib_data, graph=graph)
+                   ref=ref, calib_data=options.calib_data, graph=graph,
+                   distill_iters=options.distill_iters)
     result = SearchResult(name, device.name, runtime, "failed", dict(options.budgets))
     costs = measure_costs(ctx, options)
     if isinstance(costs, str):
@@ -383,10 +404,10 @@ def _graph_model(entry, ref, options: SearchOptions, progress):
     return GraphModel.of(entry, load_feeds(entry, ref.data, ref.preprocess, options.seed))
 
 
-def measure_costs(ctx: _Context, options: SearchOptions) -> _Costs | str:
+def measure_costs(ctx: Context, options: SearchOptions) -> _Costs | str:
     """Phase 1: the profile patterns timed beside each other and profiled (the prior), and
     the store's earlier measurements of this model here; a string says why not."""
-    seeded, prior = _patterns(ctx)
+    seeded, prior = measure_patterns(ctx)
     if seeded is None:
         return prior
     past = history(ctx.store, ctx.model, ctx.device.name, ctx.runtime, ctx.layers,
@@ -398,7 +419,7 @@ def measure_costs(ctx: _Context, options: SearchOptions) -> _Costs | str:
     return _Costs(seeded, prior, past, q_ms, f_ms)
 
 
-def sensitivities(ctx: _Context, net, options: SearchOptions) -> _Sensitivity:
+def sensitivities(ctx: Context, net, options: SearchOptions) -> _Sensitivity:
     """Phase 2: each layer's sensitivity (KL or Hessian) and size per precision, the size
     budget resolved, and the uniforms' accuracy."""
     by, size = _sensitivity(ctx, net, options.sensitivity, options.calib_data, options.samples,
@@ -411,7 +432,7 @@ def sensitivities(ctx: _Context, net, options: SearchOptions) -> _Sensitivity:
     return _Sensitivity(by, size, limits, base_acc)
 
 
-def allocate(ctx: _Context, options: SearchOptions, costs: _Costs, sens: _Sensitivity,
+def allocate(ctx: Context, options: SearchOptions, costs: _Costs, sens: _Sensitivity,
              result: SearchResult) -> loop.LoopResult:
     """Phase 3: the ILP under the budget, each pick re-measured until one holds (bench.loop);
     under an accuracy limit, first the bisection for the budget that keeps it."""
@@ -426,7 +447,7 @@ def allocate(ctx: _Context, options: SearchOptions, costs: _Costs, sens: _Sensit
                            options.budgets["latency_ms"], **kw)
 
 
-def record(ctx: _Context, options: SearchOptions, costs: _Costs, sens: _Sensitivity,
+def record(ctx: Context, options: SearchOptions, costs: _Costs, sens: _Sensitivity,
            res: loop.LoopResult, result: SearchResult) -> None:
     """Phase 4: the result filled in (the pick, its prediction and measurement, its accuracy
     in simulation and on the device, the accuracy limit checked on both), the fitted cost
@@ -504,7 +525,7 @@ def _check_accuracy_limit(result: SearchResult, dev: dict | None, float_acc: dic
         result.message = f"the pick's accuracy misses the limit {limit}: " + "; ".join(misses)
 
 
-def _patterns(ctx: _Context):
+def measure_patterns(ctx: Context):
     """Time the profile patterns beside each other, then profile each: (tonight's timings
     name -> (config, p50 per round), the prior), or (None, why) when a baseline failed."""
     pats = latmodel.profile_patterns(ctx.layers)
@@ -534,7 +555,7 @@ def _patterns(ctx: _Context):
                                                 [(pats[n], p) for n, p in have], wall)
 
 
-def _sensitivity(ctx: _Context, net, method, calib_data, samples, distill_iters):
+def _sensitivity(ctx: Context, net, method, calib_data, samples, distill_iters):
     """(sensitivity, size in bits) per (layer, precision) on real or data-free data."""
     from quant.sensitivity import sensitivity_table
     from quant.zeroq import calibration_data, input_prior
@@ -595,7 +616,7 @@ def _loss(acc: dict, float_acc: dict, max_drop, min_agreement, drop_metric: str 
     return min_agreement - acc.get("agreement_fp32", acc.get("top1", 0.0)), min_agreement
 
 
-def _fastest_within(ctx: _Context, sens_by, prior, float_acc, max_drop, min_agreement, result,
+def _fastest_within(ctx: Context, sens_by, prior, float_acc, max_drop, min_agreement, result,
                     *, history, measured, z, tolerance, max_iters, limits, progress,
                     drop_metric: str = "top1"):
     """The fastest configuration whose measured accuracy stays within the limit: the least
@@ -651,7 +672,7 @@ def _fastest_within(ctx: _Context, sens_by, prior, float_acc, max_drop, min_agre
     return res
 
 
-def _sweep(ctx: _Context, fit, sens_by, q_ms, f_ms, points, z, limits) -> list[dict]:
+def _sweep(ctx: Context, fit, sens_by, q_ms, f_ms, points, z, limits) -> list[dict]:
     """The latency-vs-accuracy frontier: the pick at `points` budgets from 0% to 100%,
     measured beside each other, each with its accuracy."""
     picks = {}
@@ -680,7 +701,7 @@ def _sweep(ctx: _Context, fit, sens_by, q_ms, f_ms, points, z, limits) -> list[d
     return out
 
 
-def _store_pick(ctx: _Context, name: str, it, budgets: dict, result) -> None:
+def _store_pick(ctx: Context, name: str, it, budgets: dict, result) -> None:
     """One iteration's pick (or the chosen one, with its accuracy and the search's status)."""
     if ctx.store is None:
         return

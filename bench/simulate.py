@@ -6,7 +6,7 @@ machine per batch, as a shared VM gives). Its profiler reports each layer's kern
 its own distortion (a profiler scale and per-layer error) and puts boundary and
 non-layer time into `other_ms`, as the engines do. With the truth known, the loop's picks can
 be checked against brute force and its in-budget rate counted over seeded trials
-(`scripts/sim_loop.py`, `tests/test_loop.py`).
+(`experiments/sim_loop.py`, `tests/test_loop.py`).
 """
 
 from __future__ import annotations

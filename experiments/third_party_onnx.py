@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+
 CACHE = ROOT / ".cache" / "third-party"
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .debug_onnx import DEBUG_INPUT, Tap, quantize_like
+from .spec import DISTILL_ITERS
 
 
 @dataclass
@@ -245,7 +246,7 @@ def fake_quant_model(entry, manifest: dict, net: nn.Module | None = None):
     return quantize_model(entry, config, repairs=tuple(s.get("repairs") or ()),
                           seed=int(s.get("seed", 0)), model=net,
                           calib_data=s.get("calib_data", "real"),
-                          distill_iters=int(distill.get("iters", 100)),
+                          distill_iters=int(distill.get("iters", DISTILL_ITERS)),
                           distill_objective=distill.get("objective", "batch"))
 
 

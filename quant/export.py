@@ -29,7 +29,7 @@ from .assembly import (
     versions,
 )
 from .onnx_export import export_onnx, float_model
-from .spec import BitConfig, ExportError, parse_variant
+from .spec import DISTILL_ITERS, BitConfig, ExportError, parse_variant
 from .transform import fold_bn
 from .zeroq import weights_sha256
 
@@ -37,7 +37,6 @@ __all__ = ["DISTILL_ITERS", "TARGETS", "ExportError", "build_artifact", "export_
            "float_model", "target_config"]
 
 TARGETS = ("cpu", "tensorrt", "torch")
-DISTILL_ITERS = 100  # ZeroQ iterations for --calib-data distilled artifacts
 
 
 def _quantized(entry, net: nn.Module, config: BitConfig, repairs, seed: int,

@@ -22,7 +22,7 @@ from torch import nn
 
 from .evaluate import Agreement, agreement, logits, top1
 from .models import ModelEntry
-from .spec import BitConfig, SpecError, parse_variant, variant_config
+from .spec import CALIB_DATA, DISTILL_ITERS, BitConfig, SpecError, parse_variant, variant_config
 from .transform import (
     batches,
     calibrate,
@@ -38,7 +38,6 @@ REPAIR_HELP = {"cle": "cross-layer equalization (before calibration)",
                "split": "outlier channel splitting (before calibration)",
                "bias": "empirical bias correction (after calibration)",
                "adaround": "AdaRound, learned weight rounding (after calibration)"}
-CALIB_DATA = ("real", "distilled", "noise")
 
 
 @dataclass
@@ -125,7 +124,7 @@ def _calib_x(kind: str, entry: ModelEntry, model: nn.Module, real: torch.Tensor 
 def quantize_model(entry: ModelEntry, config: BitConfig, *, repairs: Iterable[str] = (),
                    calib_data: str = "real", qat_epochs: int = 0, seed: int = 0,
                    model: nn.Module | None = None, adaround_iters: int = 300,
-                   distill_iters: int = 500, distill_objective: str = "batch") -> QuantResult:
+                   distill_iters: int = DISTILL_ITERS, distill_objective: str = "batch") -> QuantResult:
     """Quantize `entry`'s model to `config` and measure it. `model` reuses an already built
     float model (it is not modified). Seeded: same arguments, same result."""
     start = time.perf_counter()

@@ -17,6 +17,13 @@ ROUNDINGS = ("nearest", "stochastic")
 CALIBRATIONS = ("minmax", "ema", "percentile", "mse", "entropy")
 FLOAT_VARIANTS = ("fp32", "fp16", "bf16")
 
+# Calibration data: real samples, ZeroQ's distilled inputs (data-free), or Gaussian noise.
+CALIB_DATA = ("real", "distilled", "noise")
+# ZeroQ iterations: its paper runs 500, but with hilq's declared input prior 25–100 already
+# match real photos and more drift further with ZeroQ's own (docs/distill.md).
+DISTILL_ITERS = 100
+SENSITIVITIES = ("kl", "hessian")    # ZeroQ's KL, HAWQ's Hessian trace
+
 
 class SpecError(ValueError):
     """A quantization setting that cannot be honoured (bad bits, unknown method, ...)."""

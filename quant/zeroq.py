@@ -12,7 +12,7 @@ declared preprocessing says better (`input_prior`): photographs through the mode
 normalisation, kept inside the range it can produce. On EfficientNet-Lite0 (inputs in [−1, 1])
 ZeroQ's assumption let the inputs wander to ±12, and W8A8 calibrated on them agreed with FP32
 on 76–84% of real photographs in simulation; with the prior, 94–95%, as real photographs do
-(`scripts/distill_study.py`).
+(`experiments/distill_study.py`).
 
 BatchNorm is *not* folded here: its running statistics are the signal. A model without
 BatchNorm has nothing to match, so it is an error, never a silent fall-back to noise.
@@ -25,9 +25,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .spec import SpecError
+from .spec import CALIB_DATA, DISTILL_ITERS, SpecError
 
-CALIB_DATA = ("real", "distilled", "noise")
 _BN = nn.modules.batchnorm._BatchNorm
 
 
@@ -120,7 +119,7 @@ def _input_shape(model: nn.Module, input_shape: Sequence[int] | None) -> tuple[i
 
 
 def distill(model: nn.Module, n: int = 32, input_shape: Sequence[int] | None = None, *,
-            iters: int = 500, lr: float = 0.5, seed: int = 0, patience: int = 100,
+            iters: int = DISTILL_ITERS, lr: float = 0.5, seed: int = 0, patience: int = 100,
             min_lr: float = 1e-4, input_mean: float | Sequence[float] = 0.0,
             input_std: float | Sequence[float] = 1.0,
             input_range: tuple[Sequence[float], Sequence[float]] | None = None,
@@ -130,7 +129,8 @@ def distill(model: nn.Module, n: int = 32, input_shape: Sequence[int] | None = N
     """A batch of `n` inputs whose activations match every BatchNorm's running statistics.
 
     ZeroQ's recipe and defaults: Adam on the inputs with lr 0.5, ReduceLROnPlateau
-    (patience 100, floor 1e-4) on the loss, 500 iterations. `objective="batch"` (hilq's)
+    (patience 100, floor 1e-4) on the loss; `DISTILL_ITERS` iterations (the paper's 500
+    drift further from real inputs, docs/distill.md). `objective="batch"` (hilq's)
     starts from seeded N(input_mean, input_std) and matches the batch's statistics;
     `"sample"` follows ZeroQ's reference code: near-zero uniform start, U(−0.1, 0.1), and
     every sample's own statistics (see `bn_loss`). The input term pulls each input channel

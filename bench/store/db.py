@@ -375,7 +375,7 @@ class Store:
     def profiles(self, model: str, device: str, runtime: str) -> list[dict]:
         """The engine profiles of `model` on (device, runtime): run_id, variant, bit_config
         and profile (`devices.agent.profile_summary`), oldest first: with
-        `config_latencies`, what a latency model is fitted from (scripts/replay_loop.py)."""
+        `config_latencies`, what a latency model is fitted from (`hilq search --replay`, bench/replay.py)."""
         m, v, r = measurements.c, variants.c, runs.c
         q = (sa.select(m.run_id, m.variant, m.extra, v.bit_config)
              .join_from(measurements, variants, m.variant_id == v.id)

@@ -2,7 +2,7 @@
 W8A8, W4A8, W4A4 and W2A8, for each calibration method (no repair) and each repair (min-max
 calibration), plus one combination; printed as Markdown and written to `--out`.
 
-    python scripts/quantize_table.py [--model digits-cnn] [--out table.md] [--json all.json]
+    python -m experiments.quantize_table [--model digits-cnn] [--out table.md] [--json all.json]
 
 Every cell is one `hilq quantize ... --json` run through `bench.cli.main`, so the table shows
 exactly what the CLI reports. Cells are test top-1 in %, with the change from FP32 in points.
@@ -19,9 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.cli import main as hilq  # noqa: E402
+from bench.cli import main as hilq
 
 VARIANTS = [(8, 8), (4, 8), (4, 4), (2, 8)]
 CALIBS = ["minmax", "percentile", "mse", "entropy"]

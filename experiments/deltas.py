@@ -1,5 +1,5 @@
 """The switch-one Δ model: the search's first latency model, kept as a check on the profile
-based one (`bench.latmodel`) and for side-by-side comparisons (`scripts/compare_models.py`).
+based one (`bench.latmodel`) and for side-by-side comparisons (`experiments/compare_models.py`).
 
 Starting from all-INT8, each layer in turn is switched to float and the whole network timed,
 so the Q/DQ boundaries a switch brings are inside its Δ; the all-INT8 baseline is measured
@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import math
 
+from bench.latmodel import FLOAT
+
 BASELINE_EVERY = 6   # configurations between re-measurements of the baseline
-FLOAT, INT8 = "fp32", "w8a8"
 
 
-def _base_name(name: str) -> str:
+def base_name(name: str) -> str:
     """`uniform-w8a8@3` (the third measurement of the baseline) -> `uniform-w8a8`."""
     return name.split("@", 1)[0]
 
 
-def _with_baselines(names: list[str], baseline: str, every: int = BASELINE_EVERY) -> list[str]:
+def with_baselines(names: list[str], baseline: str, every: int = BASELINE_EVERY) -> list[str]:
     """The measuring order: the baseline first, again after every `every` configurations,
     and last (`baseline@2`, `baseline@3`, ... for the repeats)."""
     order, k = [baseline], 1
@@ -35,15 +36,15 @@ def _with_baselines(names: list[str], baseline: str, every: int = BASELINE_EVERY
     return order
 
 
-def _interpolated_baseline(order: list[str], p50: dict, baseline: str) -> dict | None:
+def interpolated_baseline(order: list[str], p50: dict, baseline: str) -> dict | None:
     """For each non-baseline name, the baseline's latency at its place in the order:
     linear between the nearest good baseline measurements before and after it."""
-    marks = [(i, p50[n]) for i, n in enumerate(order) if _base_name(n) == baseline and p50[n]]
+    marks = [(i, p50[n]) for i, n in enumerate(order) if base_name(n) == baseline and p50[n]]
     if not marks:
         return None
     out = {}
     for i, name in enumerate(order):
-        if _base_name(name) == baseline:
+        if base_name(name) == baseline:
             continue
         before = [m for m in marks if m[0] < i][-1:] or marks[:1]
         after = [m for m in marks if m[0] > i][:1] or marks[-1:]
@@ -52,7 +53,7 @@ def _interpolated_baseline(order: list[str], p50: dict, baseline: str) -> dict |
     return out
 
 
-def _boundary_pairs(table, edges, all_float_ms: float | None):
+def boundary_pairs(table, edges, all_float_ms: float | None):
     """Pair terms so that the table reproduces the measured all-float latency: switching one
     layer to float alone pays for the Q/DQ boundaries around it, two float neighbours share
     theirs, so each float-float edge gives back beta = (Σ Δ − measured gap) / #edges."""

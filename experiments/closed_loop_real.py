@@ -1,7 +1,7 @@
 """The closed loop on real engines: searches at several budgets, and the profile-based model
 beside the switch-one Δ model on the same held-out configurations.
 
-    python scripts/closed_loop_real.py [--models resnet18,mobilenet_v2] [--runtimes ort,openvino]
+    python -m experiments.closed_loop_real [--models resnet18,mobilenet_v2] [--runtimes ort,openvino]
         [--budgets 25,50,75] [--heldout 6] [--rounds 2] [--db .cache/closed-loop.sqlite]
 
 Per (model, runtime), on the local CPU, with one results store:
@@ -23,14 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench import latmodel, runner, search
+from bench.latmodel import FLOAT, INT8
+from bench.store import open_store
+from devices.local import LocalDevice
+from experiments import deltas
+from hilq.measurement import Protocol
 
-from bench import deltas, latmodel, runner, search  # noqa: E402
-from bench.latmodel import FLOAT, INT8  # noqa: E402
-from bench.store import open_store  # noqa: E402
-from devices.local import LocalDevice  # noqa: E402
-from hilq.measurement import Protocol  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu() -> str:
@@ -77,27 +77,27 @@ def heldout(model, runtime, args, store, device, protocol, log) -> dict:
     layers = quantizable_layers(folded)
     run_id = store.begin_run({"command": "closed_loop_real/heldout", "model": model,
                               "runtime": runtime}, seed=0)
-    ctx = search._Context(model, load_model(model), folded, layers,
+    ctx = search.Context(model, load_model(model), folded, layers,
                           search.float_edges(folded, layers), device, runtime, protocol,
                           args.work / "heldout", store, run_id, args.rounds, 0, log)
     ctx.work.mkdir(parents=True, exist_ok=True)
-    seeded, prior = search._patterns(ctx)
+    seeded, prior = search.measure_patterns(ctx)
     profile_model = latmodel.fit(layers, ctx.edges, prior, latmodel.observations(seeded))
     # the Δ model: each layer float alone, the baseline repeated, one round each
     q = dict.fromkeys(layers, INT8)
     switched = {f"float-{lay}": {**q, lay: FLOAT} for lay in layers}
-    order = deltas._with_baselines(list(switched) + ["uniform-" + FLOAT],
+    order = deltas.with_baselines(list(switched) + ["uniform-" + FLOAT],
                                    "uniform-" + INT8)
-    cfgs = {n: switched.get(deltas._base_name(n)) or (
-        q if deltas._base_name(n) == "uniform-" + INT8 else dict.fromkeys(layers, FLOAT))
+    cfgs = {n: switched.get(deltas.base_name(n)) or (
+        q if deltas.base_name(n) == "uniform-" + INT8 else dict.fromkeys(layers, FLOAT))
         for n in order}
     arts = {n: ctx.artifact(c) for n, c in cfgs.items()}
     log(f"{model}/{runtime}: Δ table, {len(order)} timings")
     ms = runner.measure_artifacts(device, runtime, model, arts, protocol, rounds=1, store=store,
                                   run_id=run_id, kind="cost", on_result=log)
     p50 = {n: search.median_p50(ms[n]) for n in order}
-    base = deltas._interpolated_baseline(order, p50, "uniform-" + INT8)
-    reps = [p50[n] for n in order if deltas._base_name(n) == "uniform-" + INT8 and p50[n]]
+    base = deltas.interpolated_baseline(order, p50, "uniform-" + INT8)
+    reps = [p50[n] for n in order if deltas.base_name(n) == "uniform-" + INT8 and p50[n]]
     b0 = statistics.median(reps)
     delta = {lay: p50[f"float-{lay}"] - base[f"float-{lay}"] for lay in layers}
     all_float = b0 + p50["uniform-" + FLOAT] - base["uniform-" + FLOAT]

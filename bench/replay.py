@@ -1,29 +1,21 @@
 """Replay stored searches through the latency model: how well each pick was predicted from
-everything measured before it, with and without putting each batch on one scale.
-
-    python scripts/replay_loop.py --db results/hilq.sqlite --model mobilenet_v2 --runtime ort
-        [--device local]
+everything measured before it, with and without putting each batch on one scale
+(`hilq search --replay`).
 
 Every search stores its profiles, its pattern timings and each iteration's batch (the pick
 beside the uniforms; `it<N>-*` variants). This refits the model offline, night after night as
 the search would (earlier nights as history), and predicts each configuration the first time
-a batch measured it (picks, and `heldout-*` mixes of scripts/closed_loop_real.py). No device
-is needed: a change to `bench.latmodel` can be judged on every measurement already stored.
+a batch measured it (picks, and `heldout-*` mixes of experiments/closed_loop_real.py). No
+device is needed: a change to `bench.latmodel` can be judged on every measurement stored.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import latmodel, loop  # noqa: E402
-from bench.latmodel import FLOAT, INT8  # noqa: E402
-from bench.search import batch_of, float_edges, precisions_of  # noqa: E402
-from bench.store import open_store  # noqa: E402
+from . import latmodel, loop
+from .latmodel import FLOAT, INT8
+from .search import batch_of, precisions_of
 
 
 def nights(store, model, device, runtime, layers) -> dict[str, dict]:
@@ -64,7 +56,7 @@ def replay(layers, edges, runs: dict[str, dict], scaled: bool) -> list[dict]:
         wall = {i: statistics.median(base[n][1]) for i, n in enumerate(have) if n in base}
         prior = latmodel.prior_from_profiles(layers, edges, [run["profiles"][n] for n in have],
                                              wall)
-        past = loop._onto(history, latmodel.observations({"q": base["uniform-" + INT8]})[0])
+        past = loop.onto(history, latmodel.observations({"q": base["uniform-" + INT8]})[0])
         every = {f"{b}:{n}": v for b, batch in run["batches"].items() for n, v in batch.items()}
         speed = latmodel.on_one_scale(every)[1] if scaled else {}
         measured: dict[tuple, list[float]] = {}
@@ -85,39 +77,13 @@ def replay(layers, edges, runs: dict[str, dict], scaled: bool) -> list[dict]:
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--db", required=True)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--runtime", required=True)
-    ap.add_argument("--device", default="local")
-    args = ap.parse_args(argv)
-    from quant.models import load_model
-    from quant.transform import fold_bn, quantizable_layers
-
-    try:
-        folded = fold_bn(load_model(args.model).build().eval())
-    except (ValueError, KeyError) as e:
-        print(f"replay_loop: {e}", file=sys.stderr)
-        return 2
-    layers = quantizable_layers(folded)
-    edges = float_edges(folded, layers)
-    runs = nights(open_store(args.db), args.model, args.device, args.runtime, layers)
-    print(f"{args.model} on {args.device}/{args.runtime}: {len(runs)} stored search(es)\n")
-    print("| batches | kind | n | median abs error | max abs error | median error |")
-    print("|---|---|---|---|---|---|")
-    for scaled in (False, True):
-        errors: dict[str, list[float]] = {}
-        for r in replay(layers, edges, runs, scaled):
-            errors.setdefault("heldout" if r["name"].startswith("heldout") else "pick", []).append(
-                (r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"])
-        for kind, e in errors.items():
-            a = [abs(x) for x in e]
-            print(f"| {'on one scale' if scaled else 'as read'} | {kind} | {len(e)} | "
-                  f"{100 * statistics.median(a):.1f}% | {100 * max(a):.1f}% | "
-                  f"{100 * statistics.median(e):+.1f}% |")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def summary(rows: list[dict]) -> list[dict]:
+    """Relative errors of `replay`'s rows by kind (pick | heldout): n, median and max
+    absolute error, median signed error."""
+    errors: dict[str, list[float]] = {}
+    for r in rows:
+        errors.setdefault("heldout" if r["name"].startswith("heldout") else "pick", []).append(
+            (r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"])
+    return [{"kind": kind, "n": len(e), "median_abs": statistics.median(map(abs, e)),
+             "max_abs": max(map(abs, e)), "median": statistics.median(e)}
+            for kind, e in errors.items()]

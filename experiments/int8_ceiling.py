@@ -1,7 +1,7 @@
 """What INT8 can buy on this CPU at all: one GEMM and two ResNet-18 convolutions, FP32 against
 INT8 (u8 activations × s8 weights, ONNX Runtime's x86 path), each kernel alone in its own process.
 
-    python scripts/int8_ceiling.py [--threads 2] [--min-s 3] [--engines ort,openvino]
+    python -m experiments.int8_ceiling [--threads 2] [--min-s 3] [--engines ort,openvino]
 
 If a lone INT8 kernel runs no faster than its FP32 twin, no export of a whole network can show an
 INT8 speed-up on this machine: the limit is the multiply-accumulate rate of the core (Zen 1 splits

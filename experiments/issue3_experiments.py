@@ -1,6 +1,6 @@
 """Issue 3's must-show numbers on `digits-cnn`, printed as Markdown tables.
 
-    python scripts/issue3_experiments.py [--seeds 3] [--iters 500] [--samples 32]
+    python -m experiments.issue3_experiments [--seeds 3] [--iters 500] [--samples 32]
 
 1. ZeroQ ablation: W8A8 / W4A8 / W4A4 accuracy with activation ranges calibrated on real
    data, ZeroQ-distilled data and Gaussian noise.
@@ -19,19 +19,16 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from quant import qat, zeroq  # noqa: E402
-from quant.allocate import CostTable, solve_ilp  # noqa: E402
-from quant.evaluate import top1  # noqa: E402
-from quant.models import load_model  # noqa: E402
-from quant.sensitivity import config_from_allocation, sensitivity_table  # noqa: E402
-from quant.spec import parse_variant, variant_config  # noqa: E402
-from quant.transform import (  # noqa: E402
+from quant import qat, zeroq
+from quant.allocate import CostTable, solve_ilp
+from quant.evaluate import top1
+from quant.models import load_model
+from quant.sensitivity import config_from_allocation, sensitivity_table
+from quant.spec import parse_variant, variant_config
+from quant.transform import (
     fold_bn,
     layer_infos,
     quantizable_layers,

@@ -1,10 +1,10 @@
 """What makes ZeroQ's distilled data calibrate well: input prior, objective, iterations and
 observer, judged on real photographs (issue 13).
 
-    python scripts/byo_model.py prepare            # the model and photos (once)
-    python scripts/distill_study.py [--iters 25,50,100,200] [--samples 32] [--json out.json]
+    python -m experiments.byo_model prepare            # the model and photos (once)
+    python -m experiments.distill_study [--iters 25,50,100,200] [--samples 32] [--json out.json]
 
-For EfficientNet-Lite0 (pretrained, scripts/byo_model.py) this distils one batch per
+For EfficientNet-Lite0 (pretrained, experiments/byo_model.py) this distils one batch per
 (input prior × objective), keeping snapshots at each iteration count, and calibrates W8A8
 (per-channel weights, per-tensor activations) on every snapshot with each of hilq's
 observers; every row is judged in hilq's fake-quant simulation on the evaluation photos by
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+
 
 OBSERVERS = ("minmax", "percentile", "mse", "entropy")
 
@@ -127,5 +127,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     raise SystemExit(main())

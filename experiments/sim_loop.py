@@ -1,6 +1,6 @@
 """The closed loop on the simulated device: how often the final pick is within budget.
 
-    python scripts/sim_loop.py [--trials 200] [--layers 21] [--noise 1,3]
+    python -m experiments.sim_loop [--trials 200] [--layers 21] [--noise 1,3]
 
 For each noise level (a multiple of the smallest per-layer float−INT8 difference) and each
 seeded trial: a ResNet-like simulated device (bench.simulate), its profiles as the prior, a
@@ -16,11 +16,8 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import latmodel, loop, simulate  # noqa: E402
+from bench import latmodel, loop, simulate
 
 
 def trial(seed: int, noise: float, layers: int, closed: bool, noise_of: str = "smallest"):

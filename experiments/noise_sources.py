@@ -1,7 +1,7 @@
 """Where the process-to-process noise comes from: the CV of p50 over fresh agent processes,
 one protocol setting against another, on the same artifacts and in the same run.
 
-    python scripts/noise_sources.py [--models resnet18:ort,resnet18:openvino,digits-cnn:ort]
+    python -m experiments.noise_sources [--models resnet18:ort,resnet18:openvino,digits-cnn:ort]
         [--processes 10] [--settings default,pin2,pin1,warm3s] [--json out.json]
 
 Each process is a fresh agent (as every nightly round is). The settings are interleaved
@@ -19,13 +19,10 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench import runner  # noqa: E402
-from devices.agent import cpu_facts  # noqa: E402
-from devices.local import LocalDevice  # noqa: E402
-from hilq.measurement import Protocol  # noqa: E402
+from bench import runner
+from devices.agent import cpu_facts
+from devices.local import LocalDevice
+from hilq.measurement import Protocol
 
 BASE = Protocol(min_iters=50, min_duration_s=1.5)
 SETTINGS = {   # name -> what changes from the default protocol

@@ -1,7 +1,7 @@
 """MLPerf scenarios through LoadGen beside hilq's own timing, and the agent's memory beside
 the artifact's size (issue: scenarios, memory).
 
-    python scripts/scenarios_memory.py [--db .cache/scenarios.sqlite] [--min-s 3]
+    python -m experiments.scenarios_memory [--db .cache/scenarios.sqlite] [--min-s 3]
 
 1. `resnet18` FP32 and W8A8 on ORT and OpenVINO under SingleStream, Server (at half the
    single-stream rate, then 0.35× and 0.25× until LoadGen finds it VALID) and Offline: LoadGen's verdict and metric, and its p90
@@ -21,15 +21,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.report import render
+from bench.runner import artifact_for, bench_variants, combine, measure_artifacts
+from bench.store import open_store
+from devices.local import LocalDevice
+from experiments.closed_loop_real import cpu
+from hilq.measurement import Protocol
 
-from bench.report import render  # noqa: E402
-from bench.runner import artifact_for, bench_variants, combine, measure_artifacts  # noqa: E402
-from bench.store import open_store  # noqa: E402
-from devices.local import LocalDevice  # noqa: E402
-from hilq.measurement import Protocol  # noqa: E402
-from scripts.closed_loop_real import cpu  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SERVER_SHARES = (0.5, 0.35, 0.25)    # of the single-stream rate, tried in turn until VALID
 

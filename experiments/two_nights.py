@@ -2,7 +2,7 @@
 same file with an extra convolution that costs about 10%, flagged on that night with the
 series' minimum detectable effect in the report (issue: noise).
 
-    python scripts/two_nights.py [--nights 3] [--out .cache/two-nights]
+    python -m experiments.two_nights [--nights 3] [--out .cache/two-nights]
 
 The model is ResNet-18 FP32 exported by hilq, benchmarked through the ONNX model door (the
 series is keyed by the file's path, so both versions are one series). The slowdown: a 7×7
@@ -19,16 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench import config
+from bench.nightly import run_nightly
+from bench.runner import artifact_for, measure_artifacts
+from bench.store import open_store
+from devices.local import LocalDevice
+from experiments.closed_loop_real import cpu
+from hilq.measurement import Protocol
 
-from bench import config  # noqa: E402
-from bench.nightly import run_nightly  # noqa: E402
-from bench.runner import artifact_for, measure_artifacts  # noqa: E402
-from bench.store import open_store  # noqa: E402
-from devices.local import LocalDevice  # noqa: E402
-from hilq.measurement import Protocol  # noqa: E402
-from scripts.closed_loop_real import cpu  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def slowed(src: Path, dst: Path, channels: int) -> None:

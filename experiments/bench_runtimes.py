@@ -1,7 +1,7 @@
 """Side-by-side CPU benchmark: one model, FP32 vs INT8, on ONNX Runtime, OpenVINO and PyTorch,
 with ONNX Runtime's own `quantize_static` output of the same FP32 model as the peer.
 
-    python scripts/bench_runtimes.py [--model resnet18] [--transformer tiny-transformer]
+    python -m experiments.bench_runtimes [--model resnet18] [--transformer tiny-transformer]
         [--rounds 3] [--warmup 10] [--min-iters 40] [--min-s 3] [--threads 2]
         [--out .cache/bench-runtimes] [--json OUT]
 
@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 AGENT = ROOT / "devices" / "agent.py"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 
 INDEPENDENT = r"""
 import json, statistics, sys, time
 import numpy as np, onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
 path, threads, warm, n_min, s_min = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 so = ort.SessionOptions(); so.intra_op_num_threads = threads; so.inter_op_num_threads = 1
 so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

