@@ -183,24 +183,7 @@ def run(args) -> int:
             device.close()
         if store is not None:
             store.close()
-    print(f"{'device':10} {'variant':10} {'status':8} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
-          f"{'cv(p50)':>8} {'samples/s':>10} {'J/inf':>9} {'top-1 dev':>9} {'sim':>6} "
-          f"{'agree':>6} {'SQNR dB':>8}")
-    for m in ms:
-        lat = m.latency_ms or {}
-        cv = (m.rounds or {}).get("cv_p50")
-
-        def f(x, fmt="9.3f"):
-            return format(x, fmt) if isinstance(x, (int, float)) else "-".rjust(int(fmt.split(".")[0]))
-
-        print(f"{m.device:10} {m.variant:10} {m.status:8} {f(lat.get('p50'))} {f(lat.get('p90'))} "
-              f"{f(lat.get('p99'))} {f(cv, '8.2%')} {f(m.throughput, '10.1f')} "
-              f"{f(m.energy_j_per_inference, '9.4f')} {_accuracy_cells(m.accuracy)}"
-              + (f"  {m.failure}: {m.reason}" if not m.ok else ""))
-        if m.ok and m.reason:
-            print(f"{'':21} note: {m.reason}")
-        if m.scenario:
-            print(f"{'':21} {scenario_line(m)}")
+    _print_table(ms)
     if args.json_out:
         out = {"measurements": [{k: m.to_dict()[k] for k in _REPORTED} for m in ms]}
         for row in out["measurements"]:
@@ -213,6 +196,29 @@ def run(args) -> int:
               + "; ".join(f"{m.variant}: {', '.join(m.scenario.get('reasons') or ['?'])}"
                           for m in invalid))
     return 0 if all(m.ok for m in ms) and not invalid else 1
+
+
+def _print_table(ms: list) -> None:
+    """One line per measurement: status, latency percentiles, spread, throughput, energy and
+    the accuracy figures measured on the device; failures and notes under it."""
+    print(f"{'device':10} {'variant':10} {'status':8} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} "
+          f"{'cv(p50)':>8} {'samples/s':>10} {'J/inf':>9} {'top-1 dev':>9} {'sim':>6} "
+          f"{'agree':>6} {'SQNR dB':>8}")
+
+    def f(x, fmt="9.3f"):
+        return format(x, fmt) if isinstance(x, (int, float)) else "-".rjust(int(fmt.split(".")[0]))
+
+    for m in ms:
+        lat = m.latency_ms or {}
+        cv = (m.rounds or {}).get("cv_p50")
+        print(f"{m.device:10} {m.variant:10} {m.status:8} {f(lat.get('p50'))} {f(lat.get('p90'))} "
+              f"{f(lat.get('p99'))} {f(cv, '8.2%')} {f(m.throughput, '10.1f')} "
+              f"{f(m.energy_j_per_inference, '9.4f')} {_accuracy_cells(m.accuracy)}"
+              + (f"  {m.failure}: {m.reason}" if not m.ok else ""))
+        if m.ok and m.reason:
+            print(f"{'':21} note: {m.reason}")
+        if m.scenario:
+            print(f"{'':21} {scenario_line(m)}")
 
 
 def scenario_line(m) -> str:

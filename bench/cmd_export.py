@@ -15,40 +15,46 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cli import add_model_arguments, model_ref
+from .cli import add_model_arguments, defaults, model_ref
 from .errors import UserError
 
 FORMATS = ("onnx-qdq",)
 
 
 def add_arguments(parser) -> None:
+    from quant.options import ExportOptions
+    from quant.spec import CALIB_DATA, GRANULARITIES
+
+    d = defaults(ExportOptions)
     add_model_arguments(parser)
     parser.add_argument("--variant", required=True,
                         help="fp32, w8a8, w4a8, w4a16, w8a16, ... or config:PATH.json")
     parser.add_argument("--format", default="onnx-qdq", choices=FORMATS,
                         help="artifact format (default onnx-qdq; fp32 variants are plain ONNX)")
-    parser.add_argument("--target", default="cpu", choices=("cpu", "tensorrt"),
+    parser.add_argument("--target", default=d["target"], choices=("cpu", "tensorrt"),
                         help="cpu: UINT8 asymmetric activations, ORT's QDQ placement; "
                              "tensorrt: INT8 symmetric activations, narrow-range weights")
-    parser.add_argument("--calib", default="minmax", help="activation calibration method")
-    parser.add_argument("--calib-data", default="real",
+    parser.add_argument("--calib", default=d["calib"], help="activation calibration method")
+    parser.add_argument("--calib-data", default=d["calib_data"], choices=CALIB_DATA,
                         help="calibration inputs: real (--data, default), distilled (ZeroQ, "
                              "from the BatchNorm statistics), noise")
-    parser.add_argument("--granularity", default="channel", choices=("channel", "tensor", "group"),
+    parser.add_argument("--granularity", default=d["granularity"], choices=GRANULARITIES,
                         help="weight granularity (group: blocks of --group-size along K)")
-    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--group-size", type=int, default=d["group_size"])
     parser.add_argument("--repair", default="", help="comma-separated PTQ repairs (bias, adaround, ...)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=d["seed"])
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--json", metavar="PATH", help="write the artifact's manifest as JSON")
 
 
 def run(args) -> int:
     from quant.export import build_artifact
+    from quant.options import ExportOptions
 
-    if args.group_size < 1:
-        raise UserError(f"--group-size must be positive, got {args.group_size}")
-    repairs = tuple(r.strip() for r in args.repair.split(",") if r.strip())
+    options = ExportOptions(   # checks itself: one line, exit 2
+        target=args.target, calib=args.calib, granularity=args.granularity,
+        group_size=args.group_size, seed=args.seed, calib_data=args.calib_data,
+        repairs=tuple(r.strip() for r in args.repair.split(",") if r.strip()))
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
@@ -56,9 +62,7 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {out}: cannot create it ({e.strerror})") from None
-    art = build_artifact(model_ref(args), args.variant, out, args.target, calib=args.calib,
-                         granularity=args.granularity, group_size=args.group_size,
-                         repairs=repairs, seed=args.seed, calib_data=args.calib_data)
+    art = build_artifact(model_ref(args), args.variant, out, options=options)
     m = art.manifest
     print(f"artifact  {art.path}")
     print(f"format    {m.get('format')}  target {m.get('target')}  "

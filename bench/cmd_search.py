@@ -195,8 +195,6 @@ def run(args) -> int:
 
 def show(console, res, title: str) -> None:
     """The search's outcome: status first (red when missed), the iterations, the pick."""
-    from rich.table import Table
-
     if res.status in ("failed", "infeasible"):
         if res.status == "failed":
             console.print(f"[red]failed[/red]: {res.message}")
@@ -205,59 +203,60 @@ def show(console, res, title: str) -> None:
     console.print(f"[{colour}]{res.status.upper()}[/{colour}] {title}: budget "
                   f"{res.resolved_budgets['latency_ms']:.3f} ms"
                   + (f"; {res.message}" if res.message else ""))
-    it = Table(title="iterations (pick re-measured beside the uniforms; speed: the machine's, "
-                     "from them, relative to the budget's; error at that speed)")
-    for col in ("#", "float layers", "pred ms", "± sd", "margin", "meas ms", "± CI", "speed",
-                "error", "budget"):
-        it.add_column(col, justify="right")
-    for s in res.iterations:
-        it.add_row(str(s["index"]), str(sum(v != "w8a8" for v in s["config"].values())),
-                   f"{s['predicted_ms']:.3f}", f"{s['predicted_sd_ms']:.3f}",
-                   f"{s['margin_ms']:.3f}", _f(s["measured_ms"]), _f(s["measured_ci_ms"]),
-                   f"{s.get('speed', 1.0):.3f}",
-                   f"{s['error']:+.1%}" if s["error"] is not None else "-",
-                   "ok" if s["within_budget"] else "[red]missed[/red]")
-    console.print(it)
+    console.print(_table(
+        "iterations (pick re-measured beside the uniforms; speed: the machine's, from them, "
+        "relative to the budget's; error at that speed)",
+        ("#", "float layers", "pred ms", "± sd", "margin", "meas ms", "± CI", "speed",
+         "error", "budget"),
+        [(str(s["index"]), _floats(s["config"]), f"{s['predicted_ms']:.3f}",
+          f"{s['predicted_sd_ms']:.3f}", f"{s['margin_ms']:.3f}", _f(s["measured_ms"]),
+          _f(s["measured_ci_ms"]), f"{s.get('speed', 1.0):.3f}",
+          f"{s['error']:+.1%}" if s["error"] is not None else "-",
+          "ok" if s["within_budget"] else "[red]missed[/red]") for s in res.iterations],
+        justify="right"))
     if not res.config:
         return
-    t = Table(title="chosen configuration")
-    t.add_column("layer")
-    t.add_column("precision")
-    for layer, prec in res.config.items():
-        t.add_row(layer, prec)
-    console.print(t)
-    s = Table(title="measured beside the uniforms")
-    for col in ("config", "latency ms", "accuracy"):
-        s.add_column(col)
-    s.add_row("chosen", _f(res.measured.get("latency_ms")),
-              _accuracy(res.accuracy))
-    for label, b in res.baseline.items():
-        s.add_row(f"{label} ({b['variant']})", _f(b["latency_ms"]),
-                  _accuracy(b["accuracy"]))
-    console.print(s)
+    console.print(_table("chosen configuration", ("layer", "precision"), res.config.items()))
+    console.print(_table("measured beside the uniforms", ("config", "latency ms", "accuracy"), [
+        ("chosen", _f(res.measured.get("latency_ms")), _accuracy(res.accuracy)),
+        *((f"{label} ({b['variant']})", _f(b["latency_ms"]), _accuracy(b["accuracy"]))
+          for label, b in res.baseline.items())]))
     if res.accuracy_checks:
-        a = Table(title="accuracy checked along the latency range")
-        for col in ("budget %", "float layers", "accuracy", "within limit"):
-            a.add_column(col)
-        for c in res.accuracy_checks:
-            a.add_row(f"{c['budget_pct']:.1f}", str(c["float_layers"]),
-                      _accuracy(c["accuracy"]),
-                      "yes" if c["within_limit"] else "no")
-        console.print(a)
+        console.print(_table(
+            "accuracy checked along the latency range",
+            ("budget %", "float layers", "accuracy", "within limit"),
+            [(f"{c['budget_pct']:.1f}", str(c["float_layers"]), _accuracy(c["accuracy"]),
+              "yes" if c["within_limit"] else "no") for c in res.accuracy_checks]))
     if res.frontier:
-        fr = Table(title="latency-vs-accuracy frontier (measured)")
-        for col in ("point", "float layers", "pred ms", "meas ms", "accuracy"):
-            fr.add_column(col)
-        for p in res.frontier:
-            fr.add_row(p["name"], str(sum(v != "w8a8" for v in p["config"].values())),
-                       _f(p["predicted"].get("latency_ms")), _f(p["measured"].get("latency_ms")),
-                       _accuracy(p["accuracy"]))
-        console.print(fr)
+        console.print(_table(
+            "latency-vs-accuracy frontier (measured)",
+            ("point", "float layers", "pred ms", "meas ms", "accuracy"),
+            [(p["name"], _floats(p["config"]), _f(p["predicted"].get("latency_ms")),
+              _f(p["measured"].get("latency_ms")), _accuracy(p["accuracy"]))
+             for p in res.frontier]))
     if res.loo:
         errs = sorted(abs(r["error"]) for r in res.loo)
         console.print(f"latency model ({res.prior} prior, {len(res.loo)} measurements): "
                       f"leave-one-out |error| median {errs[len(errs) // 2]:.1%}, "
                       f"max {errs[-1]:.1%}; config file: {res.variant}")
+
+
+def _table(title: str, columns, rows, justify: str = "left"):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col, justify=justify)
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
+def _floats(config: dict) -> str:
+    """How many layers a configuration leaves float (anything but all-INT8's precision)."""
+    from .latmodel import INT8
+
+    return str(sum(v != INT8 for v in config.values()))
 
 
 def _f(v) -> str:

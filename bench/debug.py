@@ -58,6 +58,7 @@ def _artifact(o: DebugOptions, out: Path):
     from quant.artifact import Artifact
     from quant.export import build_artifact
     from quant.models import ModelRef
+    from quant.options import ExportOptions
 
     from .runner import target_for
 
@@ -69,9 +70,9 @@ def _artifact(o: DebugOptions, out: Path):
         ref = o.model or ModelRef("")
         return art, (ref if ref.name else replace(ref, name=art.manifest.get("model", "")))
     target, device = target_for(o.runtime)
-    art = build_artifact(o.model, o.variant, out, target, device=device, calib=o.calib,
-                         granularity=o.granularity, group_size=o.group_size,
-                         repairs=o.repairs, seed=o.seed, calib_data=o.calib_data)
+    art = build_artifact(o.model, o.variant, out, options=ExportOptions(
+        target=target, device=device, calib=o.calib, granularity=o.granularity,
+        group_size=o.group_size, repairs=o.repairs, seed=o.seed, calib_data=o.calib_data))
     return art, o.model
 
 

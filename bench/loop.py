@@ -263,111 +263,169 @@ def close_loop(layers, edges, sensitivity: Mapping[tuple[str, str], float], prio
         return LoopResult("failed", math.nan, message=str(e))
 
 
+@dataclass
+class _Rounds:
+    """Every p50 per round measured so far, by `<batch>:<name>` (batch 0: tonight's seeded
+    patterns and the first baselines), and earlier nights moved onto tonight's scale."""
+
+    measure: Measure
+    rounds: dict
+    past: list = field(default_factory=list)
+
+    def take(self, names: dict[str, dict], tag: str) -> dict[str, Observation]:
+        """Measure `names` (more rounds, if `tag` already has some) and observe them, as
+        the device read them (not rescaled)."""
+        for name, ps in self.measure(names).items():
+            if ps:
+                self.rounds.setdefault(f"{tag}{name}", (names[name], []))[1].extend(ps)
+        obs = {o.name: o for o in latmodel.observations(self.rounds)}
+        return {name: obs[f"{tag}{name}"] for name in names if f"{tag}{name}" in obs}
+
+    def data(self) -> tuple[list[Observation], dict[str, float]]:
+        """Everything measured, on the scale of the batch the budget was resolved in."""
+        tonight, speed = latmodel.on_one_scale(self.rounds, "0")
+        return self.past + tonight, speed
+
+
+@dataclass(frozen=True)
+class _Settings:
+    z: float
+    tolerance: float
+    max_iters: int
+    limits: Limits | None
+    max_repeats: int
+    progress: Callable[[str], None]
+
+
 def _close_loop(layers, edges, sensitivity, prior, measure, budget, *, history, measured, z,
                 tolerance, max_iters, limits, max_repeats, progress) -> LoopResult:
     layers, edges = tuple(layers), tuple(edges)
-    q, f = uniform(layers, INT8), uniform(layers, FLOAT)
-    rounds = {f"0:{n}": (dict(c), list(ps)) for n, (c, ps) in (measured or {}).items() if ps}
-
-    def take(names: dict[str, dict], tag: str) -> dict[str, Observation]:
-        """Measure `names` (more rounds, if `tag` already has some) and observe them, as
-        the device read them (not rescaled)."""
-        got = measure(names)
-        for name, ps in got.items():
-            if ps:
-                rounds.setdefault(f"{tag}{name}", (names[name], []))[1].extend(ps)
-        obs = {o.name: o for o in latmodel.observations(rounds)}
-        return {name: obs[f"{tag}{name}"] for name in names if f"{tag}{name}" in obs}
-
-    def data() -> tuple[list[Observation], dict[str, float]]:
-        """Everything measured, on the scale of the batch the budget was resolved in."""
-        tonight, speed = latmodel.on_one_scale(rounds, "0")
-        return past + tonight, speed
-
-    base = {"uniform-" + INT8: q, "uniform-" + FLOAT: f}
-    seeded = {o.name: o for o in latmodel.observations(rounds)}
-    first = {n: seeded["0:" + n] for n in base if "0:" + n in seeded}
-    if len(first) < 2:
-        first = take(base, "0:")
-    if len(first) < 2:
+    how = _Settings(z, tolerance, max_iters, limits, max_repeats, progress)
+    uniforms = {"uniform-" + INT8: uniform(layers, INT8),
+                "uniform-" + FLOAT: uniform(layers, FLOAT)}
+    rounds = _Rounds(measure, {f"0:{n}": (dict(c), list(ps))
+                               for n, (c, ps) in (measured or {}).items() if ps})
+    first = _baselines(rounds, uniforms)
+    if first is None:
         return LoopResult("failed", math.nan, message="the uniform baselines failed on the device")
-    q0, f0 = first["uniform-" + INT8], first["uniform-" + FLOAT]
-    past = onto(history, q0)
-    budget_ms = resolve(budget, q0.latency_ms, f0.latency_ms)
-    fastest = min(q0, f0, key=lambda o: o.latency_ms)
+    int8_first, float_first = first
+    rounds.past = onto(history, int8_first)
+    budget_ms = resolve(budget, int8_first.latency_ms, float_first.latency_ms)
     result = LoopResult("failed", budget_ms)
-    if budget_ms < fastest.latency_ms - ci_ms(fastest):
+    result.message = _below_fastest(budget_ms, int8_first, float_first)
+    if result.message:
         result.status = "infeasible"
-        result.message = (f"budget {budget_ms:.3g} ms is below the fastest measured configuration "
-                          f"({'all-INT8' if fastest is q0 else 'all-float'} "
-                          f"{fastest.latency_ms:.3g} ± {ci_ms(fastest):.2g} ms)")
         return result
     for it in range(1, max_iters + 1):
-        obs, _ = data()
-        model = latmodel.fit(layers, edges, prior, obs)
-        result.model = model
-        measured = {o.name: o for o in obs}
-        cfg, margin, why = choose(model, sensitivity, budget_ms, z, measured, limits)
+        obs, _ = rounds.data()
+        result.model = latmodel.fit(layers, edges, prior, obs)
+        cfg, margin, why = choose(result.model, sensitivity, budget_ms, z,
+                                  {o.name: o for o in obs}, limits)
         if cfg is None:
-            if it == 1:
-                result.status, result.message = "infeasible", why
-                return result
-            if not any(s.within_budget for s in result.iterations):
-                result.status = "budget_missed"
-                result.message = "; ".join(m for m in (
-                    f"after {it - 1} iteration(s): {why}", _slowdown(q0, result.iterations)) if m)
+            if _ends_without_pick(result, it, why, int8_first):
                 return result
             # an earlier pick was measured within budget: the refit only found no better
             # one it is confident of, so that measured pick stands (below)
             progress(f"iteration {it}: {why}; keeping the pick measured within budget")
             break
-        mean, sd = model.predict(cfg)
-        step = Iteration(it, cfg, mean, sd, margin)
-        progress(f"iteration {it}: pick {sum(v != INT8 for v in cfg.values())} of {len(layers)} "
-                 f"layers float, predicted {mean:.3f} ± {sd:.3f} ms (margin {margin:.3f}), "
-                 f"budget {budget_ms:.3f} ms")
-        batch = {"pick": cfg, "uniform-" + INT8: q, "uniform-" + FLOAT: f}
-        got = take(batch, f"{it}:")
-        for _ in range(max_repeats):   # too noisy to decide: more rounds, not a verdict
-            pick = got.get("pick")
-            if pick is None or ci_ms(pick) <= tolerance * pick.latency_ms:
-                break
-            progress(f"iteration {it}: ±{ci_ms(pick):.3f} ms is wider than the tolerance: "
-                     "measuring again")
-            got = take(batch, f"{it}:")
-        pick = got.get("pick")
-        step.uniform_ms = {n: o.latency_ms for n, o in got.items() if n != "pick"}
+        step = _try_pick(rounds, it, cfg, result.model, margin, uniforms, budget_ms, how)
         result.iterations.append(step)
-        if pick is None:
-            step.note = "the pick failed on the device"
-            continue
-        step.measured_ms, step.measured_ci_ms = pick.latency_ms, ci_ms(pick)
-        # the prediction is for the machine as it ran when the budget was resolved; the
-        # uniforms measured beside the pick say how fast it runs now. The budget stays
-        # absolute: a machine that slows down (a CPU hog) misses it, and says so.
-        step.speed = data()[1].get(str(it), 1.0)
-        expect = mean * step.speed
-        step.error = (expect - pick.latency_ms) / pick.latency_ms
-        step.raw_error = (mean - pick.latency_ms) / pick.latency_ms
-        step.within_budget = pick.latency_ms <= budget_ms + step.measured_ci_ms
-        step.agrees = abs(expect - pick.latency_ms) <= max(tolerance * pick.latency_ms,
-                                                           step.measured_ci_ms)
-        progress(f"iteration {it}: measured {pick.latency_ms:.3f} ± {step.measured_ci_ms:.3f} ms "
-                 f"(error {100 * step.error:+.1f}% at this batch's speed "
-                 f"{step.speed:.3f}; {100 * step.raw_error:+.1f}% unscaled), "
-                 f"{'within' if step.within_budget else 'MISSED'} budget")
         if step.within_budget and step.agrees:
             break
+    result.model = latmodel.fit(layers, edges, prior, rounds.data()[0])
+    return _conclude(result, sensitivity, tolerance, int8_first)
+
+
+def _baselines(rounds: _Rounds, uniforms: dict) -> tuple[Observation, Observation] | None:
+    """(all-INT8, all-float) as first measured: tonight's seeded rounds, else timed now."""
+    seeded = {o.name: o for o in latmodel.observations(rounds.rounds)}
+    first = {n: seeded["0:" + n] for n in uniforms if "0:" + n in seeded}
+    if len(first) < 2:
+        first = rounds.take(uniforms, "0:")
+    if len(first) < 2:
+        return None
+    return first["uniform-" + INT8], first["uniform-" + FLOAT]
+
+
+def _below_fastest(budget_ms: float, int8_first: Observation, float_first: Observation) -> str:
+    """Why no configuration can meet the budget, or "" when one may."""
+    fastest = min(int8_first, float_first, key=lambda o: o.latency_ms)
+    if budget_ms >= fastest.latency_ms - ci_ms(fastest):
+        return ""
+    return (f"budget {budget_ms:.3g} ms is below the fastest measured configuration "
+            f"({'all-INT8' if fastest is int8_first else 'all-float'} "
+            f"{fastest.latency_ms:.3g} ± {ci_ms(fastest):.2g} ms)")
+
+
+def _ends_without_pick(result: LoopResult, it: int, why: str, int8_first: Observation) -> bool:
+    """No configuration is predicted within budget: on the first iteration the budget is
+    infeasible; later, the search missed unless an earlier pick was measured within it."""
+    if it == 1:
+        result.status, result.message = "infeasible", why
+        return True
+    if not any(s.within_budget for s in result.iterations):
+        result.status = "budget_missed"
+        result.message = "; ".join(m for m in (
+            f"after {it - 1} iteration(s): {why}", _slowdown(int8_first, result.iterations))
+            if m)
+        return True
+    return False
+
+
+def _try_pick(rounds: _Rounds, it: int, cfg: dict, model: LatencyModel, margin: float,
+              uniforms: dict, budget_ms: float, how: _Settings) -> Iteration:
+    """Measure the pick beside the uniforms (again while its CI is wider than the
+    tolerance) and judge it against the budget and its prediction."""
+    mean, sd = model.predict(cfg)
+    step = Iteration(it, cfg, mean, sd, margin)
+    how.progress(f"iteration {it}: pick {sum(v != INT8 for v in cfg.values())} of {len(cfg)} "
+                 f"layers float, predicted {mean:.3f} ± {sd:.3f} ms (margin {margin:.3f}), "
+                 f"budget {budget_ms:.3f} ms")
+    batch = {"pick": cfg, **uniforms}
+    got = rounds.take(batch, f"{it}:")
+    for _ in range(how.max_repeats):   # too noisy to decide: more rounds, not a verdict
+        pick = got.get("pick")
+        if pick is None or ci_ms(pick) <= how.tolerance * pick.latency_ms:
+            break
+        how.progress(f"iteration {it}: ±{ci_ms(pick):.3f} ms is wider than the tolerance: "
+                     "measuring again")
+        got = rounds.take(batch, f"{it}:")
+    pick = got.get("pick")
+    step.uniform_ms = {n: o.latency_ms for n, o in got.items() if n != "pick"}
+    if pick is None:
+        step.note = "the pick failed on the device"
+        return step
+    step.measured_ms, step.measured_ci_ms = pick.latency_ms, ci_ms(pick)
+    # the prediction is for the machine as it ran when the budget was resolved; the
+    # uniforms measured beside the pick say how fast it runs now. The budget stays
+    # absolute: a machine that slows down (a CPU hog) misses it, and says so.
+    step.speed = rounds.data()[1].get(str(it), 1.0)
+    expect = mean * step.speed
+    step.error = (expect - pick.latency_ms) / pick.latency_ms
+    step.raw_error = (mean - pick.latency_ms) / pick.latency_ms
+    step.within_budget = pick.latency_ms <= budget_ms + step.measured_ci_ms
+    step.agrees = abs(expect - pick.latency_ms) <= max(how.tolerance * pick.latency_ms,
+                                                       step.measured_ci_ms)
+    how.progress(f"iteration {it}: measured {pick.latency_ms:.3f} ± {step.measured_ci_ms:.3f} "
+                 f"ms (error {100 * step.error:+.1f}% at this batch's speed "
+                 f"{step.speed:.3f}; {100 * step.raw_error:+.1f}% unscaled), "
+                 f"{'within' if step.within_budget else 'MISSED'} budget")
+    return step
+
+
+def _conclude(result: LoopResult, sensitivity, tolerance: float,
+              int8_first: Observation) -> LoopResult:
+    """The pick that stands, the status and the notes. A pick measured under the budget
+    beats one only within its CI of it; of one configuration picked twice, its latest
+    measurement (the search reports that one)."""
+    budget_ms = result.budget_ms
     good = [s for s in result.iterations if s.within_budget]
-    # a pick measured under the budget beats one that is only within its CI of it; of one
-    # configuration picked twice, its latest measurement (the search reports that one)
     final = min(good, key=lambda s: (s.measured_ms > budget_ms, sum(
         sensitivity.get((k, v), 0.0) for k, v in s.config.items()), -s.index)) \
         if good else result.iterations[-1]
     result.config, result.predicted_ms, result.predicted_sd_ms = \
         final.config, final.predicted_ms, final.predicted_sd_ms
     result.measured_ms, result.measured_ci_ms = final.measured_ms, final.measured_ci_ms
-    result.model = latmodel.fit(layers, edges, prior, data()[0])
     if good:
         result.status = "ok"
         if not final.agrees:
@@ -380,18 +438,18 @@ def _close_loop(layers, edges, sensitivity, prior, measure, budget, *, history, 
                           f"iteration(s): the last pick measured "
                           + (f"{last.measured_ms:.3g} ± {last.measured_ci_ms:.2g} ms"
                              if last.measured_ms is not None else "nothing (it failed)"))
-    notes = (_slowdown(q0, result.iterations), _too_noisy(final, tolerance))
+    notes = (_slowdown(int8_first, result.iterations), _too_noisy(final, tolerance))
     result.message = "; ".join(m for m in (result.message, *notes) if m)
     return result
 
 
-def onto(history: list[Observation], q0: Observation) -> list[Observation]:
+def onto(history: list[Observation], int8_now: Observation) -> list[Observation]:
     """Earlier nights' observations (on the scale of the newest of them: `search.history`)
     moved onto tonight's, by tonight's all-INT8 baseline over theirs."""
     theirs = [o for o in pooled(history) if set(o.config.values()) == {INT8}]
     if not theirs or not theirs[0].latency_ms > 0:
         return list(history)
-    s = q0.latency_ms / theirs[0].latency_ms
+    s = int8_now.latency_ms / theirs[0].latency_ms
     return [Observation(o.config, s * o.latency_ms, s * o.se_ms, o.name) for o in history]
 
 
@@ -410,7 +468,7 @@ def _too_noisy(final: Iteration, tolerance: float) -> str:
             "threads than cores, e.g. --threads 1, steadies it)")
 
 
-def _slowdown(q0: Observation, iterations: list[Iteration], limit: float = 0.1) -> str:
+def _slowdown(int8_first: Observation, iterations: list[Iteration], limit: float = 0.1) -> str:
     """A note when the all-INT8 baseline, re-measured beside the picks, ran more than
     `limit` (and its CI) slower than when the budget was resolved: the machine changed."""
     later = [it.uniform_ms.get("uniform-" + INT8) for it in iterations]
@@ -418,7 +476,7 @@ def _slowdown(q0: Observation, iterations: list[Iteration], limit: float = 0.1) 
     if not later:
         return ""
     worst = max(later)
-    if worst > q0.latency_ms * (1 + limit) + 2 * ci_ms(q0):
-        return (f"the machine ran {100 * (worst / q0.latency_ms - 1):.0f}% slower during the "
-                f"search (all-INT8 {q0.latency_ms:.3g} ms, then {worst:.3g} ms): busy?")
+    if worst > int8_first.latency_ms * (1 + limit) + 2 * ci_ms(int8_first):
+        return (f"the machine ran {100 * (worst / int8_first.latency_ms - 1):.0f}% slower during the "
+                f"search (all-INT8 {int8_first.latency_ms:.3g} ms, then {worst:.3g} ms): busy?")
     return ""

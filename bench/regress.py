@@ -28,10 +28,12 @@ history. It needs two runs' worth of round spread (two degrees of freedom) and i
 with fewer; for a steady model (σ ≈ 0.2%) it never binds and the 5% threshold decides.
 
 Accuracy measured on the device (`top1`, `agreement` with FP32) has its own rule: the
-evaluation set is fixed (compared only with history on the same sha256) and the engine is
-deterministic, so any change is real, and what decides is whether it matters: a drop of at
-least `accuracy_threshold` (default 0.5 points) and at least one sample of the set is
-flagged. Its minimum detectable effect is that drop, in points.
+evaluation set is fixed (compared only with history on the same sha256), so tonight and the
+last night are paired sample by sample (`bench.evidence`): a drop of at least
+`accuracy_threshold` (default 0.5 points) and at least one sample of the set is flagged only
+where the exact McNemar test on the samples that changed gives p < 0.05; a set too small to
+tell says so in the note instead of a red line. Runs stored without per-sample results keep
+the threshold alone. Its minimum detectable effect is that drop, in points.
 
 Every verdict carries its **minimum detectable effect** (`mde`): the smallest slowdown this
 rule flags with ≥95% probability given the series' round noise σ, tonight's k rounds and the
@@ -202,9 +204,12 @@ def compare(history_values: Sequence[float], current: float | None, *,
 
 
 def compare_accuracy(history_values: Sequence[float], current: float | None, n: int | None, *,
-                     metric: str = "top1", threshold: float = ACCURACY_THRESHOLD) -> Verdict:
+                     metric: str = "top1", threshold: float = ACCURACY_THRESHOLD,
+                     paired=None) -> Verdict:
     """The accuracy rule of the module docstring; `n`: samples in the evaluation set.
-    `change` is relative like latency's; the note and `mde` speak in points."""
+    `change` is relative like latency's; the note and `mde` speak in points. `paired`
+    (`bench.evidence.Paired`, the last night against tonight on the same samples): the
+    drop is flagged only where that exact test sees it, and the note carries its p-value."""
     h = len(history_values)
     if current is None or h == 0:
         return Verdict(metric, None, current, None, None, None, h, False, "",
@@ -217,8 +222,12 @@ def compare_accuracy(history_values: Sequence[float], current: float | None, n: 
             f"{100 * need:.2f} pt)" if flagged else
             f"{metric} {'dropped' if drop > 0 else 'changed'} {100 * abs(drop):.2f} pt, "
             f"under {100 * need:.2f} pt" if drop != 0 else "no regression")
-    return Verdict(metric, baseline, float(current), relative_change(baseline, current), None,
-                   None, h, flagged, "points", note, need)
+    if paired is not None and drop > 0:
+        flagged = flagged and paired.significant
+        note += f"; {paired.says('last night', 'tonight')}"
+    return Verdict(metric, baseline, float(current), relative_change(baseline, current),
+                   paired.p if paired is not None else None, None, h, flagged,
+                   "points" if paired is None else "points, exact McNemar", note, need)
 
 
 def _current(rows: list[dict], metric: str) -> tuple[float | None, list[float]]:
@@ -252,9 +261,27 @@ def _accuracy_verdicts(store, run_id: str, key: tuple, rows: list[dict], lookbac
             continue
         hist = store.history(*key, metric, lookback, before_run=run_id,
                              eval_sha256=row["eval_sha256"])
-        v = compare_accuracy([h["value"] for h in hist], current, n, metric=metric)
+        v = compare_accuracy([h["value"] for h in hist], current, n, metric=metric,
+                             paired=_paired_with_last(store, hist, key, row, metric))
         out.append(dict(zip(("model", "variant", "device", "runtime"), key), **v.to_dict()))
     return out
+
+
+def _paired_with_last(store, hist: list[dict], key: tuple, row: dict, metric: str):
+    """Tonight's per-sample hits against the last night's on the same evaluation set
+    (`bench.evidence.paired`); None where either has none stored (older runs)."""
+    from .evidence import paired
+
+    name = {"top1": "top1", "agreement": "agreement_fp32"}.get(metric)
+    if name is None or not hist:
+        return None
+    tonight = ((row.get("accuracy") or {}).get("per_sample") or {}).get(name)
+    last = next((r for r in store.rows("measurements", hist[-1]["run_id"])
+                 if (r["model"], r["variant"], r["device"], r["runtime"]) == tuple(key)
+                 and r.get("eval_sha256") == row["eval_sha256"] and r.get("accuracy")), None)
+    before = ((last or {}).get("accuracy") or {}).get("per_sample", {}).get(name) \
+        if last else None
+    return paired(before, tonight)
 
 
 def detect(store, run_id: str, *, metrics: Sequence[str] = DEFAULT_METRICS,

@@ -15,7 +15,7 @@ import statistics
 
 from . import latmodel, loop
 from .latmodel import FLOAT, INT8
-from .search import batch_of, precisions_of
+from .search_context import batch_of, precisions_of
 
 
 def nights(store, model, device, runtime, layers) -> dict[str, dict]:

@@ -20,6 +20,8 @@ from hilq.measurement import Measurement, Protocol
 from quant import evalset
 from quant.artifact import Artifact
 
+from .evidence import paired
+
 
 def target_for(runtime: str) -> tuple[str, str]:
     """(export target, device) of the artifact `runtime` consumes: its own declaration."""
@@ -39,7 +41,8 @@ def artifact_for(model, variant, out_dir, runtime: str = "ort", seed: int = 0,
 
     target, device = target_for(runtime)
     return build_artifact(model, variant, out_dir, target=target, device=device, seed=seed,
-                          calib_data=calib_data, distill_iters=distill_iters)
+                          calib_data=calib_data,
+                          **({"distill_iters": distill_iters} if distill_iters else {}))
 
 
 def reference_for(art: Artifact) -> tuple[str | None, float, float]:
@@ -71,6 +74,10 @@ def with_simulated(accuracy: dict, manifest: dict) -> dict:
     for k, gap in (("top1", "gap_top1"), ("agreement_fp32", "gap_agreement")):
         out[gap] = (out[k] - sim[k]) if out.get(k) is not None and sim.get(k) is not None \
             else None
+        # the gap's evidence: device and simulation paired sample by sample
+        test = paired((accuracy.get("per_sample") or {}).get(k),
+                      (sim.get("per_sample") or {}).get(k))
+        out[f"paired_{k}"] = test.to_dict() if test is not None else None
     return out
 
 

@@ -22,7 +22,8 @@ def files() -> list[tuple[Path, str]]:
     """(local file, path relative to the bundle dir on the device): the agent and its
     siblings, the core's modules beside them (flat: the agent imports them top-level), and
     one module per runtime."""
-    out = [(HERE / n, n) for n in ("agent.py", "memory.py", "scenario.py", "timing.py",
+    out = [(HERE / n, n) for n in ("agent.py", "failures.py", "machine.py", "window.py",
+                                   "evaluation.py", "memory.py", "scenario.py", "timing.py",
                                    "power.py")]
     out += [(CORE / n, n) for n in ("accuracy.py", "stats.py", "measurement.py")]
     out += [(p, f"runtimes/{p.name}") for p in sorted((HERE / "runtimes").glob("*.py"))]

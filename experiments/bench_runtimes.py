@@ -34,8 +34,6 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 INDEPENDENT = r"""
 import json, statistics, sys, time
 import numpy as np, onnxruntime as ort
-
-ROOT = Path(__file__).resolve().parents[1]
 path, threads, warm, n_min, s_min = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 so = ort.SessionOptions(); so.intra_op_num_threads = threads; so.inter_op_num_threads = 1
 so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

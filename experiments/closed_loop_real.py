@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import latmodel, runner, search
+from bench import latmodel, runner, search, search_context
 from bench.latmodel import FLOAT, INT8
 from bench.store import open_store
 from devices.local import LocalDevice
@@ -77,11 +77,13 @@ def heldout(model, runtime, args, store, device, protocol, log) -> dict:
     layers = quantizable_layers(folded)
     run_id = store.begin_run({"command": "closed_loop_real/heldout", "model": model,
                               "runtime": runtime}, seed=0)
-    ctx = search.Context(model, load_model(model), folded, layers,
-                          search.float_edges(folded, layers), device, runtime, protocol,
-                          args.work / "heldout", store, run_id, args.rounds, 0, log)
+    ctx = search_context.Context(
+        model=model, entry=load_model(model), folded=folded, layers=layers,
+        edges=search_context.float_edges(folded, layers), device=device, runtime=runtime,
+        protocol=protocol, work=args.work / "heldout", store=store, run_id=run_id,
+        rounds=args.rounds, seed=0, progress=log)
     ctx.work.mkdir(parents=True, exist_ok=True)
-    seeded, prior = search.measure_patterns(ctx)
+    seeded, prior = search_context.measure_patterns(ctx)
     profile_model = latmodel.fit(layers, ctx.edges, prior, latmodel.observations(seeded))
     # the Δ model: each layer float alone, the baseline repeated, one round each
     q = dict.fromkeys(layers, INT8)
@@ -95,7 +97,7 @@ def heldout(model, runtime, args, store, device, protocol, log) -> dict:
     log(f"{model}/{runtime}: Δ table, {len(order)} timings")
     ms = runner.measure_artifacts(device, runtime, model, arts, protocol, rounds=1, store=store,
                                   run_id=run_id, kind="cost", on_result=log)
-    p50 = {n: search.median_p50(ms[n]) for n in order}
+    p50 = {n: search_context.median_p50(ms[n]) for n in order}
     base = deltas.interpolated_baseline(order, p50, "uniform-" + INT8)
     reps = [p50[n] for n in order if deltas.base_name(n) == "uniform-" + INT8 and p50[n]]
     b0 = statistics.median(reps)

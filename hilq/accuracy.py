@@ -237,13 +237,15 @@ def evaluate(outputs: list, ev) -> dict:
     c = next((k for k, kind in enumerate(kinds) if kind in SCORES), 0)
     out0 = _dequantized(outputs[c], ev, c)
     res = {"n": int(n), "top1": None, "agreement_fp32": None, "kl": None, "sqnr_db": None,
-           "cosine": None, "worst": [], "outputs": [], "kinds": kinds, "task": {}}
+           "cosine": None, "worst": [], "outputs": [], "kinds": kinds, "task": {},
+           "per_sample": {}}
     logits = out0.reshape(n, -1) if out0.ndim >= 2 and kinds[c] in SCORES else None
     pred = logits.argmax(axis=1) if logits is not None and logits.shape[1] > 1 else None
     score = None  # per-sample badness: KL to FP32, else 1 for a wrong label
     if "labels" in ev and pred is not None:
         labels = np.asarray(ev["labels"]).astype(np.int64).ravel()
         res["top1"] = float((pred == labels).mean())
+        res["per_sample"]["top1"] = bits(pred == labels)
         score = (pred != labels).astype(np.float64)
     if f"fp32:{c}" in ev:
         ref = np.asarray(ev[f"fp32:{c}"], dtype=np.float64).reshape(n, -1)
@@ -251,6 +253,7 @@ def evaluate(outputs: list, ev) -> dict:
         res["cosine"] = cosine(ref, out0.reshape(n, -1))
         if pred is not None:
             res["agreement_fp32"] = float((pred == ref.argmax(axis=1)).mean())
+            res["per_sample"]["agreement_fp32"] = bits(pred == ref.argmax(axis=1))
             kl = kl_per_sample(ref, logits, kinds[c])
             res["kl"] = float(kl.mean())
             score = kl
@@ -276,6 +279,12 @@ def evaluate(outputs: list, ev) -> dict:
     if "metric:source" in ev:
         res.update(user_metric(outputs, ev))
     return res
+
+
+def bits(hits: np.ndarray) -> str:
+    """Per-sample hits as a string of 0s and 1s: what pairs two runs of the same evaluation
+    set sample by sample (an exact McNemar test on the samples they disagree on)."""
+    return "".join("1" if h else "0" for h in np.asarray(hits).ravel())
 
 
 def _text(a) -> str:

@@ -98,87 +98,106 @@ def _shapes(proto) -> dict:
     return out
 
 
+class _View:
+    """The graph as the debug edit reads it: constants, shapes, who produces and consumes
+    each tensor; and `expose`, which makes a tensor a graph output."""
+
+    def __init__(self, proto):
+        self.g = proto.graph
+        self.inits = _init_values(self.g)
+        self.shapes = _shapes(proto)
+        self.producer = {o: n for n in self.g.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in self.g.node:
+            for t in n.input:
+                self.consumers.setdefault(t, []).append(n)
+
+    def out_q(self, t: str):
+        return next((c for c in self.consumers.get(t, []) if c.op_type == "QuantizeLinear"
+                     and _qparams(c, self.inits)), None)
+
+    def expose(self, name: str, elem: int, like: str) -> int:
+        """The tensor's position among the graph outputs, made one if it is not (a float
+        last layer's output already is: the logits)."""
+        from onnx import helper
+
+        names = [o.name for o in self.g.output]
+        if name in names:
+            return names.index(name)
+        shape = self.shapes.get(like) or self.shapes.get(
+            like.removesuffix("_QuantizeLinear_Output"))
+        self.g.output.append(helper.make_tensor_value_info(name, elem, shape))
+        return len(self.g.output) - 1
+
+
 def debug_graph(proto, layer_map: dict, own: bool = True):
     """Edit `proto` (a loaded ONNX model, modified in place) into the debug copy; returns
     the taps in graph-output order (layers in graph order). Layers named in `layer_map` but
     absent from the graph (renamed by a later tool) are skipped."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
-    g = proto.graph
-    inits = _init_values(g)
-    shapes = _shapes(proto)
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for t in n.input:
-            consumers.setdefault(t, []).append(n)
+    view = _View(proto)
     taps: list[Tap] = []
     copies = []
-
-    def out_q(t: str):
-        return next((c for c in consumers.get(t, []) if c.op_type == "QuantizeLinear"
-                     and _qparams(c, inits)), None)
-
-    def expose(name: str, elem: int, like: str) -> int:
-        """The tensor's position among the graph outputs, made one if it is not (a float
-        last layer's output already is: the logits)."""
-        names = [o.name for o in g.output]
-        if name in names:
-            return names.index(name)
-        shape = shapes.get(like) or shapes.get(like.removesuffix("_QuantizeLinear_Output"))
-        g.output.append(helper.make_tensor_value_info(name, elem, shape))
-        return len(g.output) - 1
-
-    for node in [n for n in g.node if n.name in layer_map]:     # graph order
-        node_name, layer, y = node.name, layer_map[node.name]["layer"], node.output[0]
-        q = out_q(y)
-        qp = _qparams(q, inits) if q is not None else None
+    for node in [n for n in view.g.node if n.name in layer_map]:     # graph order
+        layer, y = layer_map[node.name]["layer"], node.output[0]
+        q = view.out_q(y)
+        qp = _qparams(q, view.inits) if q is not None else None
         elem = (TensorProto.UINT8 if qp and qp[2] == "uint8" else TensorProto.INT8) if qp \
             else TensorProto.FLOAT
         tensor = q.output[0] if q is not None else y
-        k = expose(tensor, elem, tensor)
         read = dict(scale=qp[0], zero_point=qp[1], dtype=qp[2], floor=_floor(qp)) if qp else {}
-        taps.append(Tap(layer, node_name, "chain", tensor, k, **read))
-        if not own:
-            continue
-        # the layer's unit again, on a graph input that will carry its float input
-        tag = f"debug.{layer}"
-        x_in = f"{DEBUG_INPUT}{layer}"
-        g.input.append(helper.make_tensor_value_info(x_in, TensorProto.FLOAT,
-                                                     shapes.get(node.input[0])))
-        dq_in = producer.get(node.input[0])
-        src = x_in
-        if dq_in is not None and dq_in.op_type == "DequantizeLinear" and _qparams(dq_in, inits):
-            s, z = dq_in.input[1], dq_in.input[2]
-            copies += [helper.make_node("QuantizeLinear", [x_in, s, z], [f"{tag}.in_q"],
-                                        name=f"{tag}.in_QuantizeLinear"),
-                       helper.make_node("DequantizeLinear", [f"{tag}.in_q", s, z],
-                                        [f"{tag}.in"], name=f"{tag}.in_DequantizeLinear")]
-            src = f"{tag}.in"
-        ins = [src]
-        for j, t in enumerate(node.input[1:], start=1):
-            p = producer.get(t)
-            if p is not None and p.op_type == "DequantizeLinear":   # its own DQ: ORT wants one
-                c = helper.make_node("DequantizeLinear", list(p.input), [f"{tag}.dq{j}"],
-                                     name=f"{tag}.dq{j}_DequantizeLinear")
-                c.attribute.extend(p.attribute)
-                copies.append(c)
-                ins.append(f"{tag}.dq{j}")
-            else:
-                ins.append(t)
-        c = helper.make_node(node.op_type, ins, [f"{tag}.out"], name=f"{tag}.{node.op_type}",
-                             domain=node.domain or None)
-        c.attribute.extend(node.attribute)
-        copies.append(c)
-        tensor = f"{tag}.out"
-        if q is not None and qp:
-            copies.append(helper.make_node("QuantizeLinear", [tensor, q.input[1], q.input[2]],
-                                           [f"{tag}.out_q"], name=f"{tag}.out_QuantizeLinear"))
-            tensor = f"{tag}.out_q"
-        k = expose(tensor, elem, taps[-1].output)
-        taps.append(Tap(layer, node_name, "own", tensor, k, input=x_in, **read))
-    g.node.extend(copies)
+        taps.append(Tap(layer, node.name, "chain", tensor, view.expose(tensor, elem, tensor),
+                        **read))
+        if own:
+            nodes, tensor, x_in = _own_unit(view, node, layer, q if qp else None)
+            copies += nodes
+            taps.append(Tap(layer, node.name, "own", tensor,
+                            view.expose(tensor, elem, taps[-1].output), input=x_in, **read))
+    view.g.node.extend(copies)
     return taps
+
+
+def _own_unit(view: _View, node, layer: str, q) -> tuple[list, str, str]:
+    """The layer's unit again, on a new graph input that will carry its float input: its
+    input Q/DQ, its own copies of its weight DQs (ORT wants one per consumer), the node, and
+    its output Q. Returns (nodes, the output tensor, the new input's name)."""
+    from onnx import TensorProto, helper
+
+    tag, x_in = f"debug.{layer}", f"{DEBUG_INPUT}{layer}"
+    view.g.input.append(helper.make_tensor_value_info(x_in, TensorProto.FLOAT,
+                                                      view.shapes.get(node.input[0])))
+    nodes, src = [], x_in
+    dq_in = view.producer.get(node.input[0])
+    if dq_in is not None and dq_in.op_type == "DequantizeLinear" and _qparams(dq_in,
+                                                                               view.inits):
+        s, z = dq_in.input[1], dq_in.input[2]
+        nodes += [helper.make_node("QuantizeLinear", [x_in, s, z], [f"{tag}.in_q"],
+                                   name=f"{tag}.in_QuantizeLinear"),
+                  helper.make_node("DequantizeLinear", [f"{tag}.in_q", s, z],
+                                   [f"{tag}.in"], name=f"{tag}.in_DequantizeLinear")]
+        src = f"{tag}.in"
+    ins = [src]
+    for j, t in enumerate(node.input[1:], start=1):
+        p = view.producer.get(t)
+        if p is not None and p.op_type == "DequantizeLinear":
+            c = helper.make_node("DequantizeLinear", list(p.input), [f"{tag}.dq{j}"],
+                                 name=f"{tag}.dq{j}_DequantizeLinear")
+            c.attribute.extend(p.attribute)
+            nodes.append(c)
+            ins.append(f"{tag}.dq{j}")
+        else:
+            ins.append(t)
+    c = helper.make_node(node.op_type, ins, [f"{tag}.out"], name=f"{tag}.{node.op_type}",
+                         domain=node.domain or None)
+    c.attribute.extend(node.attribute)
+    nodes.append(c)
+    tensor = f"{tag}.out"
+    if q is not None:
+        nodes.append(helper.make_node("QuantizeLinear", [tensor, q.input[1], q.input[2]],
+                                      [f"{tag}.out_q"], name=f"{tag}.out_QuantizeLinear"))
+        tensor = f"{tag}.out_q"
+    return nodes, tensor, x_in
 
 
 def write_debug_artifact(artifact: Artifact, out_dir: str | Path, own: bool = True

@@ -136,4 +136,4 @@ def simulated(model, ev: dict[str, np.ndarray]) -> dict:
     x = torch.from_numpy(next(v for k, v in ev.items() if k.startswith("input:")))
     res = evaluate([logits(model, x).detach().float().numpy()], ev)
     return {k: res[k] for k in ("n", "top1", "agreement_fp32", "kl", "sqnr_db", "cosine",
-                                "task", "metric", "metric_error") if k in res}
+                                "task", "metric", "metric_error", "per_sample") if k in res}

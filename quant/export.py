@@ -29,14 +29,14 @@ from .assembly import (
     versions,
 )
 from .onnx_export import export_onnx, float_model
+from .options import TARGETS, ExportOptions
 from .spec import DISTILL_ITERS, BitConfig, ExportError, parse_variant
 from .transform import fold_bn
 from .zeroq import weights_sha256
 
-__all__ = ["DISTILL_ITERS", "TARGETS", "ExportError", "build_artifact", "export_onnx",
-           "float_model", "target_config"]
+__all__ = ["DISTILL_ITERS", "TARGETS", "ExportError", "ExportOptions", "build_artifact",
+           "export_onnx", "float_model", "target_config"]
 
-TARGETS = ("cpu", "tensorrt", "torch")
 
 
 def _quantized(entry, net: nn.Module, config: BitConfig, repairs, seed: int,
@@ -89,87 +89,91 @@ def _folder_digest(root: str, listing: tuple) -> str:
 
 
 def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu", *,
-                   calib: str = "minmax", granularity: str = "channel", group_size: int = 128,
-                   repairs=(), seed: int = 0, calib_data: str = "real",
-                   distill_iters: int | None = None, distill_objective: str = "batch",
-                   device: str = "cpu", route: str = "auto") -> Artifact:
-    """The benchmark runner's single entry point: model (a name or `ModelRef`) + variant ->
-    Artifact.
+                   options: ExportOptions | None = None, **settings) -> Artifact:
+    """The build verb: model (a name or `ModelRef`) + variant -> Artifact, as `options`
+    (`ExportOptions`; or its fields as keywords, with `target`) say.
 
-    `target`: `cpu` (ONNX Q/DQ, UINT8 asymmetric activations), `tensorrt` (ONNX Q/DQ, INT8
-    symmetric activations, narrow-range weights), `torch` (delegates to
-    `quant.export_torch.build`, on `device`: cpu or cuda, as the runtime declares). `calib_data`: real | distilled | noise (ZeroQ data-free).
     A user's ONNX file is its own fp32 artifact; its integer variants go through PyTorch
-    (onnx2torch) or, where the file does not convert or `route="onnx"`, through the ONNX
-    graph itself (`quant.onnx_artifact`); the manifest's `settings.route` says which. Files are cached in `out_dir` under a hash
-    of everything that decides their content, so repeated calls reuse them."""
-    if target not in TARGETS:
-        raise ExportError(f"unknown target {target!r} (use {', '.join(TARGETS)})")
-    if target == "torch":
+    (onnx2torch) or, where the file does not convert or the route is `onnx`, through the
+    ONNX graph itself (`quant.onnx_artifact`); the manifest's `settings.route` says which.
+    Files are cached in `out_dir` under a hash of everything that decides their content,
+    so repeated calls reuse them."""
+    o = options or ExportOptions(target=target, **settings)
+    if o.target == "torch":
         from .export_torch import build
 
-        return build(model, variant, out_dir, seed=seed, device=device)
-    from .models import ModelRef, load_model, name_of
+        return build(model, variant, out_dir, seed=o.seed, device=o.device)
+    from .models import ModelRef, load_model
 
     ref = model if isinstance(model, ModelRef) else ModelRef(model)
-    model = name_of(model)
-
     v = parse_variant(variant)
-    if v.float_dtype in ("fp16", "bf16") and target == "cpu":
+    if v.float_dtype in ("fp16", "bf16") and o.target == "cpu":
         raise ExportError(f"variant {variant} is not an ONNX Q/DQ export for cpu: ONNX Runtime's "
                           "CPU provider has no fp16/bf16 convolutions; use fp32 or target torch")
-    settings = {"target": target, "calib": calib, "granularity": granularity,
-                "group_size": group_size, "repairs": list(repairs), "seed": seed,
-                "act_dtype": "int8" if target == "tensorrt" else "uint8",
+    settings = {"target": o.target, "calib": o.calib, "granularity": o.granularity,
+                "group_size": o.group_size, "repairs": list(o.repairs), "seed": o.seed,
+                "act_dtype": "int8" if o.target == "tensorrt" else "uint8",
                 "export_version": EXPORT_VERSION}
     entry = load_model(ref)
     if entry.onnx_path:
         from . import onnx_artifact
 
-        art = onnx_artifact.build(entry, ref, v, out_dir, target, settings, versions(), seed,
+        art = onnx_artifact.build(entry, ref, v, out_dir, o.target, settings, versions(), o.seed,
                                   cache_key=lambda extra: cache_path(
-                                      out_dir, model, variant, target, v, {
+                                      out_dir, ref.name, variant, o.target, v, {
                                           **settings, **extra, **ref.key(),
                                           **_source_digests(entry, ref, None)}),
-                                  route=ref.route if route == "auto" else route)
+                                  route=ref.route if o.route == "auto" else o.route)
         if art is not None:
             return art
+    return _torch_route(entry, ref, v, variant, Path(out_dir), o, settings)
+
+
+def _torch_route(entry, ref, v, variant: str, out_dir: Path, o: ExportOptions,
+                 settings: dict) -> Artifact:
+    """The fake-quant model through the shared pipeline, exported as Q/DQ ONNX (or the
+    cached file built from the same settings and sources)."""
     net = entry.build().eval()
     settings["float_weights_sha256"] = weights_sha256(net)
     if entry.onnx_path:
         settings["route"] = "torch"         # onnx2torch converted the file (quant.onnx_artifact)
-    if calib_data != "real":
-        settings["calib_data"] = calib_data
-    if calib_data == "distilled":
-        settings["distill"] = {"iters": distill_iters or DISTILL_ITERS,
-                               "objective": distill_objective}
+    if o.calib_data != "real":
+        settings["calib_data"] = o.calib_data
+    if o.calib_data == "distilled":
+        settings["distill"] = {"iters": o.distill_iters, "objective": o.distill_objective}
     if entry.preprocess:
         settings["preprocess"] = entry.preprocess
-    path = cache_path(out_dir, model, variant, target, v,
-                       {**settings, **ref.key(), **_source_digests(entry, ref, net)})
-    out_dir = Path(out_dir)
+    path = cache_path(out_dir, ref.name, variant, o.target, v,
+                      {**settings, **ref.key(), **_source_digests(entry, ref, net)})
     if cached(path):
         return Artifact.load(path)
     from .pipeline import variant_bit_config
 
-    data = entry.data()
     notes: list[str] = []
-    config = target_config(variant_bit_config(fold_bn(net), variant, granularity=granularity,
-                                              calib=calib, group_size=group_size, notes=notes),
-                           target)
+    config = target_config(variant_bit_config(fold_bn(net), variant, granularity=o.granularity,
+                                              calib=o.calib, group_size=o.group_size,
+                                              notes=notes), o.target)
+    data = entry.data()
     if config.layers:
-        res = _quantized(entry, net, config, repairs, seed, calib_data,
+        res = _quantized(entry, net, config, o.repairs, o.seed, o.calib_data,
                          settings.get("distill", {}))
         qmodel, calib_x = res.qmodel, res.calib_x
     else:
         qmodel, calib_x = fold_bn(net), data.calib_x if data.calib_x is not None else data.test_x
+    settings["notes"] = notes
+    return _write(entry, data, ref, v, variant, path, net, qmodel, calib_x, config, settings, o)
+
+
+def _write(entry, data, ref, v, variant: str, path: Path, net, qmodel, calib_x, config,
+           settings, o: ExportOptions) -> Artifact:
+    """The Q/DQ file, its reference outputs and evaluation set, and the manifest."""
     info = export_onnx(qmodel, entry.input_shape, path, act_dtype=settings["act_dtype"],
                        calib_x=calib_x, input_dtype=calib_x.dtype)
-    ref_npz = reference(qmodel, data, path, seed)
-    evaluation = evaluation_fields(net, qmodel, data, out_dir, info["input_name"], model,
-                                   ref.metric, (entry.output_kinds or (None,))[0])
-    runtimes = ["ort", "openvino"] + (["tensorrt"] if target == "tensorrt" else [])
-    settings.update(opset=info["opset"], calib_samples=len(calib_x), notes=notes,
+    ref_npz = reference(qmodel, data, path, o.seed)
+    evaluation = evaluation_fields(net, qmodel, data, path.parent, info["input_name"],
+                                   ref.name, ref.metric, (entry.output_kinds or (None,))[0])
+    runtimes = ["ort", "openvino"] + (["tensorrt"] if o.target == "tensorrt" else [])
+    settings.update(opset=info["opset"], calib_samples=len(calib_x),
                     placement=info.get("placement"),
                     extra_tensors_calib="minmax (float graph)",
                     folded_activations=info.get("folded_activations", []),
@@ -177,7 +181,7 @@ def build_artifact(model, variant: str, out_dir: str | Path, target: str = "cpu"
     if v.float_dtype in ("fp16", "bf16"):
         settings["engine_precision"] = v.float_dtype   # a TensorRT builder flag, not in the file
     return Artifact.create(
-        path, model=model, variant=variant, target=target,
+        path, model=ref.name, variant=variant, target=o.target,
         format=FORMAT_QDQ if config.layers else FORMAT_FP32,
         bit_config=config.to_dict(), input_shape=[1, *entry.input_shape],
         input_dtype=str(calib_x.dtype).replace("torch.", ""), input_name=info["input_name"],

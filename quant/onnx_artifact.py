@@ -21,6 +21,7 @@ import numpy as np
 from .artifact import Artifact
 from .onnx_feeds import Feeds
 from .onnx_run import run, session
+from .options import ROUTES
 
 REFERENCE_SAMPLES = 8
 # the wrong-answer check of an ONNX-route INT8 file: a broken engine misses its reference by
@@ -111,7 +112,6 @@ def file_artifact(entry, feeds: Feeds, path: Path, *, model: str, variant: str, 
         **fields)
 
 
-ROUTES = ("auto", "torch", "onnx")
 
 
 def build(entry, ref, v, out_dir, target: str, settings: dict, versions: dict, seed: int,

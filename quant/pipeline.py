@@ -121,6 +121,27 @@ def _calib_x(kind: str, entry: ModelEntry, model: nn.Module, real: torch.Tensor 
                                   seed=seed, name=entry.name)
 
 
+def _before_calibration(fmodel: nn.Module, repairs) -> nn.Module:
+    """The repairs that change the float model: cross-layer equalization, outlier split."""
+    if "cle" in repairs:
+        from .repairs import equalize
+        fmodel = equalize(fmodel)
+    if "split" in repairs:
+        from .repairs import split_outliers
+        fmodel = split_outliers(fmodel)
+    return fmodel
+
+
+def _after_calibration(qmodel, fmodel, calib_x, repairs, adaround_iters: int, seed: int):
+    """The repairs that change the quantized model against the float one."""
+    if "bias" in repairs:
+        from .repairs import bias_correction
+        bias_correction(qmodel, fmodel, calib_x)
+    if "adaround" in repairs:
+        from .repairs import adaround
+        adaround(qmodel, fmodel, calib_x, iters=adaround_iters, seed=seed)
+
+
 def quantize_model(entry: ModelEntry, config: BitConfig, *, repairs: Iterable[str] = (),
                    calib_data: str = "real", qat_epochs: int = 0, seed: int = 0,
                    model: nn.Module | None = None, adaround_iters: int = 300,
@@ -141,14 +162,7 @@ def quantize_model(entry: ModelEntry, config: BitConfig, *, repairs: Iterable[st
                         "(--qat-epochs) needs train_x and train_y from its data factory")
     notes: list[str] = []
 
-    fmodel = fold_bn(model)
-    if "cle" in repairs:
-        from .repairs import equalize
-        fmodel = equalize(fmodel)
-    if "split" in repairs:
-        from .repairs import split_outliers
-        fmodel = split_outliers(fmodel)
-
+    fmodel = _before_calibration(fold_bn(model), repairs)
     calib_x = _calib_x(calib_data, entry, model, data.calib_x, seed, distill_iters,
                        distill_objective)
     if data.test_y is not None:
@@ -158,12 +172,7 @@ def quantize_model(entry: ModelEntry, config: BitConfig, *, repairs: Iterable[st
     if calib_data != "real":
         notes.append(f"calibrated on {len(calib_x)} {calib_data} samples")
     qmodel = calibrate(prepare(fmodel, config, fold=False), batches(calib_x))
-    if "bias" in repairs:
-        from .repairs import bias_correction
-        bias_correction(qmodel, fmodel, calib_x)
-    if "adaround" in repairs:
-        from .repairs import adaround
-        adaround(qmodel, fmodel, calib_x, iters=adaround_iters, seed=seed)
+    _after_calibration(qmodel, fmodel, calib_x, repairs, adaround_iters, seed)
     if qat_epochs:
         from .qat import finetune
         qmodel = finetune(qmodel, fmodel, data.train_x, data.train_y, epochs=qat_epochs,

@@ -366,17 +366,23 @@ def _rewrite(proto, g: _Graph, integer: dict, kind: dict, folded: dict, qlayers,
             for i, x in enumerate(n.input):
                 if x == t:
                     n.input[i] = f"{t}_DequantizeLinear_Output"
+    _replace_nodes(g, head + body)
+    if uses_ms:
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return layer_map
+
+
+def _replace_nodes(g: _Graph, nodes: list) -> None:
+    """The graph's nodes become `nodes`, with the new initializers; stale shapes and the
+    initializers no node reads any more are dropped."""
     del g.g.node[:]
-    g.g.node.extend(head + body)
+    g.g.node.extend(nodes)
     g.g.initializer.extend(g.new_inits)
     del g.g.value_info[:]
     used = {t for n in g.g.node for t in n.input}
     keep = [i for i in g.g.initializer if i.name in used]
     del g.g.initializer[:]
     g.g.initializer.extend(keep)
-    if uses_ms:
-        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return layer_map
 
 
 def _transposed(node) -> bool:

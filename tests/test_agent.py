@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import QUICK_PROTOCOL
 from onnx_tiny import reference_npz, tiny_artifact
 
 from devices import bundle, timing
 
-QUICK = {"warmup_iters": 3, "warmup_s": 0.0, "min_iters": 30, "min_duration_s": 0.05,
-         "idle_s": 0.05}
+QUICK = {**QUICK_PROTOCOL, "min_iters": 30}
 
 
 @pytest.fixture(scope="module")

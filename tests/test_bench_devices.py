@@ -12,9 +12,10 @@ import statistics
 
 import pytest
 
+from devices import timing
 from devices.agent import LoadProbe
 from devices.local import LocalDevice
-from hilq import stats, timing
+from hilq import stats
 from hilq.measurement import Protocol
 
 pytestmark = pytest.mark.bench

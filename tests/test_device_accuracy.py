@@ -12,6 +12,7 @@ import sqlite3
 import numpy as np
 import onnx
 import pytest
+from helpers import quick_protocol
 from onnx import numpy_helper
 
 from bench import cli, regress
@@ -19,12 +20,12 @@ from bench.runner import bench_variants
 from bench.store import open_store
 from devices.local import LocalDevice
 from hilq.accuracy import evaluate
-from hilq.measurement import Measurement, Protocol
+from hilq.measurement import Measurement
 from quant import evalset
 from quant.artifact import Artifact
 from quant.export import build_artifact
 
-QUICK = Protocol(warmup_iters=2, warmup_s=0.0, min_iters=10, min_duration_s=0.05, idle_s=0.05)
+QUICK = quick_protocol(warmup_iters=2)
 
 
 # --- the figures -----------------------------------------------------------------------

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import export_digits_w8a8, ort_quantize_static
 from onnx import numpy_helper
 from torch import nn
 
@@ -235,15 +236,7 @@ def test_tiny_transformer_w4a16_artifact(tmp_path):
 
 @pytest.fixture(scope="module")
 def digits_w8a8(tmp_path_factory):
-    from quant.models import load_model
-    from quant.pipeline import quantize_model, variant_bit_config
-
-    entry = load_model("digits-cnn")
-    net, data = entry.build().eval(), entry.data()
-    res = quantize_model(entry, variant_bit_config(fold_bn(net), "w8a8"), seed=0, model=net)
-    path = tmp_path_factory.mktemp("digits") / "digits-w8a8.onnx"
-    info = export_onnx(res.qmodel, entry.input_shape, path, calib_x=data.calib_x)
-    return res.qmodel, data, path, info
+    return export_digits_w8a8(tmp_path_factory.mktemp("digits"))
 
 
 @pytest.mark.parametrize("precise", [False, True], ids=["ort-default", "x64quantprecision"])
@@ -275,28 +268,11 @@ def test_digits_w8a8_every_conv_is_qlinearconv(digits_w8a8):
 def test_digits_w8a8_same_kernels_as_quantize_static(digits_w8a8, tmp_path):
     """ORT's own quantize_static (QDQ, U8 activations, S8 per-channel weights) of the same
     FP32 model fuses into the same kernel sequence as hilq's export: same work, same speed."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
     qm, data, path, _ = digits_w8a8
     fp32 = tmp_path / "fp32.onnx"
     export_onnx(float_model(qm), (1, 8, 8), fp32)
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"input": data.calib_x[i:i + 64].numpy()} for i in range(0, 256, 64)])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    ref = tmp_path / "qs.onnx"
-    quantize_static(str(fp32), str(ref), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True)
+    ref = ort_quantize_static(fp32, tmp_path / "qs.onnx", data.calib_x)
     ours = [d["op"] for d in _kernels(path)["detail"]]
     theirs = [d["op"] for d in _kernels(ref)["detail"]]
     assert ours == theirs

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import DIGITS_BENCH, QUICK_PROTOCOL, write_nightly_config
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
 
@@ -117,28 +118,13 @@ def _config(tmp: Path, db: str, address: str, rounds: int = 2):
     inv = tmp / "devices.toml"
     inv.write_text("".join(f'[devices.{d}]\nkind = "local"\nworkdir = "{tmp / d}"\n'
                            for ds in NODES.values() for d in ds))
-    devices = ", ".join(f'"{d}"' for ds in NODES.values() for d in ds)
-    path = tmp / "farm.toml"
-    path.write_text(f"""
-name = "farm"
-rounds = {rounds}
-db = "{db}"
-inventory = "{inv}"
-reports = "{tmp / 'reports'}"
-engine = "ray"
-ray_address = "{address}"
-[protocol]
-warmup_iters = 5
-warmup_s = 0.0
-min_iters = 30
-min_duration_s = 0.3
-threads = 1
-[[bench]]
-model = "digits-cnn"
-variants = ["fp32", "w8a8"]
-devices = [{devices}]
-accuracy = false
-""")
+    path = write_nightly_config(
+        tmp / "farm.toml", name="farm", rounds=rounds, db=db, inventory=inv,
+        reports=tmp / "reports", engine="ray", ray_address=address,
+        protocol={**QUICK_PROTOCOL, "warmup_iters": 5, "min_iters": 30, "min_duration_s": 0.3,
+                  "idle_s": None, "threads": 1},
+        bench=[{**DIGITS_BENCH, "devices": [d for ds in NODES.values() for d in ds],
+                "accuracy": False}])
     return config.load(path)
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import DIGITS_BENCH, QUICK_PROTOCOL, write_nightly_config
 from netfleet import Fleet, wait_for
 from onnx_tiny import tiny_artifact
 
@@ -36,22 +37,10 @@ def fleet(tmp_path_factory):
     f.close()
 
 
-NIGHTLY = """
-name = "fleet"
-rounds = 2
-inventory = "devices.toml"
-[protocol]
-warmup_iters = 3
-warmup_s = 0.0
-min_iters = 10
-min_duration_s = 4.0
-idle_s = 0.05
-threads = 1
-[[bench]]
-model = "digits-cnn"
-variants = ["fp32", "w8a8"]
-devices = ["edge0", "edge1", "edge2"]
-"""
+# three hosts, each measured for at least 4 s a run: long enough to cut a link mid-run
+NIGHTLY = {"name": "fleet", "rounds": 2, "inventory": "devices.toml",
+           "protocol": {**QUICK_PROTOCOL, "min_duration_s": 4.0, "threads": 1},
+           "bench": [{**DIGITS_BENCH, "devices": ["edge0", "edge1", "edge2"]}]}
 
 
 def _rows(db: Path) -> list[tuple]:
@@ -71,7 +60,7 @@ def test_nightly_on_three_hosts_one_cut_mid_measurement(fleet, tmp_path):
     cut = fleet.hosts[1]
     fleet.inventory(tmp_path / "devices.toml", command_timeout_s=COMMAND_TIMEOUT_S,
                     connect_timeout_s=3, retries=2)
-    (tmp_path / "n.toml").write_text(NIGHTLY)
+    write_nightly_config(tmp_path / "n.toml", **NIGHTLY)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HILQ_CACHE": os.environ.get(
         "HILQ_CACHE", str(ROOT / ".cache"))}
     db = tmp_path / "results" / "hilq.sqlite"

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import export_digits_w8a8, ort_quantize_static
 from onnx import numpy_helper
 
 from quant.export import export_onnx
@@ -84,14 +85,7 @@ def test_requantize_within_one_of_float():
 
 @pytest.fixture(scope="module")
 def digits_onnx(tmp_path_factory):
-    from quant.models import load_model
-    from quant.pipeline import quantize_model, variant_bit_config
-
-    entry = load_model("digits-cnn")
-    net, data = entry.build().eval(), entry.data()
-    res = quantize_model(entry, variant_bit_config(fold_bn(net), "w8a8"), seed=0, model=net)
-    path = tmp_path_factory.mktemp("intref") / "digits-w8a8.onnx"
-    export_onnx(res.qmodel, entry.input_shape, path, calib_x=data.calib_x)
+    _, data, path, _ = export_digits_w8a8(tmp_path_factory.mktemp("intref"))
     return path, data
 
 
@@ -127,13 +121,6 @@ def test_residual_maxpool_cnn_within_one_lsb_of_ort(tmp_path):
 
 def test_ort_quantize_static_graph_within_one_lsb(digits_onnx, tmp_path):
     """The reference reads any QDQ graph of this form, ORT's own quantizer's output too."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
     from quant.export import float_model
     from quant.models import load_model
 
@@ -141,17 +128,7 @@ def test_ort_quantize_static_graph_within_one_lsb(digits_onnx, tmp_path):
     fp32 = tmp_path / "fp32.onnx"
     export_onnx(float_model(fold_bn(load_model("digits-cnn").build())), (1, 8, 8), fp32)
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"input": data.calib_x[i:i + 64].numpy()} for i in range(0, 256, 64)])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    qs = tmp_path / "qs.onnx"
-    quantize_static(str(fp32), str(qs), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True)
+    qs = ort_quantize_static(fp32, tmp_path / "qs.onnx", data.calib_x)
     assert _lsb_diff(qs, data.test_x.numpy()).max() <= 1
 
 

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import quick_protocol
 from onnx_tiny import reference_npz, tiny_artifact
 
 from bench import cli
@@ -15,7 +16,7 @@ from devices import lock
 from devices.local import LocalDevice
 from hilq.measurement import Measurement, Protocol
 
-QUICK = Protocol(warmup_iters=2, warmup_s=0.0, min_iters=20, min_duration_s=0.05, idle_s=0.05)
+QUICK = quick_protocol(warmup_iters=2, min_iters=20)
 
 
 def test_run_and_facts(tmp_path):

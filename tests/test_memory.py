@@ -8,16 +8,16 @@ import subprocess
 import sys
 
 import pytest
+from helpers import quick_protocol
 
 from bench.report import render
 from bench.runner import bench_variants
 from bench.store import open_store
 from devices import memory
 from devices.local import LocalDevice
-from hilq.measurement import Protocol
 from quant.export import build_artifact
 
-QUICK = Protocol(warmup_iters=3, warmup_s=0.0, min_iters=10, min_duration_s=0.05, idle_s=0.05)
+QUICK = quick_protocol()
 LINUX = os.path.exists(memory.STATUS)
 
 # in a fresh process: the tracker's figures must not depend on what this test process did

@@ -13,32 +13,23 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import DIGITS_BENCH, DIGITS_SEARCH, QUICK_PROTOCOL, write_nightly_config
 
 from bench import config
 from bench.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
-QUICK = """
-name = "quick"
-rounds = 2
-[protocol]
-warmup_iters = 3
-warmup_s = 0.05
-min_iters = 10
-min_duration_s = 0.1
-threads = 1
-[[bench]]
-model = "digits-cnn"
-variants = ["fp32", "w8a8"]
-"""
+# the quick nightly every test here starts from (config keys as keyword arguments; a None
+# value leaves its key to the default)
+QUICK = {"name": "quick", "rounds": 2,
+         "protocol": {**QUICK_PROTOCOL, "warmup_s": 0.05, "min_duration_s": 0.1, "idle_s": None,
+                      "threads": 1}}
 
-SEARCH = QUICK + """
-[[search]]
-model = "digits-cnn"
-budgets = { latency_ms = "50%" }
-calib_data = "real"
-"""
+
+def _quick(path: Path, **changes) -> Path:
+    """The quick nightly at `path`, with `changes` in place of its keys."""
+    return write_nightly_config(path, **{**QUICK, **changes})
 
 
 def _env(tmp_path: Path) -> dict:
@@ -50,13 +41,13 @@ def _env(tmp_path: Path) -> dict:
 
 def test_config_rejects_unknown_keys_with_the_key_named(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text(QUICK + "\n[protocol.extra]\n")
+    _quick(bad, protocol={**QUICK["protocol"], "extra": {}})
     with pytest.raises(config.ConfigError, match="protocol: unknown key 'extra'"):
         config.load(bad)
-    bad.write_text(QUICK.replace('variants = ["fp32", "w8a8"]', 'variants = ["w9a8"]'))
+    _quick(bad, bench=[{**DIGITS_BENCH, "variants": ["w9a8"]}])
     with pytest.raises(Exception, match="w9a8"):
         config.load(bad)
-    bad.write_text(QUICK + '\n[[search]]\nmodel = "digits-cnn"\nbudgets = { speed = 3 }\n')
+    _quick(bad, search=[{"model": "digits-cnn", "budgets": {"speed": 3}}])
     with pytest.raises(config.ConfigError, match="unknown budget 'speed'"):
         config.load(bad)
 
@@ -77,7 +68,7 @@ def test_nightly_cli_bad_config_is_one_line_exit_2(tmp_path, capsys):
 @pytest.mark.slow
 def test_nightly_with_search_stores_everything_and_reports(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "n.toml").write_text(SEARCH)
+    _quick(tmp_path / "n.toml", search=[DIGITS_SEARCH])
     rc = main(["nightly", "--config", "n.toml", "--json", "out.json"])
     out = json.loads((tmp_path / "out.json").read_text())
     search = out["searches"][0]
@@ -130,7 +121,7 @@ def test_nightly_with_search_stores_everything_and_reports(tmp_path, monkeypatch
 
 @pytest.mark.slow
 def test_kill_9_mid_nightly_then_rerun_resumes_without_duplicates(tmp_path):
-    (tmp_path / "n.toml").write_text(QUICK.replace("rounds = 2", "rounds = 3"))
+    _quick(tmp_path / "n.toml", rounds=3)
     cmd = [sys.executable, "-m", "bench", "nightly", "--config", "n.toml", "--no-report"]
     db_path = tmp_path / "results" / "hilq.sqlite"
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.DEVNULL,
@@ -173,7 +164,7 @@ def test_two_nights_on_a_postgresql_server(tmp_path, monkeypatch, pg_url):
     from bench.store import open_store
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "n.toml").write_text(QUICK)
+    _quick(tmp_path / "n.toml")
     for night in range(2):
         assert main(["nightly", "--config", "n.toml", "--db", pg_url,
                      "--json", f"night{night}.json"]) == 0
@@ -198,8 +189,7 @@ def test_adaptive_rounds_measure_until_a_series_can_see_the_target(tmp_path, mon
     to series that cannot yet see the target, stores them all, and every verdict carries its
     minimum detectable effect, shown in the report."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "n.toml").write_text(QUICK.replace(
-        "rounds = 2", "rounds = 2\ndetect = 0.06\nmax_rounds = 5\ndetect_budget_s = 120"))
+    _quick(tmp_path / "n.toml", detect=0.06, max_rounds=5, detect_budget_s=120)
     for night in range(2):
         assert main(["nightly", "--config", "n.toml", "--json", f"o{night}.json"]) in (0, 3)
     db = sqlite3.connect(tmp_path / "results" / "hilq.sqlite")
@@ -221,6 +211,6 @@ def test_adaptive_rounds_measure_until_a_series_can_see_the_target(tmp_path, mon
 
 def test_detect_must_exceed_the_regression_threshold(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text(QUICK.replace("rounds = 2", "rounds = 2\ndetect = 0.05"))
+    _quick(bad, detect=0.05)
     with pytest.raises(config.ConfigError, match="must exceed regression_threshold"):
         config.load(bad)

@@ -104,17 +104,23 @@ def test_command_meter_watts_end_to_end(tmp_path):
     assert e == pytest.approx(12.5 * (t1 - t0), rel=1e-6)
 
 
+def _two_readings(meter, gap_s: float = 0.2) -> tuple[tuple, tuple]:
+    """Two (watts, joules) readings `gap_s` apart from an open meter (read, close); closes it."""
+    read, close = meter
+    try:
+        first = read()
+        time.sleep(gap_s)
+        second = read()
+    finally:
+        close()
+    return first, second
+
+
 @pytest.mark.load
 def test_command_meter_joules_counter(tmp_path):
     cmd = _script(tmp_path, "import time\nj=100.0\nwhile True:\n    print(f'{j} J', flush=True)\n"
                             "    j += 1.0\n    time.sleep(0.02)\n")
-    read, close = power.open_meter(f"command:{cmd}")
-    try:
-        w, j0 = read()
-        time.sleep(0.2)
-        w, j1 = read()
-    finally:
-        close()
+    (_, j0), (w, j1) = _two_readings(power.open_meter(f"command:{cmd}"))
     assert w is None and j0 < j1 and 5 <= j1 - j0 <= 15  # ~1 J every 20 ms
 
 
@@ -146,11 +152,5 @@ def test_nvml_meter():
         with pytest.raises(power.MeterError, match="NVML unavailable"):
             power.nvml(0)
         pytest.skip(f"no NVIDIA GPU/driver here ({e}); the meter reports null with this reason")
-    read, close = power.nvml(0)
-    try:
-        w0, j0 = read()
-        time.sleep(0.2)
-        w1, j1 = read()
-    finally:
-        close()
+    (w0, j0), (w1, j1) = _two_readings(power.nvml(0))
     assert w1 > 0 and j1 >= j0 >= 0

@@ -215,13 +215,8 @@ def test_a_slowdown_at_the_minimum_detectable_effect_is_flagged_about_95_percent
     nights), tonight slower by the MDE of that noise: flagged in ≥ 85% of 200 trials (95% by
     design with σ known; 89% measured, as each night's gate uses its own estimate of σ), and a
     slowdown halfway between the threshold and the MDE far less often. The MDE each verdict reports (from its estimated σ) centres on the true one."""
-    import importlib.util
-    from pathlib import Path
+    from experiments import regress_power as rp
 
-    spec = importlib.util.spec_from_file_location(
-        "regress_power", Path(__file__).parents[1] / "scripts" / "regress_power.py")
-    rp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rp)
     mde = regress.minimum_detectable_effect(0.06, 2, 20)
     runs = [rp.trial(s, 0.06, mde, "fixed", 0.1, 16) for s in range(TRIALS)]
     low = sum(rp.trial(s, 0.06, 0.5 * (mde + regress.THRESHOLD), "fixed", 0.1, 16)[0]

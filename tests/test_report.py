@@ -3,7 +3,6 @@ embedded, nothing external; and, where Chromium is installed, a screenshot that 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -28,12 +27,17 @@ def spec(bits):
 
 
 def _device_accuracy(v: str) -> dict:
-    """w4a8 on the engine 1.2 pt under its simulation: the gap the report must show."""
+    """w4a8 on the engine 1.2 pt under its simulation, 12 of 1000 samples right only in
+    the simulation: the gap the report must show, with its evidence."""
+    from bench.evidence import paired
+
     sim = VARIANTS[v][1]
     dev = sim - (0.012 if v == "w4a8" else 0.0)
+    flips = 12 if v == "w4a8" else 0
+    test = paired("1" * (1000 - flips) + "0" * flips, "1" * 1000).to_dict()
     return {"n": 1000, "top1": dev, "agreement_fp32": 0.99, "kl": 0.01, "sqnr_db": 30.0,
             "worst": [3, 7], "eval_sha256": "e" * 64, "simulated_top1": sim,
-            "simulated_agreement_fp32": 0.99, "gap_top1": dev - sim}
+            "simulated_agreement_fp32": 0.99, "gap_top1": dev - sim, "paired_top1": test}
 
 
 def _scenario(v: str, lat: dict) -> dict:
@@ -138,8 +142,9 @@ def test_render_writes_markdown_and_self_contained_html(rendered):
         assert (rep.dir / name).stat().st_size > 1000
     assert "REGRESSION" in page and "degraded: 2 layers ran in float" in page
     assert "avx512_vnni" in page and "lat&lt;=8ms" in page
-    assert "Device accuracy differs from the simulation by more than 0.5 pt" in md
-    assert "resnet18 w4a8 on local/onnxruntime: -1.20 pt" in md
+    assert "Device accuracy differs from the simulation (paired" in md
+    assert ("resnet18 w4a8 on local/onnxruntime: top1 -1.20 pt (0 of 1000 samples right only "
+            "on the device, 12 only in the simulation: exact McNemar p = 0.00049)") in md
     sweep = md.split("## Batch sweep")[1].split("\n## ")[0]       # batch 1 and 8, w8a8 × fp32
     assert "| resnet18 | w8a8 | local/onnxruntime | 8 | 44.9 | 5.61 | 178.0 | 2.22× |" in sweep
     assert "| resnet18 | fp32 | local/onnxruntime | 1 |" in sweep and "batch_sweep.png" in sweep
@@ -171,21 +176,14 @@ def test_pareto_front():
     assert report.pareto_front(pts) == [(8, 0.69), (10, 0.70), (12, 0.71)]
 
 
-def _screenshot_module():
-    spec_ = importlib.util.spec_from_file_location("screenshot_report",
-                                                   ROOT / "scripts" / "screenshot_report.py")
-    mod = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(mod)
-    return mod
-
-
 def test_chromium_screenshot_shows_plots(rendered, tmp_path):
-    shot = _screenshot_module()
+    from bench import screenshot as shot
+
     if not shot.find_chromium():
         if os.environ.get("CI"):      # .ci/run installs it: missing there is a broken build
             pytest.fail("chromium not found in CI, although .ci/run installs it")
         pytest.skip("chromium not installed (apt-get install -y chromium); "
-                    "scripts/screenshot_report.py does the same by hand")
+                    "hilq report --screenshot PNG does the same")
     _, _, rep = rendered
     png = shot.screenshot(rep.html, tmp_path / "shot.png", width=1280, height=4000)
     from matplotlib.image import imread

@@ -21,29 +21,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import DIGITS_SEARCH, QUICK_PROTOCOL, write_nightly_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CONFIG = """
-name = "resume-{k}"
-db = "{db}"
-inventory = "{inventory}"
-rounds = 2
-[protocol]
-warmup_iters = 3
-warmup_s = 0.0
-min_iters = 10
-min_duration_s = 0.05
-idle_s = 0.05
-threads = 1
-[[bench]]
-model = "digits-cnn"
-variants = ["fp32", "w8a8"]
-[[search]]
-model = "digits-cnn"
-budgets = {{ latency_ms = "50%" }}
-calib_data = "real"
-"""
+# the nightly killed and rerun: the bench matrix, then a search
+NIGHTLY = {"rounds": 2, "protocol": {**QUICK_PROTOCOL, "threads": 1}, "search": [DIGITS_SEARCH]}
 
 # Agent starts, in order (one device, so one at a time): 1-4 the bench matrix (2 variants x
 # 2 rounds), 5-12 the search's four profile patterns timed x 2 rounds, 13-16 their profiles,
@@ -120,7 +103,8 @@ def test_a_killed_nightly_reruns_exactly_the_missing_agents(shared, where):
     k = KILL_POINTS[where]
     db_path = shared / f"{where}.sqlite"
     cfg = shared / f"{where}.toml"
-    cfg.write_text(CONFIG.format(k=where, db=db_path, inventory=shared / "devices.toml"))
+    write_nightly_config(cfg, name=f"resume-{where}", db=db_path,
+                         inventory=shared / "devices.toml", **NIGHTLY)
     cmd = [sys.executable, "-m", "bench", "nightly", "--config", str(cfg), "--no-report"]
     first, second = shared / f"{where}-1.log", shared / f"{where}-2.log"
     _kill_at(cmd, shared, first, k)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -419,14 +418,8 @@ def test_bench_runtimes_script_smoke(tmp_path, capsys, monkeypatch):
     """The must-show benchmark end to end on a tiny model with tiny durations (numbers
     meaningless): builds hilq's and the peer's files, times each case in its own agent
     process plus the independent ORT timer, prints the table and the target lines."""
-    import importlib.util
-    from pathlib import Path
+    from experiments import bench_runtimes as mod
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_runtimes.py"
-    spec = importlib.util.spec_from_file_location("bench_runtimes", script)
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_runtimes", mod)  # dataclasses look it up
-    spec.loader.exec_module(mod)
     out = tmp_path / "raw.json"
     assert mod.main(["--model", "digits-cnn", "--transformer", "none", "--no-torch",
                      "--rounds", "1", "--warmup", "1", "--min-iters", "3", "--min-s", "0",

@@ -78,9 +78,9 @@ def test_search_on_the_local_cpu_closes_the_loop_and_stores_every_iteration(tmp_
         again["message"]
     assert again["measured"].get("within_budget", False) == (rc == 0)
     assert again["latency_model"]["observations"] > res["latency_model"]["observations"]
-    # the stored searches replay offline (scripts/replay_loop.py): the first pick's
-    # prediction is rebuilt from the store alone, to the digit
-    replay = _replay_script()
+    # the stored searches replay offline (bench.replay, hilq search --replay): the first
+    # pick's prediction is rebuilt from the store alone, to the digit
+    from bench import replay
     from bench.store import open_store
     from quant.models import load_model
     from quant.transform import fold_bn, quantizable_layers
@@ -94,17 +94,6 @@ def test_search_on_the_local_cpu_closes_the_loop_and_stores_every_iteration(tmp_
                                    "'iteration-1' order by id").fetchone()[0])
     assert first["batch"] == "1" and first["name"] == "pick"
     assert first["predicted_ms"] == pytest.approx(stored["latency_ms"], rel=1e-9)
-
-
-def _replay_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "replay_loop.py"
-    spec = importlib.util.spec_from_file_location("replay_loop", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.slow

@@ -91,39 +91,39 @@ def test_a_host_without_a_banner_gets_exactly_retries_attempts(listener, tmp_pat
     assert time.monotonic() - t0 < retries * 0.5 + sum(0.2 * 2 ** i for i in range(retries)) + 3
 
 
-def test_a_changed_host_key_is_tried_once(sshd, listener, tmp_path):  # noqa: F811
-    proxy = listener(forward=sshd.port)
-    _keygen(tmp_path / "other")
-    pub = (tmp_path / "other.pub").read_text().split()
+def _through_proxy(server, listener, tmp_path, host_pub, **device) -> tuple[Listener, SSHDevice]:
+    """A counting proxy in front of the real sshd `server`, and a device that reaches it through
+    the proxy, with `host_pub` (a .pub file) as the host key it knows for the proxy's port."""
+    proxy = listener(forward=server.port)
+    pub = host_pub.read_text().split()
     (tmp_path / "kh").write_text(f"[127.0.0.1]:{proxy.port} {pub[0]} {pub[1]}\n")
-    dev = sshd.device(port=proxy.port, known_hosts=str(tmp_path / "kh"), retries=3)
+    return proxy, server.device(port=proxy.port, known_hosts=str(tmp_path / "kh"), **device)
+
+
+def _assert_tried_once(proxy, dev, kind: str):
     with pytest.raises(DeviceError) as e:
         dev.connect()
-    assert e.value.kind == "hostkey"
+    assert e.value.kind == kind
     time.sleep(0.3)
     assert len(proxy.accepted) == 1
+
+
+def test_a_changed_host_key_is_tried_once(sshd, listener, tmp_path):  # noqa: F811
+    _keygen(tmp_path / "other")
+    proxy, dev = _through_proxy(sshd, listener, tmp_path, tmp_path / "other.pub", retries=3)
+    _assert_tried_once(proxy, dev, "hostkey")
 
 
 def test_a_refused_key_is_tried_once(sshd, listener, tmp_path):  # noqa: F811
-    proxy = listener(forward=sshd.port)
-    host_pub = (sshd.root / "host_key.pub").read_text().split()
-    (tmp_path / "kh").write_text(f"[127.0.0.1]:{proxy.port} {host_pub[0]} {host_pub[1]}\n")
     _keygen(tmp_path / "stranger")
-    dev = sshd.device(port=proxy.port, known_hosts=str(tmp_path / "kh"),
-                      key_file=str(tmp_path / "stranger"), retries=3)
-    with pytest.raises(DeviceError) as e:
-        dev.connect()
-    assert e.value.kind == "auth"
-    time.sleep(0.3)
-    assert len(proxy.accepted) == 1
+    proxy, dev = _through_proxy(sshd, listener, tmp_path, sshd.root / "host_key.pub",
+                                key_file=str(tmp_path / "stranger"), retries=3)
+    _assert_tried_once(proxy, dev, "auth")
 
 
 def test_the_counting_proxy_reaches_the_real_sshd(sshd, listener, tmp_path):  # noqa: F811
     """The proxy is transparent: with the right key and host key a connection succeeds."""
-    proxy = listener(forward=sshd.port)
-    host_pub = (sshd.root / "host_key.pub").read_text().split()
-    (tmp_path / "kh").write_text(f"[127.0.0.1]:{proxy.port} {host_pub[0]} {host_pub[1]}\n")
-    dev = sshd.device(port=proxy.port, known_hosts=str(tmp_path / "kh"))
+    proxy, dev = _through_proxy(sshd, listener, tmp_path, sshd.root / "host_key.pub")
     try:
         dev.connect()
     finally:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import quick_protocol
 from onnx_tiny import reference_npz, tiny_artifact
 
 from devices.errors import DeviceError
@@ -27,7 +28,7 @@ from hilq.measurement import Protocol
 
 pytestmark = pytest.mark.ssh
 SSHD = "/usr/sbin/sshd"
-QUICK = Protocol(warmup_iters=2, warmup_s=0.0, min_iters=20, min_duration_s=0.1, idle_s=0.05)
+QUICK = quick_protocol(warmup_iters=2, min_iters=20, min_duration_s=0.1)
 
 
 def _free_port() -> int:

@@ -18,31 +18,19 @@ from .db import RESUME_WITHIN_H, Store, open_store
 from .export import export, load_frame
 from .provenance import config_hash, device_id, git_sha, library_versions, variant_id
 from .rows import Key, from_row, to_row
-from .schema import (  # the tables too: store.measurements, store.runs, ...
+from .schema import (  # the tables are in .schema; `meta` and `measurements` for tests
     HIGHER_IS_BETTER,
     METRICS,
     MIGRATIONS,
     RUN_STATUSES,
     SCHEMA_VERSION,
     TABLES,
-    accuracy,
-    allocations,
-    baseline_resets,
-    cost_tables,
-    devices,
     measurements,
     meta,
-    regressions,
-    runs,
-    schema_version,
-    variants,
 )
 
 __all__ = ["DEFAULT_PATH", "HIGHER_IS_BETTER", "METRICS", "MIGRATIONS", "RESUME_WITHIN_H",
            "RUN_STATUSES", "SCHEMA_VERSION", "TABLES", "Key", "Store", "StoreError",
            "config_hash", "device_id", "dumps", "export", "from_row", "git_sha",
            "library_versions", "load_frame", "meta", "now", "open_store", "resolve_url",
-           "to_row", "variant_id",
-           # the tables
-           "accuracy", "allocations", "baseline_resets", "cost_tables", "devices",
-           "measurements", "regressions", "runs", "schema_version", "variants"]
+           "to_row", "variant_id", "measurements"]

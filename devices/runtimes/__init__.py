@@ -8,10 +8,12 @@ Every runtime module exposes the same three functions:
 - `precisions() -> dict[str, list[str]]` — layer type (`conv`, `linear`) -> variant precisions
   it runs in integer/low-precision kernels (e.g. `["fp32", "w8a8"]`). Asking for anything
   else is an error, never a silent fallback to float.
-- `load(path, protocol: dict) -> Loaded` — compile/open the artifact with the protocol's
+- `load(path, protocol: dict) -> Session` — compile/open the artifact with the protocol's
   threads and settings.
 
-`Loaded` is the plain record below; the agent times `run` and reads the rest.
+`Session` is the small class below, one subclass per engine: the agent times `run` and reads
+the rest (`inputs`, `facts`, `kernels()`, `profile(...)`, `memory()`, `device_timer`), and
+calls `close()` when done.
 
 And two declarations, as plain data the host reads without importing the engine:
 
@@ -23,7 +25,7 @@ And two declarations, as plain data the host reads without importing the engine:
   module with `options(protocol, OPTIONS)`.
 
 Profiling (a separate, never-timed agent run: `protocol["profile_iters"]` > 0). A runtime
-that can profile sets `Loaded.profile(feeds, iters) -> list[dict]`: it runs `iters`
+that can profile overrides `Session.profile(feeds, iters) -> list[dict]`: it runs `iters`
 inferences with the engine's own profiler on (in a separate session / compiled model /
 execution context, so the timed path stays unprofiled; its own warm-up runs are not counted)
 and returns one record per engine node:
@@ -37,14 +39,15 @@ and returns one record per engine node:
 `sources` are ONNX node names for ONNX artifacts (ort, openvino, tensorrt), matched against
 the file's graph by `OnnxNames` when the `onnx` package is installed (else the engine's
 names with its suffixes stripped, unverified), and hilq layer names (module paths of the
-conv/linear modules) for `.pt2` programs (torch, torch-cuda). `profile` is None where the
-engine has no profiler hilq can read; the agent then reports `unsupported`.
+conv/linear modules) for `.pt2` programs (torch, torch-cuda). A session that does not
+override `profile` (`can_profile` False: the engine has no profiler hilq can read) makes the
+agent report `unsupported`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 NAMES = ("ort", "openvino", "torch", "torch-cuda", "tensorrt")
@@ -116,19 +119,48 @@ def options(protocol: dict, table: dict[str, Option]) -> dict:
     return {k: given.get(k, o.default) for k, o in table.items()}
 
 
-@dataclass
-class Loaded:
-    """An artifact ready to run. `run(feeds)` does one inference and returns the outputs as
-    numpy arrays; it must not return before the work is done (GPU runtimes synchronise)."""
+class Session:
+    """An artifact ready to run, as one engine opened it. Subclasses set `inputs` and
+    `facts` and override `run`; the rest is optional.
 
-    run: Callable[[dict], list]
-    inputs: list[tuple[str, tuple, str]]          # (name, shape with batch resolved, numpy dtype)
-    facts: dict = field(default_factory=dict)     # engine version, providers, settings used
-    kernels: Callable[[], dict] | None = None     # -> {"integer": [...], "float": [...]}
-    device_timer: Any = None                      # GPU: object with start()/stop() -> ms
-    close: Callable[[], None] = lambda: None
-    profile: Callable[[dict, int], list[dict]] | None = None  # (feeds, iters) -> node records
-    memory: Callable[[], dict] | None = None      # the engine's own memory figures (MiB)
+    - `inputs`: (name, shape with batch resolved, numpy dtype) of each input.
+    - `facts`: engine version, providers, settings used.
+    - `device_timer`: GPU: an object with start()/stop() -> ms (device time of one call).
+    """
+
+    inputs: list[tuple[str, tuple, str]]
+    facts: dict
+    device_timer: Any = None
+
+    def run(self, feeds: dict) -> list:
+        """One inference; the outputs as numpy arrays. It must not return before the work is
+        done (GPU runtimes synchronise)."""
+        raise NotImplementedError
+
+    def kernels(self) -> dict | None:
+        """{"integer": [...], "float": [...], ...} as the engine ran them; None: unknown."""
+        return None
+
+    def profile(self, feeds: dict, iters: int) -> list[dict]:
+        """`iters` profiled inferences -> one record per engine node (see above)."""
+        raise NotImplementedError
+
+    @property
+    def can_profile(self) -> bool:
+        return type(self).profile is not Session.profile
+
+    def memory(self) -> dict | None:
+        """The engine's own memory figures (MiB); None where it reports none."""
+        return None
+
+    def close(self) -> None:
+        """Release what the session holds beyond memory (scratch files)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def module_name(runtime: str) -> str:

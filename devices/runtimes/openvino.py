@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import Consumes, Option, options
+from . import Consumes, Option, Session, options
 
 COMPUTE = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul",
            "Gemm", "FullyConnectedCompressed")
@@ -72,15 +72,11 @@ def _text(value) -> str:
     return name() if callable(name) else str(value)
 
 
-def load(path: str, protocol: dict):
-    import openvino as ov
+def _static_inputs(model, path: str, protocol: dict) -> list[tuple[str, tuple, str]]:
+    """(name, static shape, numpy dtype) of the model's inputs; a model with dynamic inputs
+    is reshaped to those shapes (the CPU plugin picks better kernels for static shapes)."""
+    from . import read_manifest, static_shape
 
-    from . import Loaded, check_variant, manifest_variant, read_manifest, static_shape
-
-    variant = manifest_variant(path, protocol)
-    check_variant("openvino", variant, precisions(), mixes=True)
-    core = ov.Core()
-    model = core.read_model(path)
     batch = int(protocol.get("batch", 1))
     manifest = read_manifest(path)
     shapes, inputs = {}, []
@@ -92,7 +88,11 @@ def load(path: str, protocol: dict):
         inputs.append((name, dims, np.dtype(port.get_element_type().to_dtype()).name))
     if any(port.get_partial_shape().is_dynamic for port in model.inputs):
         model.reshape(shapes)  # static shapes: the CPU plugin picks better kernels
-    opts = options(protocol, OPTIONS)
+    return inputs
+
+
+def compile_config(protocol: dict, opts: dict) -> dict:
+    """The CPU plugin's compile settings from the protocol and the runtime options."""
     hint = str(opts["hint"] or protocol.get("mode") or "latency").upper()
     if hint not in ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"):
         raise ValueError(f"openvino performance hint must be latency or throughput, not {hint!r}")
@@ -106,27 +106,50 @@ def load(path: str, protocol: dict):
         config["INFERENCE_NUM_THREADS"] = threads
     if opts["num_streams"]:
         config["NUM_STREAMS"] = opts["num_streams"]
-    compiled = core.compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
-    n_out = len(compiled.outputs)
+    return config
 
-    def run(feeds: dict) -> list[np.ndarray]:
-        request.infer(feeds)
-        return [request.get_output_tensor(i).data.copy() for i in range(n_out)]
 
-    used = {k: _text(compiled.get_property(k)) for k in
-            ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS",
-             "INFERENCE_PRECISION_HINT", "ENABLE_CPU_PINNING")}
-    facts = {"engine": "openvino", "version": ov.get_version(), "device": "CPU",
-             "cpu": core.get_property("CPU", "FULL_DEVICE_NAME"), "variant": variant,
-             "requested": {k: str(v) for k, v in config.items()}, "compiled": used,
-             "options": opts}
-    warmup = max(1, int(protocol.get("warmup_iters", 10)))
+class OpenVinoSession(Session):
+    """The model compiled for the CPU plugin and one infer request, timed by the agent."""
 
-    def profile(feeds: dict, iters: int) -> list[dict]:
-        pcompiled = core.compile_model(model, "CPU", {**config, "PERF_COUNT": True})
+    def __init__(self, path: str, protocol: dict):
+        import openvino as ov
+
+        from . import check_variant, manifest_variant
+
+        variant = manifest_variant(path, protocol)
+        check_variant("openvino", variant, precisions(), mixes=True)
+        self.path = path
+        self.core = ov.Core()
+        self.model = self.core.read_model(path)
+        self.inputs = _static_inputs(self.model, path, protocol)
+        opts = options(protocol, OPTIONS)
+        self.config = compile_config(protocol, opts)
+        self.compiled = self.core.compile_model(self.model, "CPU", self.config)
+        self.request = self.compiled.create_infer_request()
+        self.n_out = len(self.compiled.outputs)
+        used = {k: _text(self.compiled.get_property(k)) for k in
+                ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS",
+                 "INFERENCE_PRECISION_HINT", "ENABLE_CPU_PINNING")}
+        self.facts = {"engine": "openvino", "version": ov.get_version(), "device": "CPU",
+                      "cpu": self.core.get_property("CPU", "FULL_DEVICE_NAME"),
+                      "variant": variant,
+                      "requested": {k: str(v) for k, v in self.config.items()},
+                      "compiled": used, "options": opts}
+        self.warmup = max(1, int(protocol.get("warmup_iters", 10)))
+
+    def run(self, feeds: dict) -> list[np.ndarray]:
+        self.request.infer(feeds)
+        return [self.request.get_output_tensor(i).data.copy() for i in range(self.n_out)]
+
+    def kernels(self) -> dict:
+        return kernels_of(self.compiled.get_runtime_model())
+
+    def profile(self, feeds: dict, iters: int) -> list[dict]:
+        """A second compiled model with PERF_COUNT (the timed one stays unprofiled)."""
+        pcompiled = self.core.compile_model(self.model, "CPU", {**self.config, "PERF_COUNT": True})
         preq = pcompiled.create_infer_request()
-        for _ in range(warmup):
+        for _ in range(self.warmup):
             preq.infer(feeds)
         totals: dict[str, list] = {}
         for _ in range(iters):
@@ -136,10 +159,12 @@ def load(path: str, protocol: dict):
                     continue
                 rec = totals.setdefault(info.node_name, [info, 0.0])
                 rec[1] += info.real_time.total_seconds() * 1000.0
-        return profile_records(pcompiled.get_runtime_model(), totals, iters, _onnx_names(path))
+        return profile_records(pcompiled.get_runtime_model(), totals, iters,
+                               _onnx_names(self.path))
 
-    return Loaded(run=run, inputs=inputs, facts=facts,
-                  kernels=lambda: kernels_of(compiled.get_runtime_model()), profile=profile)
+
+def load(path: str, protocol: dict) -> OpenVinoSession:
+    return OpenVinoSession(path, protocol)
 
 
 def _onnx_names(path: str):

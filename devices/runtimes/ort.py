@@ -28,7 +28,7 @@ import weakref
 
 import numpy as np
 
-from . import Consumes, Option, options
+from . import Consumes, Option, Session, options
 
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
            "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
@@ -198,31 +198,11 @@ def _session(ort, path, so, providers):
                                 disabled_optimizers=DISABLED_OPTIMIZERS)
 
 
-def load(path: str, protocol: dict):
-    import onnxruntime as ort
+def _input_specs(sess, path: str, protocol: dict) -> list[tuple[str, tuple, str]]:
+    """(name, static shape, numpy dtype) of the session's inputs: dynamic axes take the
+    protocol's batch (axis 0) or the manifest's shapes (`runtimes.static_shape`)."""
+    from . import read_manifest, static_shape
 
-    from . import Loaded, OnnxNames, read_manifest, static_shape
-
-    so = _options(ort, protocol)
-    threads = int(protocol.get("threads", 0))
-    opts = options(protocol, OPTIONS)
-    providers = opts["providers"]
-    tmp = tempfile.mkdtemp(prefix="hilq-ort-", dir=protocol.get("scratch_dir"))
-    optimized = os.path.join(tmp, "optimized.onnx")
-    so.optimized_model_filepath = optimized
-    so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                "optimized.onnx.data")   # large models: weights beside it
-    try:
-        sess = _session(ort, path, so, providers)
-    except Exception:
-        # EPs that compile subgraphs (TensorRT, OpenVINO EP) cannot save the optimized
-        # model: open it without, and let kernels() profile instead
-        so.optimized_model_filepath = ""
-        try:
-            sess = _session(ort, path, so, providers)
-        except Exception:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     batch = int(protocol.get("batch", 1))
     manifest = read_manifest(path)
     inputs = []
@@ -230,37 +210,76 @@ def load(path: str, protocol: dict):
         dims = [d if isinstance(d, int) and d > 0 else None for d in i.shape]
         inputs.append((i.name, static_shape(i.name, dims, manifest, batch),
                        _DTYPES.get(i.type, "float32")))
-    names = [o.name for o in sess.get_outputs()]
+    return inputs
 
-    def run(feeds: dict) -> list[np.ndarray]:
-        return sess.run(names, feeds)
 
-    facts = {"engine": "onnxruntime", "version": ort.__version__,
-             "providers": sess.get_providers(), "intra_op_threads": threads,
-             "graph_optimization_level": _LEVELS[opts["graph_optimization_level"]],
-             "x64_quant_precision": opts["x64_quant_precision"], "options": opts,
-             "disabled_optimizers": DISABLED_OPTIMIZERS}
+class OrtSession(Session):
+    """The timed ONNX Runtime session; the optimized graph ORT saved at load (what
+    `kernels()` reads) lives in a scratch folder removed on `close()`, when the session is
+    dropped, or at exit."""
 
-    def kernels() -> dict:
-        if os.path.isfile(optimized):
+    def __init__(self, path: str, protocol: dict):
+        import onnxruntime as ort
+
+        self.path, self.protocol = path, protocol
+        so = _options(ort, protocol)
+        opts = options(protocol, OPTIONS)
+        self.providers = opts["providers"]
+        self.tmp = tempfile.mkdtemp(prefix="hilq-ort-", dir=protocol.get("scratch_dir"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.tmp, True)
+        self.optimized = os.path.join(self.tmp, "optimized.onnx")
+        self.sess = self._open(ort, so)
+        self.inputs = _input_specs(self.sess, path, protocol)
+        self.names = [o.name for o in self.sess.get_outputs()]
+        self.facts = {"engine": "onnxruntime", "version": ort.__version__,
+                      "providers": self.sess.get_providers(),
+                      "intra_op_threads": int(protocol.get("threads", 0)),
+                      "graph_optimization_level": _LEVELS[opts["graph_optimization_level"]],
+                      "x64_quant_precision": opts["x64_quant_precision"], "options": opts,
+                      "disabled_optimizers": DISABLED_OPTIMIZERS}
+        self.warmup = max(1, int(protocol.get("warmup_iters", 10)))
+
+    def _open(self, ort, so):
+        so.optimized_model_filepath = self.optimized
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                    "optimized.onnx.data")   # large models: weights beside it
+        try:
+            return _session(ort, self.path, so, self.providers)
+        except Exception:
+            # EPs that compile subgraphs (TensorRT, OpenVINO EP) cannot save the optimized
+            # model: open it without, and let kernels() profile instead
+            so.optimized_model_filepath = ""
             try:
-                return classify(_optimized_ops(optimized))
+                return _session(ort, self.path, so, self.providers)
+            except Exception:
+                self._cleanup()
+                raise
+
+    def run(self, feeds: dict) -> list[np.ndarray]:
+        return self.sess.run(self.names, feeds)
+
+    def kernels(self) -> dict:
+        if os.path.isfile(self.optimized):
+            try:
+                return classify(_optimized_ops(self.optimized))
             except ImportError:   # no onnx package on this device
                 pass
-        return classify(_profiled_ops(path, providers, inputs))
+        return classify(_profiled_ops(self.path, self.providers, self.inputs))
 
-    warmup = max(1, int(protocol.get("warmup_iters", 10)))
-
-    def profile(feeds: dict, iters: int) -> list[dict]:
+    def profile(self, feeds: dict, iters: int) -> list[dict]:
         """A second session with the same options and the profiler on (never the timed one);
         its warm-up runs are left out of the records."""
-        pso = _options(ort, protocol)
+        import onnxruntime as ort
+
+        from . import OnnxNames
+
+        pso = _options(ort, self.protocol)
         pso.enable_profiling = True
-        pdir = tempfile.mkdtemp(prefix="prof-", dir=tmp)
+        pdir = tempfile.mkdtemp(prefix="prof-", dir=self.tmp)
         pso.profile_file_prefix = os.path.join(pdir, "ort")
-        psess = _session(ort, path, pso, sess.get_providers())
-        for _ in range(warmup + iters):
-            psess.run(names, feeds)
+        psess = _session(ort, self.path, pso, self.sess.get_providers())
+        for _ in range(self.warmup + iters):
+            psess.run(self.names, feeds)
         prof = psess.end_profiling()
         try:
             with open(prof) as f:
@@ -268,12 +287,14 @@ def load(path: str, protocol: dict):
         finally:
             shutil.rmtree(pdir, ignore_errors=True)
         try:
-            onnx_names = OnnxNames.of(path)
+            onnx_names = OnnxNames.of(self.path)
         except Exception:  # noqa: BLE001 — an unreadable graph only costs the mapping
             onnx_names = None
         return profile_records(events, iters, onnx_names)
 
-    loaded = Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels, profile=profile)
-    # the optimized-model folder goes on close(), or when the session is dropped, or at exit
-    loaded.close = weakref.finalize(loaded, shutil.rmtree, tmp, True)
-    return loaded
+    def close(self) -> None:
+        self._cleanup()
+
+
+def load(path: str, protocol: dict) -> OrtSession:
+    return OrtSession(path, protocol)

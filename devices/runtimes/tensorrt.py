@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import Consumes, Option, options
+from . import Consumes, Option, Session, options
 
 COMPUTE = re.compile(r"convolution|conv|matrixmultiply|matmul|gemm|fullyconnected", re.I)
 INTEGER = re.compile(r"int8|int4", re.I)
@@ -205,114 +205,164 @@ def _build(trt, logger, path: str, settings: dict) -> bytes:
     return bytes(serialized)
 
 
-def load(path: str, protocol: dict):
-    import tensorrt as trt
-    import torch
-
-    from . import CudaEventTimer, Loaded, OnnxNames, check_variant, read_manifest, sha256_file
-
-    version()
-    manifest = read_manifest(path)
-    variant = manifest.get("variant") or protocol.get("variant") or "fp32"
-    check_variant("tensorrt", variant, precisions())
-    onnx_is_fp16 = manifest.get("settings", {}).get("float_dtype") == "float16"
-    settings = builder_settings(variant, {"input_shapes": manifest.get("input_shapes"),
-                                          **protocol}, onnx_is_fp16)
-    props = torch.cuda.get_device_properties(0)
-    capability = f"{props.major}.{props.minor}"
-    key = engine_cache_key(sha256_file(path), trt.__version__, props.name, capability, settings)
-    cache = _cache_dir(protocol)
-    engine_path = cache / f"{key}.engine"
-    logger = trt.Logger(trt.Logger.WARNING)
+def _engine_blob(trt, logger, path: str, settings: dict, engine_path: Path
+                 ) -> tuple[bytes, bool, float]:
+    """(serialized engine, read from the cache?, seconds to build or read it): the cached
+    engine, else one built now and written to the cache (atomically)."""
     t0 = time.perf_counter()
     if engine_path.is_file():
         blob, cached = engine_path.read_bytes(), True
     else:
         blob, cached = _build(trt, logger, path, settings), False
-        cache.mkdir(parents=True, exist_ok=True)
+        engine_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = engine_path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(blob)
         os.replace(tmp, engine_path)
-    build_s = time.perf_counter() - t0
-    engine = trt.Runtime(logger).deserialize_cuda_engine(blob)
-    if engine is None:
-        raise RuntimeError(f"TensorRT could not deserialize {engine_path}")
-    context = engine.create_execution_context()
-    torch_dtype = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
-                   trt.DataType.BF16: torch.bfloat16, trt.DataType.INT8: torch.int8,
-                   trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64,
-                   trt.DataType.BOOL: torch.bool, trt.DataType.UINT8: torch.uint8}
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    in_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    out_names = [n for n in names if n not in in_names]
-    batch = settings["batch"]
-    buffers, inputs = {}, []
-    for n in in_names:
-        shape = static_shape(n, tuple(engine.get_tensor_shape(n)), batch,
-                             settings["input_shapes"])
-        context.set_input_shape(n, shape)
-        dt = torch_dtype[engine.get_tensor_dtype(n)]
-        buffers[n] = torch.empty(shape, dtype=dt, device="cuda")
-        inputs.append((n, shape, str(dt).replace("torch.", "")))
-    for n in out_names:
-        shape = tuple(context.get_tensor_shape(n))
-        buffers[n] = torch.empty(shape, dtype=torch_dtype[engine.get_tensor_dtype(n)],
-                                 device="cuda")
-    for n, t in buffers.items():
-        context.set_tensor_address(n, t.data_ptr())
-    stream = torch.cuda.Stream()
-    if not context.execute_async_v3(stream.cuda_stream):  # one run before any graph capture
-        raise RuntimeError("TensorRT execute_async_v3 failed")
-    stream.synchronize()
-    graph = None
-    if options(protocol, OPTIONS)["cuda_graph"]:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-            context.execute_async_v3(stream.cuda_stream)
+    return blob, cached, time.perf_counter() - t0
 
-    def run(feeds: dict) -> list[np.ndarray]:
-        with torch.cuda.stream(stream):
-            for n in in_names:
-                buffers[n].copy_(torch.from_numpy(np.ascontiguousarray(feeds[n])),
-                                 non_blocking=False)
-            if graph is not None:
-                graph.replay()
-            elif not context.execute_async_v3(stream.cuda_stream):
+
+def _torch_dtypes(trt, torch) -> dict:
+    return {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
+            trt.DataType.BF16: torch.bfloat16, trt.DataType.INT8: torch.int8,
+            trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64,
+            trt.DataType.BOOL: torch.bool, trt.DataType.UINT8: torch.uint8}
+
+
+def _check(ok) -> None:
+    if not ok:
+        raise RuntimeError("TensorRT execute_async_v3 failed")
+
+
+class TensorRTSession(Session):
+    """A TensorRT engine (cached or built), one execution context with torch CUDA buffers
+    bound to every input and output, run on a torch stream (optionally replayed from a
+    captured CUDA graph)."""
+
+    def __init__(self, path: str, protocol: dict):
+        import tensorrt as trt
+        import torch
+
+        from . import CudaEventTimer
+
+        version()
+        self.path, self.trt, self.torch = path, trt, torch
+        self._engine(path, protocol)
+        self.context = self.engine.create_execution_context()
+        self._bind(torch)
+        self.stream = torch.cuda.Stream()
+        _check(self.context.execute_async_v3(self.stream.cuda_stream))  # before any capture
+        self.stream.synchronize()
+        self.graph = None
+        if options(protocol, OPTIONS)["cuda_graph"]:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=self.stream,
+                                  capture_error_mode="thread_local"):
+                self.context.execute_async_v3(self.stream.cuda_stream)
+        self.warmup = max(1, int(protocol.get("warmup_iters", 10)))
+        self.facts = {**self.facts, "cuda_graph": bool(self.graph),
+                      "engine_cache": str(self.engine_path), "engine_cached": self.cached,
+                      "build_or_read_s": round(self.build_s, 3)}
+        # the engine's own figure: device memory its execution context needs (activations)
+        self.need = getattr(self.engine, "device_memory_size_v2", None) or \
+            self.engine.device_memory_size
+        self.device_timer = CudaEventTimer(self.stream)
+
+    def _engine(self, path: str, protocol: dict) -> None:
+        """The builder settings, the engine (from the cache or built) and the facts so far."""
+        import torch
+
+        from . import check_variant, read_manifest, sha256_file
+
+        trt = self.trt
+        manifest = read_manifest(path)
+        variant = manifest.get("variant") or protocol.get("variant") or "fp32"
+        check_variant("tensorrt", variant, precisions())
+        onnx_is_fp16 = manifest.get("settings", {}).get("float_dtype") == "float16"
+        self.settings = builder_settings(variant, {"input_shapes": manifest.get("input_shapes"),
+                                                   **protocol}, onnx_is_fp16)
+        props = torch.cuda.get_device_properties(0)
+        capability = f"{props.major}.{props.minor}"
+        key = engine_cache_key(sha256_file(path), trt.__version__, props.name, capability,
+                               self.settings)
+        self.engine_path = _cache_dir(protocol) / f"{key}.engine"
+        logger = trt.Logger(trt.Logger.WARNING)
+        blob, self.cached, self.build_s = _engine_blob(trt, logger, path, self.settings,
+                                                       self.engine_path)
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(blob)
+        if self.engine is None:
+            raise RuntimeError(f"TensorRT could not deserialize {self.engine_path}")
+        self.facts = {"engine": "tensorrt", "version": trt.__version__, "gpu": props.name,
+                      "capability": capability, "variant": variant, "builder": self.settings}
+
+    def _bind(self, torch) -> None:
+        """Input shapes set on the context, a torch CUDA buffer per input and output, and
+        every buffer's address given to the context."""
+        engine, trt, context = self.engine, self.trt, self.context
+        torch_dtype = _torch_dtypes(trt, torch)
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.in_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.out_names = [n for n in names if n not in self.in_names]
+        self.buffers, self.inputs = {}, []
+        for n in self.in_names:
+            shape = static_shape(n, tuple(engine.get_tensor_shape(n)), self.settings["batch"],
+                                 self.settings["input_shapes"])
+            context.set_input_shape(n, shape)
+            dt = torch_dtype[engine.get_tensor_dtype(n)]
+            self.buffers[n] = torch.empty(shape, dtype=dt, device="cuda")
+            self.inputs.append((n, shape, str(dt).replace("torch.", "")))
+        for n in self.out_names:
+            shape = tuple(context.get_tensor_shape(n))
+            self.buffers[n] = torch.empty(shape, dtype=torch_dtype[engine.get_tensor_dtype(n)],
+                                          device="cuda")
+        for n, t in self.buffers.items():
+            context.set_tensor_address(n, t.data_ptr())
+
+    def run(self, feeds: dict) -> list[np.ndarray]:
+        torch = self.torch
+        with torch.cuda.stream(self.stream):
+            for n in self.in_names:
+                self.buffers[n].copy_(torch.from_numpy(np.ascontiguousarray(feeds[n])),
+                                      non_blocking=False)
+            if self.graph is not None:
+                self.graph.replay()
+            elif not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise RuntimeError("TensorRT execute_async_v3 failed")
-            outs = [buffers[n].float().cpu().numpy() for n in out_names]
-        stream.synchronize()
+            outs = [self.buffers[n].float().cpu().numpy() for n in self.out_names]
+        self.stream.synchronize()
         return outs
 
-    def kernels() -> dict:
-        inspector = engine.create_engine_inspector()
-        info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-        return classify_layers(info)
+    def _inspect(self) -> dict:
+        inspector = self.engine.create_engine_inspector()
+        return json.loads(inspector.get_engine_information(
+            self.trt.LayerInformationFormat.JSON))
 
-    warmup = max(1, int(protocol.get("warmup_iters", 10)))
+    def kernels(self) -> dict:
+        return classify_layers(self._inspect())
 
-    def profile(feeds: dict, iters: int) -> list[dict]:
+    def profile(self, feeds: dict, iters: int) -> list[dict]:
         """A second execution context (the timed one, and its CUDA graph, stay unprofiled)
         with an IProfiler; warm-up runs happen before it is attached."""
-        pctx = engine.create_execution_context()
-        for n, shape, _ in inputs:
+        from . import OnnxNames
+
+        torch = self.torch
+        pctx = self.engine.create_execution_context()
+        for n, shape, _ in self.inputs:
             pctx.set_input_shape(n, shape)
-        for n, t in buffers.items():
+        for n, t in self.buffers.items():
             pctx.set_tensor_address(n, t.data_ptr())
-        with torch.cuda.stream(stream):
-            for n in in_names:
-                buffers[n].copy_(torch.from_numpy(np.ascontiguousarray(feeds[n])))
-        stream.synchronize()
-        for k in range(warmup + iters):
-            if k == warmup:
-                pctx.profiler = times = _layer_profiler(trt)
-            if not pctx.execute_async_v3(stream.cuda_stream):
-                raise RuntimeError("TensorRT execute_async_v3 failed")
-            stream.synchronize()
-        inspector = engine.create_engine_inspector()
-        info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+        with torch.cuda.stream(self.stream):
+            for n in self.in_names:
+                self.buffers[n].copy_(torch.from_numpy(np.ascontiguousarray(feeds[n])))
+        self.stream.synchronize()
+        for k in range(self.warmup + iters):
+            if k == self.warmup:
+                pctx.profiler = times = _layer_profiler(self.trt)
+            _check(pctx.execute_async_v3(self.stream.cuda_stream))
+            self.stream.synchronize()
+        info = self._inspect()
         detail = {str(x.get("Name")): x for x in info.get("Layers", []) if isinstance(x, dict)}
         try:
-            names = OnnxNames.of(path)
+            names = OnnxNames.of(self.path)
         except Exception:  # noqa: BLE001 — an unreadable graph only costs the mapping
             names = None
         return [{"name": name, "op": detail.get(name, {}).get("LayerType"),
@@ -320,12 +370,9 @@ def load(path: str, protocol: dict):
                  "exec": detail.get(name, {}).get("TacticName")}
                 for name, ms in times.ms.items()]
 
-    facts = {"engine": "tensorrt", "version": trt.__version__, "gpu": props.name,
-             "capability": capability, "variant": variant, "builder": settings,
-             "cuda_graph": bool(graph), "engine_cache": str(engine_path),
-             "engine_cached": cached, "build_or_read_s": round(build_s, 3)}
-    # the engine's own figure: device memory its execution context needs (activations)
-    need = getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size
-    return Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels, device_timer=CudaEventTimer(stream),
-                  profile=profile,
-                  memory=lambda: {"trt_context_device_mb": round(need / 2**20, 2)})
+    def memory(self) -> dict:
+        return {"trt_context_device_mb": round(self.need / 2**20, 2)}
+
+
+def load(path: str, protocol: dict) -> TensorRTSession:
+    return TensorRTSession(path, protocol)

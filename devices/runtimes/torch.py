@@ -34,7 +34,7 @@ import re
 
 import numpy as np
 
-from . import Consumes, Option, options
+from . import Consumes, Option, Session, options
 
 _INT_KERNEL = re.compile(r"(^|\.)q(conv|linear)(?!.*prepack)")
 _FLOAT_KERNEL = re.compile(r"(^|\.)(convolution|conv\d?d|_convolution_pointwise|addmm|mm|bmm|"
@@ -174,16 +174,7 @@ def _register_x86_int8_passes() -> bool:
     return True
 
 
-def load(path: str, protocol: dict):
-    import torch
-
-    from . import Loaded, check_variant, fx_profile
-
-    variant = _variant(path, protocol)
-    check_variant("torch", variant, precisions())
-    mode = options(protocol, OPTIONS)["mode"]
-    if mode not in ("eager", "compile"):
-        raise ValueError(f"torch mode must be eager or compile, not {mode!r}")
+def _set_threads(torch, protocol: dict) -> None:
     threads = int(protocol.get("threads", 0))
     if threads:
         torch.set_num_threads(threads)
@@ -191,57 +182,90 @@ def load(path: str, protocol: dict):
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass  # already set in this process (only allowed once)
-    batch = int(protocol.get("batch", 1))
-    _register_quantized_decomposed_ops()  # a PT2E program's Q/DQ ops, before deserialising
-    ep = torch.export.load(path)
-    module = ep.module()
-    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+
+
+def _program_inputs(ep, batch: int) -> list[tuple[str, tuple, str]]:
+    """(name, shape with the protocol's batch, dtype) of the program's user inputs."""
     user_inputs = ep.graph_signature.user_inputs
     inputs = []
-    for node in placeholders:
-        if node.name not in user_inputs:
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in user_inputs:
             continue
         val = node.meta["val"]
         shape = (batch, *(int(d) for d in val.shape[1:]))
         inputs.append((node.name, shape, str(val.dtype).replace("torch.", "")))
-    facts = {"engine": "torch", "version": torch.__version__, "mode": mode, "variant": variant,
-             "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
-    captured = {}
-    if mode == "compile":
+    return inputs
+
+
+class TorchSession(Session):
+    """The program run eagerly or compiled by inductor; `captured["graph"]` is the FX graph
+    that actually runs (the kernels' source)."""
+
+    def __init__(self, path: str, protocol: dict):
+        import torch
+
+        from . import check_variant
+
+        self.variant = _variant(path, protocol)
+        check_variant("torch", self.variant, precisions())
+        self.mode = options(protocol, OPTIONS)["mode"]
+        if self.mode not in ("eager", "compile"):
+            raise ValueError(f"torch mode must be eager or compile, not {self.mode!r}")
+        self.torch = torch
+        _set_threads(torch, protocol)
+        _register_quantized_decomposed_ops()  # a PT2E program's Q/DQ ops, before deserialising
+        self.ep = torch.export.load(path)
+        self.module = self.ep.module()
+        self.inputs = _program_inputs(self.ep, int(protocol.get("batch", 1)))
+        self.names = [name for name, _, _ in self.inputs]
+        self.facts = {"engine": "torch", "version": torch.__version__, "mode": self.mode,
+                      "variant": self.variant, "threads": torch.get_num_threads(),
+                      "interop_threads": torch.get_num_interop_threads()}
+        self.captured: dict = {}
+        self.runner = self._compile() if self.mode == "compile" else self.module
+        if self.mode != "compile":
+            self.captured["graph"] = self.module.graph
+        # compile now (first call), so loading, not the timed warm-up, pays for it
+        rng = np.random.default_rng(0)
+        self.run({n: rng.standard_normal(s).astype(d) for n, s, d in self.inputs})
+        if self.mode == "compile":
+            import torch._inductor.config as ic
+
+            ic.post_grad_custom_post_pass = None
+        self.warmup = max(1, int(protocol.get("warmup_iters", 10)))
+
+    def _compile(self):
+        """torch.compile with inductor's freezing and the x86 INT8 passes; the post-grad
+        graph it lowers is captured on the first call."""
+        import torch
         import torch._inductor.config as ic
 
-        facts["torchao_passes"] = _register_x86_int8_passes()
+        self.facts["torchao_passes"] = _register_x86_int8_passes()
         ic.freezing = True
-        ic.post_grad_custom_post_pass = lambda g: captured.__setitem__("graph", g)
-        facts["inductor"] = {"freezing": True, "cpp_wrapper": ic.cpp_wrapper,
-                             "max_autotune": ic.max_autotune}
-        runner = torch.compile(module, dynamic=False)
-    else:
-        runner = module
-        captured["graph"] = module.graph
-    names = [name for name, _, _ in inputs]
+        ic.post_grad_custom_post_pass = lambda g: self.captured.__setitem__("graph", g)
+        self.facts["inductor"] = {"freezing": True, "cpp_wrapper": ic.cpp_wrapper,
+                                  "max_autotune": ic.max_autotune}
+        return torch.compile(self.module, dynamic=False)
 
-    def run(feeds: dict) -> list[np.ndarray]:
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names]
+    def _args(self, feeds: dict) -> list:
+        return [self.torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.names]
+
+    def run(self, feeds: dict) -> list[np.ndarray]:
+        torch = self.torch
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.names]
         with torch.no_grad():
-            out = runner(*args)
+            out = self.runner(*args)
         outs = out if isinstance(out, (list, tuple)) else [out]
         return [o.numpy() for o in outs]
 
-    # compile now (first call), so loading, not the timed warm-up, pays for it
-    rng = np.random.default_rng(0)
-    run({n: rng.standard_normal(s).astype(d) for n, s, d in inputs})
-    if mode == "compile":
-        ic.post_grad_custom_post_pass = None
-
-    def kernels() -> dict:
-        graph, source = captured.get("graph"), source_layers(ep.graph)
+    def kernels(self) -> dict:
+        graph, source = self.captured.get("graph"), source_layers(self.ep.graph)
         if graph is None:  # e.g. compiled code from a cache that skipped the passes
             unverified = ["unverified: inductor's post-grad graph was not captured"]
-            return {"integer": [], "float": [] if variant == "fp32" else unverified,
+            return {"integer": [], "float": [] if self.variant == "fp32" else unverified,
                     "source_layers": source}
         out = {**classify(graph), "source_layers": source}
-        if variant != "fp32":  # a layer with no kernel found at all is not integer either
+        if self.variant != "fp32":  # a layer with no kernel found at all is not integer either
             for kind in ("conv", "linear"):
                 found = sum(f"q{kind}" in n for n in out["integer"])
                 if found < source[kind]:
@@ -249,20 +273,21 @@ def load(path: str, protocol: dict):
                                         "layers have no integer kernel")
         return out
 
-    warmup = max(1, int(protocol.get("warmup_iters", 10)))
-
-    def profile(feeds: dict, iters: int) -> list[dict]:
+    def profile(self, feeds: dict, iters: int) -> list[dict]:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names]
-        if mode == "eager":
-            return fx_profile(module, args, iters, warmup, module_layer)
-        for _ in range(warmup):
-            run(feeds)
+        from . import fx_profile
+
+        if self.mode == "eager":
+            return fx_profile(self.module, self._args(feeds), iters, self.warmup, module_layer)
+        for _ in range(self.warmup):
+            self.run(feeds)
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(iters):
-                run(feeds)
+                self.run(feeds)
         return compiled_profile(prof, iters)
 
-    return Loaded(run=run, inputs=inputs, facts=facts, kernels=kernels, profile=profile)
+
+def load(path: str, protocol: dict) -> TorchSession:
+    return TorchSession(path, protocol)

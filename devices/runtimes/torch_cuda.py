@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import Consumes, Option
+from . import Consumes, Option, Session
 
 GROUP = 128          # int4 group size along K (also tinygemm's K tile with inner_k_tiles=8)
 INNER_K_TILES = 8
@@ -301,70 +301,104 @@ def to_device(gm, device, dtype) -> None:
                 setattr(mod, k, v.to(device, dtype if cast and v.is_floating_point() else None))
 
 
-def load(path: str, protocol: dict):
+def layer_of(node) -> str | None:
+    """The hilq layer a program node computes (its `profile` sources): an int kernel module
+    that replaced it, or a float linear/conv of a stored weight; else None."""
+    if node.meta.get("hilq_layer"):
+        return node.meta["hilq_layer"]
+    if any(_is(node, k) for k in ("aten.linear.default", "aten.conv2d.default")) and \
+            len(node.args) > 1 and getattr(node.args[1], "op", None) == "get_attr":
+        return node.args[1].target.rsplit(".", 1)[0] or None
+    return None
+
+
+def _float_program(path: str):
+    """The exported float program; a PT2E (x86 INT8) program is refused."""
     import torch
 
-    from . import CudaEventTimer, Loaded, check_variant, fx_profile, manifest_variant
-
-    version()  # ImportError with the reason when there is no GPU
-    variant = manifest_variant(path, protocol)
-    check_variant("torch-cuda", variant, precisions())
     ep = torch.export.load(path)
     if any(str(n.target).startswith("quantized_decomposed.") for n in ep.graph.nodes):
         raise ValueError("this .pt2 is a PT2E x86 INT8 program (for the `torch` CPU runtime); "
                          "torch-cuda needs the float program (export_torch device='cuda')")
-    gm = ep.module()
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-             "w8a8": torch.float16, "w4a16": torch.bfloat16}[variant]
-    layers = [(n.args[1].target.rsplit(".", 1)[0] or n.name) for n, _ in _weighted_layers(gm)]
-    if variant in ("w8a8", "w4a16"):
-        integer, floats = quantize_program(gm, variant)
-    else:
-        integer, floats = [], layers
-    dev = torch.device("cuda")
-    to_device(gm, dev, dtype)
-    batch = int(protocol.get("batch", 1))
-    user = ep.graph_signature.user_inputs
-    inputs = [(n.name, (batch, *(int(d) for d in n.meta["val"].shape[1:])), "float32")
-              for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
-    names = [name for name, _, _ in inputs]
+    return ep
 
-    def run(feeds: dict) -> list[np.ndarray]:
+
+def _facts(torch, dev, variant: str, dtype) -> dict:
+    props = torch.cuda.get_device_properties(dev)
+    return {"engine": "torch-cuda", "version": torch.__version__, "cuda": torch.version.cuda,
+            "gpu": props.name, "capability": f"{props.major}.{props.minor}",
+            "variant": variant, "compute_dtype": str(dtype).replace("torch.", ""),
+            "int8": "torch._int_mm, per-channel weights, dynamic per-row activations"
+            if variant == "w8a8" else None,
+            "int4": f"tinygemm _weight_int4pack_mm, group {GROUP}, asymmetric"
+            if variant == "w4a16" else None}
+
+
+class TorchCudaSession(Session):
+    """The float program with the variant applied (int kernel modules or a cast), on the
+    GPU; `device_timer` brackets each call with CUDA events."""
+
+    def __init__(self, path: str, protocol: dict):
+        import torch
+
+        from . import CudaEventTimer, check_variant, manifest_variant
+
+        version()  # ImportError with the reason when there is no GPU
+        self.torch = torch
+        variant = manifest_variant(path, protocol)
+        check_variant("torch-cuda", variant, precisions())
+        ep = _float_program(path)
+        self.gm = gm = ep.module()
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                      "w8a8": torch.float16, "w4a16": torch.bfloat16}[variant]
+        layers = [(n.args[1].target.rsplit(".", 1)[0] or n.name) for n, _ in _weighted_layers(gm)]
+        if variant in ("w8a8", "w4a16"):
+            self.integer, self.floats = quantize_program(gm, variant)
+        else:
+            self.integer, self.floats = [], layers
+        self.dev = torch.device("cuda")
+        to_device(gm, self.dev, self.dtype)
+        batch = int(protocol.get("batch", 1))
+        user = ep.graph_signature.user_inputs
+        self.inputs = [(n.name, (batch, *(int(d) for d in n.meta["val"].shape[1:])), "float32")
+                       for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+        self.names = [name for name, _, _ in self.inputs]
+        rng = np.random.default_rng(0)
+        self.run({n: rng.standard_normal(s).astype(np.float32)
+                  for n, s, _ in self.inputs})  # packs int4
+        self.facts = _facts(torch, self.dev, variant, self.dtype)
+        self.warmup = max(1, int(protocol.get("warmup_iters", 10)))
+        self.device_timer = CudaEventTimer()
+
+    def _args(self, feeds: dict) -> list:
+        return [self.torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.dev, self.dtype)
+                for n in self.names]
+
+    def run(self, feeds: dict) -> list[np.ndarray]:
+        torch = self.torch
         with torch.no_grad():
-            args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(dev, dtype) for n in names]
-            out = gm(*args)
+            args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.dev, self.dtype)
+                    for n in self.names]
+            out = self.gm(*args)
             outs = out if isinstance(out, (list, tuple)) else [out]
             res = [o.float().cpu().numpy() for o in outs]   # .cpu() synchronises
         torch.cuda.synchronize()
         return res
 
-    rng = np.random.default_rng(0)
-    run({n: rng.standard_normal(s).astype(np.float32) for n, s, _ in inputs})  # packs int4
-    props = torch.cuda.get_device_properties(dev)
-    facts = {"engine": "torch-cuda", "version": torch.__version__, "cuda": torch.version.cuda,
-             "gpu": props.name, "capability": f"{props.major}.{props.minor}",
-             "variant": variant, "compute_dtype": str(dtype).replace("torch.", ""),
-             "int8": "torch._int_mm, per-channel weights, dynamic per-row activations"
-             if variant == "w8a8" else None,
-             "int4": f"tinygemm _weight_int4pack_mm, group {GROUP}, asymmetric"
-             if variant == "w4a16" else None}
-    warmup = max(1, int(protocol.get("warmup_iters", 10)))
+    def kernels(self) -> dict:
+        return {"integer": list(self.integer), "float": list(self.floats)}
 
-    def layer_of(node) -> str | None:
-        if node.meta.get("hilq_layer"):
-            return node.meta["hilq_layer"]
-        if any(_is(node, k) for k in ("aten.linear.default", "aten.conv2d.default")) and \
-                len(node.args) > 1 and getattr(node.args[1], "op", None) == "get_attr":
-            return node.args[1].target.rsplit(".", 1)[0] or None
-        return None
+    def profile(self, feeds: dict, iters: int) -> list[dict]:
+        from . import fx_profile
 
-    def profile(feeds: dict, iters: int) -> list[dict]:
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(dev, dtype) for n in names]
-        return fx_profile(gm, args, iters, warmup, layer_of, cuda=True)
+        return fx_profile(self.gm, self._args(feeds), iters, self.warmup, layer_of, cuda=True)
 
-    return Loaded(run=run, inputs=inputs, facts=facts,
-                  kernels=lambda: {"integer": list(integer), "float": list(floats)},
-                  device_timer=CudaEventTimer(), profile=profile, memory=cuda_memory)
+    def memory(self) -> dict:
+        return cuda_memory()
+
+
+def load(path: str, protocol: dict) -> TorchCudaSession:
+    return TorchCudaSession(path, protocol)
 
 
 def cuda_memory() -> dict:

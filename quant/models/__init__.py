@@ -58,7 +58,7 @@ class ModelRef:
     # an ONNX file's inputs by name, each with its batch: ((name, shape), ...)
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] | None = None
     # how an ONNX file's integer variants are built: auto (PyTorch where onnx2torch converts
-    # the file, else the ONNX graph), torch, or onnx (quant.onnx_artifact.ROUTES)
+    # the file, else the ONNX graph), torch, or onnx (quant.options.ROUTES)
     route: str = "auto"
     # a user's metric, `module:function` (NNCF's validation_fn): fn(outputs, fp32_outputs,
     # labels) -> {name: value}, higher is better, computed on the device
@@ -166,87 +166,108 @@ def load_model(ref: str | ModelRef, data: str | None = None, *,
                input_shape: tuple[int, ...] | None = None, preprocess=None) -> ModelEntry:
     """The `ModelEntry` a model door names (see the module docstring); `data` etc. may come
     in the `ModelRef` or as arguments (the argument wins)."""
-    from pathlib import Path
+    from dataclasses import replace
 
-    from ..data import check_fits, load_data, parse_preprocess
+    from ..data import parse_preprocess
 
-    if isinstance(ref, ModelRef) and ref.metric:
+    ref = ref if isinstance(ref, ModelRef) else ModelRef(ref)
+    ref = replace(ref, **{k: v for k, v in (("data", data), ("input_shape", input_shape),
+                                            ("preprocess", preprocess)) if v is not None})
+    if ref.metric:
         from ..evalset import metric_arrays
 
         metric_arrays(ref.metric)       # a metric that cannot run is one line, before any work
-    if isinstance(ref, ModelRef):
-        data = data if data is not None else ref.data
-        input_shape = input_shape if input_shape is not None else ref.input_shape
-        preprocess = preprocess if preprocess is not None else ref.preprocess
-        name, seq_len, named_shapes = ref.name, ref.seq_len, ref.input_shapes
-    else:
-        name, seq_len, named_shapes = ref, None, None
-    input_shape = parse_shape(input_shape)
-    pre = parse_preprocess(preprocess)
-    loaded: dict = {}
-
-    def user_data() -> Data:
-        if "d" not in loaded:
-            from ..onnx_feeds import named_data
-
-            by_name = named_data(data, inputs) if inputs else None
-            loaded["d"] = by_name if by_name is not None else load_data(data, pre)
-        return loaded["d"]
-
-    inputs: tuple = ()
+    shape_given, pre = parse_shape(ref.input_shape), parse_preprocess(ref.preprocess)
     builtin = _builtin()
-    if name in builtin:
-        entry = builtin[name]()
-        if seq_len is not None:
-            entry = _at_seq_len(entry, seq_len)
-        if input_shape is not None and tuple(input_shape[1:]) != entry.input_shape:
-            raise ModelError(f"--input-shape: built-in {name} takes "
-                             f"{','.join(map(str, (1, *entry.input_shape)))}")
-        if data is None:
+    if ref.name in builtin:
+        entry = _builtin_entry(builtin[ref.name](), ref, shape_given)
+        if ref.data is None:
             return entry
-        shape = entry.input_shape
-        build, desc, onnx_path, dtype = entry.build, entry.description, None, "float32"
-    elif name.endswith(".onnx") or Path(name).suffix == ".onnx":
+        src = _Source(entry.build, entry.input_shape, entry.description)
+    else:
+        src = _user_source(ref, shape_given, pre)
+        if ref.seq_len is not None:
+            raise ModelError(f"--seq-len: {ref.name} declares no sequence axis (a user model "
+                             "is sized by --input-shape or its data; built-in tiny-transformer "
+                             "takes --seq-len)")
+    return _entry(ref, src, pre)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A model door resolved: how to build the module, one sample's shape, what it is."""
+
+    build: Callable[[], nn.Module]
+    shape: tuple[int, ...]
+    description: str
+    onnx_path: str | None = None
+    dtype: str = "float32"
+    inputs: tuple = ()                # an ONNX file's inputs (`onnx_file.InputSpec`)
+    data: Data | None = None          # the user's data, when reading it sized the input
+
+
+def _builtin_entry(entry: ModelEntry, ref: ModelRef, shape_given) -> ModelEntry:
+    if ref.seq_len is not None:
+        entry = _at_seq_len(entry, ref.seq_len)
+    if shape_given is not None and tuple(shape_given[1:]) != entry.input_shape:
+        raise ModelError(f"--input-shape: built-in {ref.name} takes "
+                         f"{','.join(map(str, (1, *entry.input_shape)))}")
+    return entry
+
+
+def _user_source(ref: ModelRef, shape_given, pre) -> _Source:
+    """An ONNX file or a `package.module:factory`, or one line saying what is missing."""
+    from pathlib import Path
+
+    name = ref.name
+    if name.endswith(".onnx") or Path(name).suffix == ".onnx":
         from . import onnx_file
 
         path = Path(name)
         proto = onnx_file.read(path)
-        given = {**({"": input_shape} if input_shape is not None else {}),
-                 **dict(named_shapes or ())}
+        given = {**({"": shape_given} if shape_given is not None else {}),
+                 **dict(ref.input_shapes or ())}
         inputs = onnx_file.inputs_of(proto, path, given)
-        shape, dtype = inputs[0].shape[1:], inputs[0].dtype
-        build = lambda: onnx_file.build(proto, path)  # noqa: E731
-        desc, onnx_path = f"ONNX file {path}", str(path.resolve())
-    elif named_shapes:
+        return _Source(lambda: onnx_file.build(proto, path), inputs[0].shape[1:],
+                       f"ONNX file {path}", str(path.resolve()), inputs[0].dtype, inputs)
+    if ref.input_shapes:
         raise ModelError(f"--input-shape NAME=...: only an ONNX file's inputs are named; "
                          f"{name} takes --input-shape 1,3,224,224")
-    elif ":" in name:
-        build = _module_factory(import_factory(name), name)
-        desc, onnx_path, dtype = f"user model {name}", None, "float32"
-        if input_shape is not None:
-            shape = tuple(input_shape[1:])
-        elif data is not None:
-            shape = tuple(user_data().calib_x.shape[1:])
-        else:
-            raise ModelError(f"user model {name!r} needs --data (images, .npy/.npz or "
-                             "package.module:factory) or --input-shape (e.g. 1,3,224,224)")
-    else:
+    if ":" not in name:
         raise ModelError(f"unknown model {name!r} (built-in: {', '.join(BUILTIN)}; "
                          "or package.module:factory, or a path to an .onnx file)")
-    if seq_len is not None:
-        raise ModelError(f"--seq-len: {name} declares no sequence axis (a user model is sized "
-                         "by --input-shape or its data; built-in tiny-transformer takes --seq-len)")
-    if data is None:
+    build = _module_factory(import_factory(name), name)
+    if shape_given is not None:
+        return _Source(build, tuple(shape_given[1:]), f"user model {name}")
+    if ref.data is None:
+        raise ModelError(f"user model {name!r} needs --data (images, .npy/.npz or "
+                         "package.module:factory) or --input-shape (e.g. 1,3,224,224)")
+    from ..data import load_data
+
+    data = load_data(ref.data, pre)
+    return _Source(build, tuple(data.calib_x.shape[1:]), f"user model {name}", data=data)
+
+
+def _entry(ref: ModelRef, src: _Source, pre) -> ModelEntry:
+    """The entry of a resolved source: data-free, or its data loaded once, when asked,
+    and checked against the input shape."""
+    preprocess = pre.to_dict() if pre else None
+    if ref.data is None:
         # A declared preprocessing still says what inputs look like (distillation's prior).
-        return ModelEntry(name, build, _no_data(name, shape, dtype), shape, desc, onnx_path,
-                          data_free=True, preprocess=pre.to_dict() if pre else None,
-                          inputs=inputs if onnx_path else ())
+        return ModelEntry(ref.name, src.build, _no_data(ref.name, src.shape, src.dtype),
+                          src.shape, src.description, src.onnx_path, data_free=True,
+                          preprocess=preprocess, inputs=src.inputs)
+    loaded = [src.data] if src.data is not None else []
 
     def checked() -> Data:
-        d = user_data()
-        check_fits(d, shape, name)
-        return d
+        from ..data import check_fits, load_data
+        from ..onnx_feeds import named_data
 
-    return ModelEntry(name, build, checked, shape, desc, onnx_path,
-                      preprocess=pre.to_dict() if pre else None,
-                      inputs=inputs if onnx_path else ())
+        if not loaded:
+            by_name = named_data(ref.data, src.inputs) if src.inputs else None
+            loaded.append(by_name if by_name is not None else load_data(ref.data, pre))
+        check_fits(loaded[0], src.shape, ref.name)
+        return loaded[0]
+
+    return ModelEntry(ref.name, src.build, checked, src.shape, src.description, src.onnx_path,
+                      preprocess=preprocess, inputs=src.inputs)

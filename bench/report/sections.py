@@ -1,0 +1,32 @@
+"""The report's sections, in order: each title written once, beside the builder that fills
+it from the run's data. A section without data says so in one line instead of disappearing,
+so a missing power meter or search is visible, not silent."""
+
+from __future__ import annotations
+
+from . import history, runs, searches, sweeps
+from .data import RunData
+from .model import Section
+
+REGISTRY = [
+    ("Summary", runs.summary),
+    ("Latency distribution", runs.distribution),
+    ("Accuracy on the device", runs.device_accuracy),
+    ("Accuracy vs latency", runs.accuracy_vs_latency),
+    ("Energy per inference", runs.energy),
+    ("Memory", runs.memory),
+    ("MLPerf scenarios (LoadGen)", runs.scenarios),
+    ("Batch sweep", sweeps.batch_sweep),
+    ("Sequence-length sweep", sweeps.seq_len_sweep),
+    ("Bit allocation", searches.allocation),
+    ("Predicted vs measured latency", searches.predicted),
+    ("Per-layer error of the searched configuration", searches.debug),
+    ("Nightly trends", history.trends),
+    ("Regressions", history.regressions),
+    ("Devices and versions", history.devices),
+]
+SECTIONS = tuple(title for title, _ in REGISTRY)
+
+
+def build(data: RunData) -> list[Section]:
+    return [Section(title, builder(data)) for title, builder in REGISTRY]
