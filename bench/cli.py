@@ -26,6 +26,7 @@ COMMANDS = {
     "debug": "per-layer error, float vs quantized, on the engine and in simulation",
     "nightly": "the whole loop from a config: bench, search, store, regressions, report",
     "report": "render a Markdown + HTML report from the store",
+    "compare": "two runs side by side per series: p50 ratio, CIs, faster/slower verdicts",
     "results": "export or inspect the results store",
 }
 
@@ -153,17 +154,44 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, SpecError, FileNotFoundError, DeviceError, StoreError)
 
 
+def _on_signals() -> None:
+    """SIGINT and SIGTERM stop hilq the same way: every device waiting on an agent kills it
+    (`devices.interrupt`), and the main thread unwinds through the `finally`s that release
+    locks, remove session folders and mark the run `interrupted`."""
+    import signal
+    import threading
+
+    from devices.interrupt import STOP, Interrupted, stop
+
+    if threading.current_thread() is not threading.main_thread():
+        return                      # signal handlers belong to the main thread
+
+    def handler(signum, _frame):
+        if STOP.is_set():           # already stopping: let the cleanup finish
+            return
+        name = signal.Signals(signum).name
+        stop(name)
+        raise Interrupted(name)
+
+    STOP.clear()                    # a new command starts un-stopped
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    _on_signals()
     try:
         return int(args._run(args) or 0)
-    except KeyboardInterrupt:
-        print("hilq: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:   # devices.interrupt.Interrupted: SIGINT 130, SIGTERM 143
+        print(f"hilq: interrupted ({getattr(e, 'signal_name', 'SIGINT')}): agents stopped, "
+              "what was measured is stored", file=sys.stderr)
+        return getattr(e, "code", 130)
     except Exception as e:  # noqa: BLE001 — only user errors are turned into one line
         if isinstance(e, _user_errors()):
             msg = str(e) if not isinstance(e, FileNotFoundError) else f"file not found: {e.filename or e}"

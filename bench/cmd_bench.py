@@ -154,16 +154,7 @@ def run(args) -> int:
     variants = [Artifact.load(a) for a in args.artifact] if args.artifact else \
         [v.strip() for v in args.variants.split(",") if v.strip()]
     protocol = _protocol(args)
-    store = run_id = None
-    if not args.no_store:
-        from bench.store import open_store
-
-        store = open_store(args.db)
-        run_id = store.begin_run({"command": "bench", "model": args.model, "variants": args.variants,
-                                  "devices": names, "runtime": args.runtime,
-                                  "protocol": protocol.to_dict(), "batch": sweep,
-                                  **({"seq_len": lengths} if lengths != [None] else {})},
-                                 resume=False)
+    store, run_id = _begin(args, names, protocol, sweep, lengths)
     ms = []
     try:
         for device in devices:
@@ -178,6 +169,10 @@ def run(args) -> int:
         if store is not None:
             store.finish_run(run_id, "ok" if all(m.ok for m in ms) else "failed")
             print(f"stored as run {run_id} in {store.name}")
+    except KeyboardInterrupt:      # Ctrl-C, SIGTERM: what is stored stays; the run says so
+        if store is not None:
+            store.finish_run(run_id, "interrupted")
+        raise
     finally:
         for device in devices:
             device.close()
@@ -196,6 +191,21 @@ def run(args) -> int:
               + "; ".join(f"{m.variant}: {', '.join(m.scenario.get('reasons') or ['?'])}"
                           for m in invalid))
     return 0 if all(m.ok for m in ms) and not invalid else 1
+
+
+def _begin(args, names: list[str], protocol, sweep, lengths):
+    """(store, run id) of this bench, or (None, None) with --no-store."""
+    if args.no_store:
+        return None, None
+    from bench.store import open_store
+
+    store = open_store(args.db)
+    run_id = store.begin_run({"command": "bench", "model": args.model, "variants": args.variants,
+                              "devices": names, "runtime": args.runtime,
+                              "protocol": protocol.to_dict(), "batch": sweep,
+                              **({"seq_len": lengths} if lengths != [None] else {})},
+                             resume=False)
+    return store, run_id
 
 
 def _print_table(ms: list) -> None:

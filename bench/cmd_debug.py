@@ -34,10 +34,12 @@ from .errors import UserError
 
 def add_arguments(p) -> None:
     from devices.runtimes import NAMES
+    from quant.options import ExportOptions
+    from quant.spec import CALIB_DATA, GRANULARITIES
 
-    from .debug import GRANULARITIES, DebugOptions
+    from .debug import DebugOptions
 
-    d = defaults(DebugOptions)
+    d, e = defaults(DebugOptions), defaults(ExportOptions)
     add_model_arguments(p, required=False)
     p.add_argument("--variant", help="w8a8, w4a8, ... or config:PATH.json (with --model)")
     p.add_argument("--artifact", metavar="FILE", help="an exported artifact (FILE + manifest)")
@@ -51,12 +53,12 @@ def add_arguments(p) -> None:
     p.add_argument("--no-engine", action="store_true", help="simulation only, no device run")
     p.add_argument("--samples", type=int, default=d["samples"],
                    help=f"test inputs compared (default {d['samples']})")
-    p.add_argument("--calib", default=d["calib"], help="activation calibration method")
-    p.add_argument("--calib-data", default=d["calib_data"], help="real | distilled | noise")
-    p.add_argument("--granularity", default=d["granularity"], choices=GRANULARITIES)
-    p.add_argument("--group-size", type=int, default=d["group_size"])
+    p.add_argument("--calib", default=e["calib"], help="activation calibration method")
+    p.add_argument("--calib-data", default=e["calib_data"], choices=CALIB_DATA)
+    p.add_argument("--granularity", default=e["granularity"], choices=GRANULARITIES)
+    p.add_argument("--group-size", type=int, default=e["group_size"])
     p.add_argument("--repair", default="", help="comma-separated PTQ repairs")
-    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--seed", type=int, default=e["seed"])
     p.add_argument("--out", metavar="DIR",
                    help="keep the artifact, its debug copy and evaluation set here "
                         "(default: a temporary folder, removed)")
@@ -66,6 +68,8 @@ def add_arguments(p) -> None:
 
 def options(args):
     """The command line -> `DebugOptions` (which checks itself)."""
+    from quant.options import ExportOptions
+
     from .debug import DebugOptions
 
     for flag in ("json", "plot"):
@@ -77,9 +81,10 @@ def options(args):
         model=model_ref(args), variant=args.variant,
         artifact=args.artifact, device=args.device, runtime=args.runtime,
         inventory=args.inventory, runtime_options=runtime_options(args),
-        engine=not args.no_engine, samples=args.samples, calib=args.calib,
-        calib_data=args.calib_data, granularity=args.granularity, group_size=args.group_size,
-        repairs=tuple(r.strip() for r in args.repair.split(",") if r.strip()), seed=args.seed)
+        engine=not args.no_engine, samples=args.samples, build=ExportOptions(
+            calib=args.calib, calib_data=args.calib_data, granularity=args.granularity,
+            group_size=args.group_size, seed=args.seed,
+            repairs=tuple(r.strip() for r in args.repair.split(",") if r.strip())))
 
 
 def print_table(result: dict) -> None:

@@ -2,9 +2,11 @@
 
     hilq report [--run ID|latest] [--db URL|PATH] [--out DIR] [--json OUT]
                 [--screenshot PNG [--size 1400x5000]]
+    hilq report --index [--db URL|PATH] [--out DIR] [--json OUT]
 
 Writes `<DIR>/report.md` (plots in `<DIR>/plots/`) and `<DIR>/report.html`; DIR defaults to
-`reports/<run-id>/`.
+`reports/<run-id>/`. With `--index`, the page across all runs instead: `<DIR>/index.md`
+and `<DIR>/index.html`, DIR defaulting to `reports/` (bench/report/index.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default reports/<run-id>/)")
     parser.add_argument("--json", metavar="PATH", help="write what was rendered as JSON")
+    parser.add_argument("--index", action="store_true",
+                        help="write the index across runs instead (per series a trend with "
+                             "CIs by commit, verdicts, links to each run's report) to "
+                             "DIR/index.html and index.md, DIR default reports/")
     parser.add_argument("--screenshot", metavar="PNG",
                         help="also capture the HTML page in headless Chromium (installed "
                              "separately: apt-get install -y chromium)")
@@ -51,6 +57,8 @@ def run(args) -> int:
     from .report import render
     from .store import open_store
 
+    if args.index:
+        return _index(args)
     with store_errors(), open_store(args.db) as store:
         rep = render(store, args.run, args.out)
     empty = [t for t, has in rep.sections.items() if not has]
@@ -59,10 +67,23 @@ def run(args) -> int:
     print(f"  markdown  {rep.markdown}")
     print(f"  html      {rep.html}")
     if empty:
-        print(f"  no data   {', '.join(empty)}")
+        print(f"  left out  {', '.join(empty)} (not in this run)")
     if args.screenshot:
         print(f"  screenshot {_screenshot(rep.html, args.screenshot, args.size)}")
     write_json(args.json, rep.to_dict())
+    return 0
+
+
+def _index(args) -> int:
+    from .report import render_index
+    from .store import open_store
+
+    with store_errors(), open_store(args.db) as store:
+        page = render_index(store, args.out)
+    print(f"index of {page.runs} runs, {page.series} series, {page.plots} plots")
+    print(f"  markdown  {page.markdown}")
+    print(f"  html      {page.html}")
+    write_json(args.json, page.to_dict())
     return 0
 
 

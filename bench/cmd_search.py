@@ -171,6 +171,7 @@ def run(args) -> int:
     protocol = Protocol(min_duration_s=args.min_duration_s, threads=args.threads, seed=args.seed)
     console = cli_console(highlight=False)
     store = open_store(args.db)
+    run_id = None
     try:
         run_id = store.begin_run({"command": "search", "model": args.model, "device": args.device,
                                   "runtime": args.runtime, "budgets": budgets,
@@ -181,6 +182,10 @@ def run(args) -> int:
                          work_dir=args.work_dir, store=store, run_id=run_id,
                          progress=lambda s: console.print(f"[dim]{s}[/dim]"))
         store.finish_run(run_id, res.status if res.status in ("ok", "budget_missed") else "failed")
+    except KeyboardInterrupt:      # Ctrl-C, SIGTERM: what is stored stays; the run says so
+        if run_id is not None:
+            store.finish_run(run_id, "interrupted")
+        raise
     finally:
         store.close()
         device.close()

@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quant.options import ExportOptions
+
 from .errors import UserError
 
 GAP_DB = 1.0   # engine vs simulation agreement asked of every layer
-GRANULARITIES = ("channel", "tensor", "group")
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,9 @@ class DebugOptions:
     runtime_options: dict = field(default_factory=dict)   # checked by the runtime's OPTIONS
     engine: bool = True                # False: simulation only, no device run
     samples: int = 64
-    calib: str = "minmax"
-    calib_data: str = "real"
-    granularity: str = "channel"
-    group_size: int = 128
-    repairs: tuple[str, ...] = ()
-    seed: int = 0
+    # how the variant is built (calibration, granularity, repairs, seed): the build verb's
+    # own options, their target set from the runtime when built
+    build: ExportOptions = field(default_factory=ExportOptions)
 
     def __post_init__(self):
         if bool(self.artifact) == bool(self.variant):
@@ -47,9 +45,6 @@ class DebugOptions:
             raise UserError("--variant needs --model")
         if self.samples < 1:
             raise UserError(f"--samples must be positive, got {self.samples}")
-        if self.granularity not in GRANULARITIES:
-            raise UserError(f"--granularity {self.granularity!r}: use "
-                            f"{', '.join(GRANULARITIES)}")
 
 
 def _artifact(o: DebugOptions, out: Path):
@@ -58,7 +53,6 @@ def _artifact(o: DebugOptions, out: Path):
     from quant.artifact import Artifact
     from quant.export import build_artifact
     from quant.models import ModelRef
-    from quant.options import ExportOptions
 
     from .runner import target_for
 
@@ -70,9 +64,8 @@ def _artifact(o: DebugOptions, out: Path):
         ref = o.model or ModelRef("")
         return art, (ref if ref.name else replace(ref, name=art.manifest.get("model", "")))
     target, device = target_for(o.runtime)
-    art = build_artifact(o.model, o.variant, out, options=ExportOptions(
-        target=target, device=device, calib=o.calib, granularity=o.granularity,
-        group_size=o.group_size, repairs=o.repairs, seed=o.seed, calib_data=o.calib_data))
+    art = build_artifact(o.model, o.variant, out,
+                         options=replace(o.build, target=target, device=device))
     return art, o.model
 
 
@@ -179,7 +172,7 @@ def _graph_side(o: DebugOptions, art, entry, ref, taps):
     from quant import graph_debug
     from quant.onnx_feeds import load_feeds
 
-    feeds = load_feeds(entry, ref.data, ref.preprocess, o.seed)
+    feeds = load_feeds(entry, ref.data, ref.preprocess, o.build.seed)
     n = min(o.samples, len(feeds))
     cap = graph_debug.capture(art, entry, feeds, n)
     sim = qd.simulated(cap, taps)

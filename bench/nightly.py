@@ -81,13 +81,12 @@ def run_nightly(cfg: Config, *, say: Callable[[str], None] = print,
     """The whole night (the module docstring). `resume`: a run id to reopen and fill in (a
     run that ended failed, say after a device was lost): what it has is kept, the rest is
     measured."""
-    from . import regress
     from .report import render
-    from .search import run_search
     from .store import open_store
 
     t0 = time.perf_counter()
     store = open_store(cfg.db)
+    run_id = None
     try:
         run_id = store.begin_run({**_identity(cfg), "config_hash": cfg.hash}, seed=cfg.seed,
                                  resume=True, run_id=resume)
@@ -104,35 +103,46 @@ def run_nightly(cfg: Config, *, say: Callable[[str], None] = print,
         else:
             built = _on_threads(cfg, store, run_id, devs, artifacts_dir, result, say)
 
-        # 3. accuracy of the bench variants (host work: after timing)
-        for b in cfg.bench:
-            if b.accuracy:
-                try:
-                    _accuracy(store, run_id, b, cfg.seed, say, built.get(b.model))
-                except Exception as e:  # noqa: BLE001
-                    result.failures.append((f"accuracy {b.model}", one_line(e)))
-
-        # 4. searches, one at a time (they build and measure)
-        for s in cfg.search:
-            result.searches.append(_search(cfg, store, run_id, devs, s, artifacts_dir, say,
-                                           result.failures, run_search))
-
-        # 5. regressions against history, then the report
-        rows = regress.detect(store, run_id, threshold=cfg.regression_threshold,
-                              lookback=cfg.lookback)
-        result.regressions = [r for r in rows if r.get("flagged")]
-        missed = [x for x in result.searches
-                  if "budget_missed" in (x.get("status"), x.get("search_status"))]
-        result.status = "failed" if result.failures else "budget_missed" if missed else (
-            "regressed" if result.regressions else "ok")
-        store.finish_run(run_id, result.status)
+        _after_timing(cfg, store, run_id, result, built, devs, artifacts_dir, say)
         if report:
             rep = render(store, run=run_id, out_dir=Path(cfg.reports) / run_id)
             result.report = str(rep.html)
         result.seconds = time.perf_counter() - t0
         return result
+    except KeyboardInterrupt:      # Ctrl-C, SIGTERM: what is stored stays; the run says so
+        if run_id is not None:
+            store.finish_run(run_id, "interrupted")
+            say(f"run {run_id} interrupted: every measurement taken is stored; "
+                f"hilq nightly --resume {run_id} measures the rest")
+        raise
     finally:
         store.close()
+
+
+def _after_timing(cfg: Config, store, run_id: str, result: NightlyResult, built: dict, devs,
+                  artifacts_dir: Path, say) -> None:
+    """Steps 3–5: accuracy of the bench variants (host work, after timing), the searches one
+    at a time (they build and measure), regressions against history; the run's status."""
+    from . import regress
+    from .search import run_search
+
+    for b in cfg.bench:
+        if b.accuracy:
+            try:
+                _accuracy(store, run_id, b, cfg.seed, say, built.get(b.model))
+            except Exception as e:  # noqa: BLE001
+                result.failures.append((f"accuracy {b.model}", one_line(e)))
+    for s in cfg.search:
+        result.searches.append(_search(cfg, store, run_id, devs, s, artifacts_dir, say,
+                                       result.failures, run_search))
+    rows = regress.detect(store, run_id, threshold=cfg.regression_threshold,
+                          lookback=cfg.lookback)
+    result.regressions = [r for r in rows if r.get("flagged")]
+    missed = [x for x in result.searches
+              if "budget_missed" in (x.get("status"), x.get("search_status"))]
+    result.status = "failed" if result.failures else "budget_missed" if missed else (
+        "regressed" if result.regressions else "ok")
+    store.finish_run(run_id, result.status)
 
 
 def _identity(cfg: Config) -> dict:
@@ -267,6 +277,8 @@ def _debug_pick(cfg: Config, store, run_id: str, s: Search, res, artifacts_dir: 
     """The debug verb on the searched configuration, on the same device and runtime: where
     its error comes from, layer by layer, kept with the chosen allocation for the report. A
     failure here is a note, not a failed search."""
+    from quant.options import ExportOptions
+
     from .debug import DebugOptions, debug
     from .latmodel import FLOAT
 
@@ -276,8 +288,9 @@ def _debug_pick(cfg: Config, store, run_id: str, s: Search, res, artifacts_dir: 
         return
     try:
         options = DebugOptions(model=s.ref, variant=res.variant, device=s.device,
-                               runtime=s.runtime, inventory=cfg.inventory,
-                               calib_data=s.calib_data, samples=32, seed=cfg.seed)
+                               runtime=s.runtime, inventory=cfg.inventory, samples=32,
+                               build=ExportOptions(calib_data=s.calib_data, seed=cfg.seed,
+                                                   distill_iters=s.options.distill_iters))
         # the search's own work folder: its artifact of the pick is reused from the cache
         result, _ = debug(options, artifacts_dir / "search")
     except Exception as e:  # noqa: BLE001

@@ -11,12 +11,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from hilq.measurement import Measurement, Protocol
 
-from . import bundle
+from . import bundle, interrupt
 from .errors import DeviceError
+from .interrupt import POLL_S
 from .lock import local_lock
 
 
@@ -54,17 +56,31 @@ class LocalDevice:
                 Path(tmp, rel).write_text(text)
             proc = subprocess.Popen([self.python, *args], cwd=tmp, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
-            try:
-                out, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired as e:
-                os.killpg(proc.pid, signal.SIGKILL)  # the agent and any meter it started
-                proc.communicate()
-                raise DeviceError("timeout", f"agent ran past {timeout:.0f} s on {self.name}") from e
-            return proc.returncode, out, err
+            return self._wait(proc, timeout)
         except OSError as e:
             raise DeviceError("agent_crash", f"cannot start {self.python}: {e}") from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _wait(self, proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
+        """The agent's (exit code, stdout, stderr). Past `timeout`, or when hilq is told to
+        stop (`interrupt.STOP`, Ctrl-C, SIGTERM), its process group is killed: the agent and
+        any meter it started."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    out, err = proc.communicate(timeout=POLL_S)
+                    return proc.returncode, out, err
+                except subprocess.TimeoutExpired:
+                    interrupt.check()
+                    if time.monotonic() > deadline:
+                        _kill_group(proc)
+                        raise DeviceError("timeout", f"agent ran past {timeout:.0f} s on "
+                                                     f"{self.name}") from None
+        except BaseException:        # interrupted here or in the main thread: no orphan
+            _kill_group(proc)
+            raise
 
     def facts(self) -> dict:
         rc, out, err = self._agent(["agent.py", "--facts", "--runtimes", ",".join(self.runtimes)], 60)
@@ -94,3 +110,12 @@ class LocalDevice:
 
     def close(self):
         pass
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.communicate()

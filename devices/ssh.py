@@ -25,7 +25,7 @@ import paramiko
 
 from hilq.measurement import Measurement, Protocol
 
-from . import bundle
+from . import bundle, interrupt
 from .errors import DeviceError
 from .lock import dir_lock
 
@@ -198,6 +198,8 @@ class SSHDevice:
                 if not transport.is_active():
                     raise DeviceError("unreachable", f"{self.name}: connection lost during "
                                       f"the run ({' '.join(argv[:2])})")
+                if pidfile:
+                    interrupt.check()         # hilq is stopping: so is the agent (below)
                 if time.monotonic() > deadline:
                     chan.close()
                     if pidfile and not self._kill(pidfile):
@@ -213,6 +215,11 @@ class SSHDevice:
                 raise DeviceError("unreachable", f"{self.name}: connection lost during the "
                                   f"run ({' '.join(argv[:2])})")
             return status, out.decode(errors="replace"), err.decode(errors="replace")
+        except KeyboardInterrupt:     # Ctrl-C, SIGTERM (interrupt.Interrupted): no orphan
+            chan.close()
+            if pidfile:
+                self._kill(pidfile)
+            raise
         finally:
             chan.close()
 

@@ -1,16 +1,63 @@
 """Shared test pieces: a quick measurement protocol, nightly configs written as TOML, digits-cnn
-exported w8a8, and ORT's own static quantizer run on a float model (the reference that hilq's
-export is held to)."""
+exported w8a8, ORT's own static quantizer run on a float model (the reference that hilq's
+export is held to), and `require`: the one way a test skips for want of something installed."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NoReturn
+
+import pytest
 
 from hilq.measurement import Protocol
+
+# What a test may skip for want of (HILQ_REQUIRE names those whose absence fails instead):
+# a PostgreSQL server and psycopg, an OpenSSH sshd, network namespaces (root and `ip netns`),
+# Ray, MLPerf LoadGen (mlcommons-loadgen), a Chromium to take screenshots.
+CAPABILITIES = ("pg", "ssh", "netns", "ray", "loadgen", "chromium")
+
+
+def required() -> set[str]:
+    """The capabilities env HILQ_REQUIRE names (a comma list): where one is missing, the
+    tests that need it fail instead of skipping. `.ci/run` names all: CI installs them."""
+    names = {n.strip() for n in os.environ.get("HILQ_REQUIRE", "").split(",") if n.strip()}
+    if unknown := names - set(CAPABILITIES):
+        raise ValueError(f"HILQ_REQUIRE: unknown {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(CAPABILITIES)})")
+    return names
+
+
+def needs(name: str, reason: str) -> str:
+    """The skip reason of a test that needs capability `name`: `needs NAME: reason` (a
+    `skipif` marker may use it; conftest turns such a skip into a failure when required)."""
+    if name not in CAPABILITIES:
+        raise ValueError(f"unknown capability {name!r} (known: {', '.join(CAPABILITIES)})")
+    return f"needs {name}: {reason}"
+
+
+def require(name: str, reason: str) -> NoReturn:
+    """Skip this test for want of capability `name`, or fail it when HILQ_REQUIRE names `name`
+    (an installed-by-CI dependency that is missing is a broken build, not a reason to skip)."""
+    __tracebackhide__ = True            # the skip is reported at its caller's line
+    if name in required():
+        pytest.fail(f"HILQ_REQUIRE names {name!r}, but {reason}", pytrace=False)
+    pytest.skip(needs(name, reason))
+
+
+def require_import(name: str, module: str, reason: str):
+    """`module` imported, or `require(name, …)` when it cannot be."""
+    __tracebackhide__ = True
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        why = f"{reason} ({e})"
+    require(name, why)
+
 
 # A protocol short enough for a test: each test overrides what it needs otherwise.
 QUICK_PROTOCOL = {"warmup_iters": 3, "warmup_s": 0.0, "min_iters": 10, "min_duration_s": 0.05,

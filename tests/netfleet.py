@@ -4,7 +4,8 @@ this one by a veth pair, with its own address and its own sshd. Cutting a host's
 and only timeouts save the client.
 
 Needs root and iproute2 (`ip netns`); where namespaces cannot be made, `Fleet` falls back
-to sshds on loopback ports and `need_partition()` skips with the reason.
+to sshds on loopback ports and `need_partition()` skips with the reason (fails where
+HILQ_REQUIRE names `netns`: `.ci/run` runs as root and installs iproute2).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+from helpers import require
 from test_ssh_device import SSHD, Sshd, _need_sshd
 
 TAG = f"hq{os.getpid() % 10000}"           # names unique to this test process (≤ 15 chars)
@@ -161,8 +162,8 @@ class Fleet:
 
     def need_partition(self):
         if self.why_not:
-            pytest.skip(f"no network namespaces, so no silent partition: {self.why_not} "
-                        "(the fleet runs on loopback ports)")
+            require("netns", f"no network namespaces, so no silent partition: {self.why_not} "
+                    "(the fleet runs on loopback ports)")
 
     def inventory(self, path: Path, **extra) -> Path:
         path.write_text("\n".join(h.inventory(**extra) for h in self.hosts))

@@ -3,8 +3,8 @@
 removed afterwards. PostgreSQL refuses to run as root, so under root the server runs as the
 `postgres` (or `nobody`) user.
 
-Without the server binaries the tests skip, except in CI (env CI set), where they fail: `.ci/run`
-installs postgresql, so a missing server there is a broken build, not a reason to skip."""
+Without psycopg or the server binaries the tests skip, or fail where HILQ_REQUIRE names `pg`
+(`.ci/run` installs postgresql: a missing server there is a broken build, not a reason to skip)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from helpers import require, require_import
 
 USER = "hilq"
 
@@ -54,12 +54,11 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def server() -> Iterator[str]:
     """Start a server; yield the URL of its maintenance database (SQLAlchemy + psycopg 3)."""
-    pytest.importorskip("psycopg", reason="psycopg not installed (pip install 'psycopg[binary]')")
+    require_import("pg", "psycopg", "psycopg is not installed (pip install 'psycopg[binary]')")
     bins = bindir()
     if bins is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL server binaries missing in CI: install postgresql")
-        pytest.skip("PostgreSQL server not installed (apt-get install postgresql)")
+        require("pg", "the PostgreSQL server is not installed: no initdb on PATH or in "
+                "/usr/lib/postgresql/*/bin (apt-get install postgresql)")
     user = _run_as()
     root = Path(tempfile.mkdtemp(prefix="hilq-pg-"))
     data = root / "data"

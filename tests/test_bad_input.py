@@ -23,16 +23,18 @@ E = ["export", "--model", "digits-cnn", "--variant", "w8a8"]
 S = ["search", "--model", "digits-cnn"]
 SENS = ["sensitivity", "--model", "digits-cnn"]
 
-# (argv with {tmp} for the shared fixture folder, a word the one line must contain)
+# (argv with {tmp} for the shared fixture folder, the text the one line must contain: the
+# offending value with what names it — its option or its meaning — not the value alone)
 CASES = [
     # quantize
     (["quantize", "--model", "digits-cnn", "--w-bits", "eight", "--a-bits", "8"], "'eight'"),
-    (["quantize", "--model", "digits-cnn", "--w-bits", "8", "--a-bits", "12"], "12"),
+    (["quantize", "--model", "digits-cnn", "--w-bits", "8", "--a-bits", "12"],
+     "--a-bits must be 1..8 (or 16 for weight-only), got 12"),
     ([*Q, "--granularity", "diagonal"], "diagonal"),
     ([*Q, "--calib", "tarot"], "tarot"),
     ([*Q, "--repair", "cle,magic"], "magic"),
     ([*Q, "--distill-objective", "vibes"], "vibes"),
-    ([*Q, "--qat-epochs", "-3"], "-3"),
+    ([*Q, "--qat-epochs", "-3"], "--qat-epochs must be >= 0, got -3"),
     ([*Q, "--seed", "one"], "'one'"),
     ([*Q, "--data", "{tmp}/no-such-folder"], "no-such-folder"),
     ([*Q, "--json", "{tmp}/no-such-dir/out.json"], "no-such-dir"),
@@ -47,7 +49,7 @@ CASES = [
     ([*E, "--out", "{tmp}/afile"], "afile"),
     ([*E, "--format", "tflite", "--out", "{tmp}/art"], "tflite"),
     ([*E, "--target", "fpga", "--out", "{tmp}/art"], "fpga"),
-    ([*E, "--group-size", "0", "--out", "{tmp}/art"], "0"),
+    ([*E, "--group-size", "0", "--out", "{tmp}/art"], "group size 0"),
     (["export", "--model", "{tmp}/missing.onnx", "--variant", "w8a8", "--out", "{tmp}/art"],
      "missing.onnx"),
     # runtimes
@@ -55,12 +57,12 @@ CASES = [
     (["runtimes", "--verbose"], "--verbose"),
     # bench
     (["bench", "--runtime", "abacus"], "abacus"),
-    (["bench", "--model", "digits-cnn", "--rounds", "0"], "0"),
+    (["bench", "--model", "digits-cnn", "--rounds", "0"], "--rounds must be at least 1, got 0"),
     (["bench", "--model", "digits-cnn", "--device", "nowhere"], "nowhere"),
     (["bench", "--model", "digits-cnn", "--inventory", "{tmp}/no-such.toml"], "no-such.toml"),
     (["bench", "--model", "digits-cnn", "--mode", "turbo"], "turbo"),
     (["bench", "--model", "digits-cnn", "--min-iters", "ten"], "'ten'"),
-    (["bench", "--model", "digits-cnn", "--affinity", "a,b"], "a,b"),
+    (["bench", "--model", "digits-cnn", "--affinity", "a,b"], "--affinity 'a,b'"),
     (["bench", "--artifact", "{tmp}/no-such.onnx"], "no-such.onnx"),
     (["bench", "--model", "digits-cnn", "--variants", "w8a8,w3a77", "--no-store"], "w3a77"),
     (["bench", "--model", "no-such-net"], "no-such-net"),
@@ -72,10 +74,10 @@ CASES = [
     (["devices", "list", "--inventory", "{tmp}/telepathy.toml"], "telepathy"),
     # sensitivity
     ([*SENS, "--method", "tarot"], "tarot"),
-    ([*SENS, "--bits", "3,3"], "3,3"),
+    ([*SENS, "--bits", "3,3"], "--bits '3,3'"),
     ([*SENS, "--bits", "nine"], "nine"),
-    ([*SENS, "--act-bits", "0"], "0"),
-    ([*SENS, "--samples", "0"], "0"),
+    ([*SENS, "--act-bits", "0"], "--act-bits must be in 1..8, got 0"),
+    ([*SENS, "--samples", "0"], "--samples must be at least 1, got 0"),
     # allocate
     (["allocate", "--table", "{tmp}/no-such.csv", "--budget", "latency_ms=1"], "no-such.csv"),
     (["allocate", "--table", "{tmp}/costs.csv", "--budget", "latency_ms=fast"], "fast"),
@@ -85,7 +87,8 @@ CASES = [
      "conv1"),
     (["allocate", "--table", "{tmp}/costs.csv", "--budget", "latency_ms=3", "--tie", "conv1"],
      "conv1"),
-    (["allocate", "--table", "{tmp}/nan.csv", "--budget", "latency_ms=3"], "nan"),
+    (["allocate", "--table", "{tmp}/nan.csv", "--budget", "latency_ms=3"],
+     "latency_ms for 'conv1' 'w8a8' is nan"),
     (["allocate", "--table", "{tmp}/costs.csv", "--sweep", "latency_ms", "--points", "zero"],
      "zero"),
     (["allocate", "--table", "{tmp}/costs.csv", "--budget", "latency_ms=3", "--method",
@@ -93,19 +96,21 @@ CASES = [
     # search
     ([*S, "--budget", "latency_ms=fast"], "fast"),
     ([*S, "--budget", "energy_mj=3"], "energy_mj"),
-    ([*S, "--budget", "latency_ms=150%"], "150%"),
+    ([*S, "--budget", "latency_ms=150%"], "--budget 'latency_ms=150%'"),
     ([*S, "--max-drop", "top5=1"], "top5=1"),
-    ([*S, "--min-agreement", "2"], "2"),
-    ([*S, "--budget", "latency_ms=50%", "--confidence", "0.3"], "0.3"),
+    ([*S, "--min-agreement", "2"], "min agreement 2.0"),
+    ([*S, "--budget", "latency_ms=50%", "--confidence", "0.3"], "--confidence 0.3"),
     ([*S, "--budget", "latency_ms=50%", "--sensitivity", "vibes"], "vibes"),
     ([*S, "--budget", "latency_ms=50%", "--calib-data", "psychic"], "psychic"),
-    ([*S, "--budget", "latency_ms=50%", "--sweep", "1"], "1"),
+    ([*S, "--budget", "latency_ms=50%", "--sweep", "1"], "sweep 1: needs at least 2 points"),
     ([*S, "--budget", "latency_ms=50%", "--device", "nowhere"], "nowhere"),
     # nightly
     (["nightly", "--config", "{tmp}/no-such.toml"], "no-such.toml"),
     (["nightly", "--config", "{tmp}/broken.toml"], "broken.toml"),
     (["nightly", "--config", "{tmp}/unknown-key.toml"], "colour"),
     (["nightly", "--fail-on-regresion"], "--fail-on-regresion"),
+    # compare
+    (["compare", "no-such-run", "latest", "--db", "{tmp}/store.sqlite"], "no-such-run"),
     # report
     (["report", "--run", "no-such-run", "--db", "{tmp}/store.sqlite"], "no-such-run"),
     (["report", "--db", "/proc/version/hilq.sqlite"], "/proc/version"),

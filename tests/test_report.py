@@ -4,12 +4,12 @@ embedded, nothing external; and, where Chromium is installed, a screenshot that 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import require
 
 from bench import regress, report
 from bench.store import open_store
@@ -129,9 +129,9 @@ def test_render_writes_markdown_and_self_contained_html(rendered):
     assert all(v for k, v in rep.sections.items() if k != debug), rep.sections
     assert rep.flagged == 2          # w8a8 p50 and its energy
     page = rep.html.read_text()
-    for title in report.SECTIONS:
-        assert f"<h2>{title}</h2>" in page
-        assert f"## {title}" in rep.markdown.read_text()
+    for title in report.SECTIONS:          # every section that ran is on the page, no other
+        assert (f"<h2>{title}</h2>" in page) == (title != debug)
+        assert (f"## {title}" in rep.markdown.read_text()) == (title != debug)
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(images) == rep.plots >= 7
     assert all(len(i) > 5000 for i in images)
@@ -156,18 +156,44 @@ def test_render_writes_markdown_and_self_contained_html(rendered):
     assert "simulated (fake-quant) top-1 of tonight's artifact" in trends
 
 
-def test_empty_sections_say_so(tmp_path):
+def _section(md: str, title: str) -> str:
+    return md.split(f"## {title}\n")[1].split("\n## ")[0]
+
+
+def test_the_invalid_scenario_and_the_memory_figures_are_in_the_markdown(rendered):
+    """w4a8's LoadGen Server run is INVALID: the summary and the scenarios section say so
+    with LoadGen's reason; the memory table has each variant's own figures, in their columns."""
+    md = rendered[2].markdown.read_text()
+    why = "latency bound missed at the target QPS"
+    assert (f"Needs attention: resnet18 w4a8 on local/onnxruntime: LoadGen server INVALID "
+            f"({why})") in _section(md, "Summary")
+    scenarios = _section(md, "MLPerf scenarios (LoadGen)")
+    assert f"**⚠ INVALID: resnet18 w4a8 on local/onnxruntime, server: {why}**" in scenarios
+    assert ("| resnet18 | w4a8 | local/onnxruntime | server | INVALID | p99_latency_ms | 40 ms |"
+            in scenarios)
+    for v in ("fp32", "w8a8"):
+        assert f"| resnet18 | {v} | local/onnxruntime | single-stream | VALID |" in scenarios
+    memory = _section(md, "Memory")      # artifact MiB, load peak, timed peak, loading added
+    for v, artifact_mb in (("fp32", "44.7"), ("w8a8", "11.3"), ("w4a8", "11.3")):
+        assert f"| resnet18 | {v} | local | onnxruntime | {artifact_mb} | 180 | 175 | 110 |" \
+            in memory
+
+
+def test_sections_that_did_not_run_are_left_out(tmp_path):
+    """A run of one failed measurement: the summary says what needs attention; no empty
+    heading for energy, searches or history (`Report.sections` still names them, False)."""
     store = open_store(tmp_path / "hilq.sqlite")
     run = store.begin_run({"bare": True})
     store.add_measurement(run, Measurement.failed("m", "fp32", "pi", "onnxruntime",
                                                   "unreachable", "no route to host"))
     rep = report.render(store, run, tmp_path / "out")
-    page = rep.html.read_text()
+    page, md = rep.html.read_text(), rep.markdown.read_text()
     assert set(rep.sections) == set(report.SECTIONS)
-    assert not rep.sections["Energy per inference"] and "No energy measured" in page
-    assert "No searched configs" in page and "No history yet" in page
-    assert "Regression detection has not been run" in page
-    assert "failed: unreachable" in page
+    assert not rep.sections["Energy per inference"] and not rep.sections["Bit allocation"]
+    for title in ("Energy per inference", "Bit allocation", "Nightly trends", "Batch sweep"):
+        assert f"## {title}" not in md and f"<h2>{title}</h2>" not in page
+    assert "No energy measured" not in page and "No searched configs" not in page
+    assert "Needs attention: m fp32 on pi/onnxruntime: failed: unreachable" in md
     store.close()
 
 
@@ -179,11 +205,9 @@ def test_pareto_front():
 def test_chromium_screenshot_shows_plots(rendered, tmp_path):
     from bench import screenshot as shot
 
-    if not shot.find_chromium():
-        if os.environ.get("CI"):      # .ci/run installs it: missing there is a broken build
-            pytest.fail("chromium not found in CI, although .ci/run installs it")
-        pytest.skip("chromium not installed (apt-get install -y chromium); "
-                    "hilq report --screenshot PNG does the same")
+    if not shot.find_chromium():      # .ci/run installs it and sets HILQ_REQUIRE=chromium
+        require("chromium", f"no Chromium on PATH (none of {', '.join(shot.BROWSERS)}; "
+                "apt-get install -y chromium); hilq report --screenshot PNG does the same")
     _, _, rep = rendered
     png = shot.screenshot(rep.html, tmp_path / "shot.png", width=1280, height=4000)
     from matplotlib.image import imread

@@ -10,6 +10,7 @@ import sys
 from dataclasses import replace
 
 import pytest
+from helpers import require_import
 
 from bench import cli
 from bench.report import render
@@ -26,6 +27,10 @@ SHORT = Protocol(warmup_iters=20, warmup_s=0.0, min_iters=50, min_duration_s=0.5
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
+    """digits-cnn's FP32 artifact; every test here needs LoadGen (skip, or fail where
+    HILQ_REQUIRE names `loadgen`)."""
+    require_import("loadgen", "mlperf_loadgen",
+                   "MLPerf LoadGen is not installed (pip install mlcommons-loadgen)")
     return build_artifact("digits-cnn", "fp32", tmp_path_factory.mktemp("digits"))
 
 
@@ -99,7 +104,9 @@ def test_bench_cli_stores_reports_and_exits_nonzero_on_invalid(digits, tmp_path,
     assert "MLPerf Results Summary" in with_sc[0]["extra"]["scenario"]["summary"]
     rep = render(store, runs[-1], tmp_path / "rep")
     text = rep.markdown.read_text()
-    assert rep.sections["MLPerf scenarios (LoadGen)"] and "INVALID" in text
+    reasons = "; ".join(with_sc[0]["extra"]["scenario"]["reasons"])
+    assert rep.sections["MLPerf scenarios (LoadGen)"] and reasons
+    assert f"LoadGen server INVALID ({reasons})" in text        # the first screen, with why
     rep = render(store, runs[0], tmp_path / "rep0")
     assert "LoadGen vs hilq" in rep.markdown.read_text()
     assert cli.main([*common, "--scenario", "tarot"]) == 2

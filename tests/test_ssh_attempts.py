@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from test_ssh_device import _keygen, sshd  # noqa: F401  (the real-sshd fixture)
+from test_ssh_device import _keygen
 
 from devices.errors import DeviceError
 from devices.ssh import SSHDevice

@@ -425,31 +425,60 @@ def test_cli_results_runs_and_export(tmp_path, capsys):
     assert len(err) == 1 and "cannot open store postgresql+psycopg://hilq:***@127.0.0.1:1/x" in err[0]
 
 
+_RUN_FK = "FOREIGN KEY(run_id) REFERENCES runs (id)"
+_SERIAL_ID = ("id SERIAL NOT NULL", "PRIMARY KEY (id)", "run_id VARCHAR(64) NOT NULL", _RUN_FK)
+# What each table's PostgreSQL DDL must hold: its key, its foreign keys, its natural key.
+PG_DDL = {
+    "schema_version": ["version SERIAL NOT NULL", "PRIMARY KEY (version)"],
+    "runs": ["id VARCHAR(64) NOT NULL", "PRIMARY KEY (id)", "status VARCHAR(16) NOT NULL",
+             "config_hash VARCHAR(64) NOT NULL"],
+    "devices": ["id VARCHAR(16) NOT NULL", "PRIMARY KEY (id)", "name VARCHAR(200) NOT NULL"],
+    "variants": ["id VARCHAR(16) NOT NULL", "PRIMARY KEY (id)", "model VARCHAR(200) NOT NULL"],
+    "measurements": [*_SERIAL_ID, "round INTEGER NOT NULL", "scenario_valid BOOLEAN",
+                     "CONSTRAINT uq_measurement UNIQUE (run_id, model, variant, device, "
+                     "runtime, kind, round)",
+                     "FOREIGN KEY(device_id) REFERENCES devices (id)",
+                     "FOREIGN KEY(variant_id) REFERENCES variants (id)"],
+    "cost_tables": [*_SERIAL_ID, "CONSTRAINT uq_cost UNIQUE (run_id, model, device, runtime, "
+                    "layer, precision)"],
+    "allocations": [*_SERIAL_ID, "CONSTRAINT uq_allocation UNIQUE (run_id, model, device, "
+                    "runtime, name)"],
+    "accuracy": [*_SERIAL_ID, "CONSTRAINT uq_accuracy UNIQUE (run_id, model, variant, dataset)"],
+    "regressions": [*_SERIAL_ID, "flagged BOOLEAN NOT NULL",
+                    "CONSTRAINT uq_regression UNIQUE (run_id, model, variant, device, runtime, "
+                    "metric)"],
+    "baseline_resets": [*_SERIAL_ID],
+}
+RUN_INDEXED = ("measurements", "cost_tables", "allocations", "accuracy", "regressions")
+
+
 def test_schema_compiles_for_postgresql():
     """The same tables and queries go to PostgreSQL; compile them without a server."""
     from sqlalchemy.dialects import postgresql
-    from sqlalchemy.schema import CreateTable
+    from sqlalchemy.schema import CreateIndex, CreateTable
 
     d = postgresql.dialect()
-    for t in st.meta.sorted_tables:
-        ddl = str(CreateTable(t).compile(dialect=d))
-        assert "CREATE TABLE" in ddl
-    assert "SERIAL" in str(CreateTable(st.measurements).compile(dialect=d))
+    ddl = {t.name: " ".join(str(CreateTable(t).compile(dialect=d)).split())
+           for t in st.meta.sorted_tables}
+    indexes = {str(CreateIndex(i).compile(dialect=d))
+               for t in st.meta.sorted_tables for i in t.indexes}
+    assert set(ddl) == set(PG_DDL)
+    for name, parts in PG_DDL.items():
+        assert ddl[name].startswith(f"CREATE TABLE {name} ("), ddl[name]
+        for part in parts:
+            assert part in ddl[name], (name, part)
+    for name, column in (("runs", "config_hash"), *((t, "run_id") for t in RUN_INDEXED)):
+        assert f"CREATE INDEX ix_{name}_{column} ON {name} ({column})" in indexes
 
 
 def test_newer_measurement_fields_are_kept(store):
     run = store.begin_run({"c": 1})
-    m = measurement()
-    for name, value in (("timing", {"wall_s": 2.5}), ("rounds", {"spread": 0.01}),
-                        ("harness_overhead_ms", 0.002)):
-        if hasattr(m, name):
-            setattr(m, name, value)
+    m = measurement(timing={"wall_s": 2.5}, rounds={"spread": 0.01}, harness_overhead_ms=0.002)
     store.add_measurement(run, m)
     row = store.measurements(run)[0]
-    if hasattr(m, "timing"):
-        assert row["timing"] == {"wall_s": 2.5} and row["rounds"] == {"spread": 0.01}
-        assert row["harness_overhead_ms"] == 0.002
-    assert row["extra"] is None
+    assert row["timing"] == {"wall_s": 2.5} and row["rounds"] == {"spread": 0.01}
+    assert row["harness_overhead_ms"] == 0.002
+    assert row["extra"] is None          # each in its own column, none left for `extra`
 
 
 def test_processes_opening_one_fresh_store_at_once_take_turns(backend):

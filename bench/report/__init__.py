@@ -12,12 +12,13 @@ from pathlib import Path
 
 from . import html, markdown
 from .data import load
+from .index import render_index
 from .model import Report, Section, fmt, mean_std
 from .runs import pareto_front
-from .sections import REGISTRY, SECTIONS, build
+from .sections import REGISTRY, SECTIONS, build, shown
 
 __all__ = ["REGISTRY", "SECTIONS", "Report", "Section", "fmt", "mean_std", "pareto_front",
-           "render"]
+           "render", "render_index"]
 
 
 def render(store, run: str | None = "latest", out_dir: str | Path | None = None) -> Report:
@@ -32,8 +33,8 @@ def render(store, run: str | None = "latest", out_dir: str | Path | None = None)
     for p in (p for s in sections for p in s.plots):
         (plots / f"{p.name}.png").write_bytes(p.png)
     md = out / "report.md"
-    md.write_text(markdown.page(run_id, sections))
+    md.write_text(markdown.page(run_id, shown(sections)))
     page = out / "report.html"
-    page.write_text(html.page(run_id, sections))
+    page.write_text(html.page(run_id, shown(sections)))
     return Report(run_id, out, md, page, {s.title: s.has_data for s in sections},
                   sum(len(s.plots) for s in sections), sum(bool(g["flagged"]) for g in data.regs))

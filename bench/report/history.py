@@ -39,19 +39,25 @@ def _flagged_runs(regs: list[dict], metric: str) -> set[tuple]:
 def regressions(d: RunData) -> list:
     if not d.regs:
         return [Text("Regression detection has not been run for this run.")]
-    regs = sorted(d.regs, key=lambda g: (not g["flagged"], g["model"], g["variant"]))
+    fresh = [g for g in d.regs if not g["n_history"]]
+    regs = sorted((g for g in d.regs if g["n_history"]),
+                  key=lambda g: (not g["flagged"], g["model"], g["variant"]))
     n = sum(g["flagged"] for g in regs)
     out = [Text(f"{n} of {len(regs)} comparisons flagged (rule: change ≥ threshold in the "
-                "worse direction and Mann-Whitney U or lookback z-score significant)."),
-           Table(["flagged", "model", "variant", "device/runtime", "metric", "baseline",
-                  "current", "change %", "can see ≥ %", "p-value", "z", "history", "tests",
-                  "note"],
-                 [["YES" if g["flagged"] else "", g["model"], g["variant"],
-                   f"{g['device']}/{g['runtime']}", g["metric"], fmt(g["baseline"]),
-                   fmt(g["current"]), fmt(None if g["change"] is None else 100 * g["change"], 2),
-                   fmt(None if g.get("mde") is None else 100 * g["mde"], 2),
-                   fmt(g["p_value"], 2), fmt(g["z"], 2), g["n_history"], g["method"] or "–",
-                   g["note"]] for g in regs])]
+                "worse direction and Mann-Whitney U or lookback z-score significant; "
+                "accuracy: the exact McNemar test on the samples that changed)." + (
+                    f" {len(fresh)} series have no history yet (first run on this device, "
+                    "runtime and evaluation set): nothing to compare." if fresh else ""))]
+    if not regs:
+        return out
+    out.append(Table(
+        ["flagged", "model", "variant", "device/runtime", "metric", "baseline", "current",
+         "change %", "can see ≥ %", "p-value", "z", "history", "tests", "note"],
+        [["YES" if g["flagged"] else "", g["model"], g["variant"],
+          f"{g['device']}/{g['runtime']}", g["metric"], fmt(g["baseline"]), fmt(g["current"]),
+          fmt(None if g["change"] is None else 100 * g["change"], 2),
+          fmt(None if g.get("mde") is None else 100 * g["mde"], 2), fmt(g["p_value"], 2),
+          fmt(g["z"], 2), g["n_history"], g["method"] or "–", g["note"]] for g in regs]))
     detect = (d.run.get("config") or {}).get("detect")
     blind = [g for g in regs if g.get("mde") is not None and detect is not None
              and g["mde"] > detect]

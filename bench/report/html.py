@@ -22,21 +22,26 @@ BAD = ("YES", "REGRESSION", "MISSED")      # cells shown in red
 
 
 def page(run_id: str, sections: list[Section]) -> str:
+    return document(f"hilq report {run_id}", f"hilq report — run {run_id}", sections)
+
+
+def document(title: str, heading: str, sections: list[Section], render=None) -> str:
+    """A self-contained page: its sections, each block formatted by `render` (`block`)."""
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           f"<title>hilq report {html.escape(run_id)}</title>", f"<style>{CSS}</style>",
-           "</head><body>", f"<h1>hilq report — run {html.escape(run_id)}</h1>", "<nav>"]
+           f"<title>{html.escape(title)}</title>", f"<style>{CSS}</style>",
+           "</head><body>", f"<h1>{html.escape(heading)}</h1>", "<nav>"]
     out += [f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in sections]
     out.append("</nav>")
     for s in sections:
-        out += section(s)
+        out += section(s, render or block)
     out.append("</body></html>")
     return "\n".join(out)
 
 
-def section(s: Section) -> list[str]:
+def section(s: Section, render=None) -> list[str]:
     out = [f'<section id="{s.anchor}"><h2>{html.escape(s.title)}</h2>']
     for b in s.blocks:
-        out += block(b)
+        out += (render or block)(b)
     return out + ["</section>"]
 
 

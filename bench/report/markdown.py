@@ -7,7 +7,12 @@ from .model import Plot, Section, Table, Text
 
 
 def page(run_id: str, sections: list[Section]) -> str:
-    out = [f"# hilq report — run {run_id}", ""]
+    return document(f"hilq report — run {run_id}", sections)
+
+
+def document(title: str, sections: list[Section]) -> str:
+    """A page of sections under its title, with a table of contents."""
+    out = [f"# {title}", ""]
     out += [f"- [{s.title}](#{s.anchor})" for s in sections] + [""]
     for s in sections:
         out += section(s)

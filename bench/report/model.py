@@ -91,7 +91,11 @@ def pct(x) -> str:
 
 
 def kv(d) -> str:
-    return ", ".join(f"{k}={fmt(v)}" for k, v in (d or {}).items()) or "–"
+    """Scalars as `k=v`; nested tables (a debug result, a list of notes) have their own
+    sections and are left out rather than printed as a Python repr."""
+    return ", ".join(f"{k}={fmt(v) if isinstance(v, int | float) else v}"
+                     for k, v in (d or {}).items()
+                     if v is not None and isinstance(v, int | float | str)) or "–"
 
 
 def mj(j: float | None) -> str:

@@ -190,3 +190,32 @@ def layer_error(result: dict, title: str):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return fig
+
+
+def ci_trends(panels: list, ylabel: str = "p50 ms"):
+    """`panels`: (title, points), a point a dict of label (the run's short commit), value,
+    lo and hi (its 95% CI, None when unknown) and flagged (its p50). One panel per series: the value
+    per run with the CI as error bars, so a step can be told from the noise around it, and
+    runs with a flagged regression circled in red."""
+    cols = 2 if len(panels) > 1 else 1
+    rows_n = math.ceil(len(panels) / cols)
+    fig = _figure(figsize=(6 * cols, 2.8 * rows_n))
+    axes = np.atleast_1d(fig.subplots(rows_n, cols, squeeze=False).ravel())
+    for ax, (title, pts) in zip(axes, panels):
+        x = np.arange(len(pts))
+        v = [p["value"] for p in pts]
+        err = [[p["value"] - p["lo"] if p.get("lo") is not None else 0.0 for p in pts],
+               [p["hi"] - p["value"] if p.get("hi") is not None else 0.0 for p in pts]]
+        ax.errorbar(x, v, yerr=err, fmt="o-", ms=3, capsize=3, label="p50 (95% CI)")
+        bad = [i for i, p in enumerate(pts) if p.get("flagged")]
+        if bad:
+            ax.scatter(bad, [v[i] for i in bad], s=90, facecolors="none", edgecolors="red",
+                       linewidths=2, label="p50 regression", zorder=4)
+            ax.legend(fontsize=7)
+        ax.set_xticks(x, [p["label"] for p in pts], rotation=45, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    return fig

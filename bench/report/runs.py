@@ -11,9 +11,46 @@ from .model import Plot, Table, Text, fmt, kv, mean_std, mj, pct
 from .searches import outcomes
 
 
+def glance(d: RunData) -> list:
+    """The first screen: the run's status, what regressed (with its evidence), each search's
+    verdict and what else needs attention — or that nothing does."""
+    run = d.run
+    n_ok = sum(1 for r in d.results if r.status == "ok")
+    out = [Text(f"**{run['status'].upper()}** — {len(d.results)} series measured, {n_ok} ok; "
+                f"git {(run['git_sha'] or 'unknown')[:12]}, host {run['host']}.",
+                alert=run["status"] not in ("ok", "running"))]
+    red = [f"regressed: {g['model']} {g['variant']} on {g['device']}/{g['runtime']} "
+           f"{g['metric']} {fmt(None if g['change'] is None else 100 * g['change'], 2)}% "
+           f"({g['note']})" for g in d.regs if g["flagged"]]
+    for a in (a for a in d.allocs if a["name"] == "chosen"):
+        m = a["measured"] or {}
+        status = m.get("search_status", "ok")
+        line = (f"search {a['model']} on {a['device']}/{a['runtime']}: {status.upper()}, pick "
+                f"measured {fmt(m.get('latency_ms'))} ms")
+        (red.append(line) if status != "ok" else out.append(Text(line)))
+    for r in d.results:
+        if r.status != "ok":
+            red.append(f"{r.model} {r.variant} on {r.device}/{r.runtime}: {r.status}")
+        sc = r.having("scenario")
+        if sc and not sc.get("valid"):
+            red.append(f"{r.model} {r.variant} on {r.device}/{r.runtime}: LoadGen "
+                       f"{sc.get('scenario')} INVALID ({'; '.join(sc.get('reasons') or [])})")
+        gap = _sim_gap(r, r.accuracy) if r.accuracy else None
+        if gap and gap[0]:
+            red.append(f"accuracy on the device differs from the simulation: {gap[1]}")
+    out += [Text("Needs attention: " + line, alert=True) for line in red[:8]]
+    if len(red) > 8:
+        out.append(Text(f"… and {len(red) - 8} more below.", alert=True))
+    if not red:
+        out.append(Text("Nothing needs attention: no regression, no missed budget, no "
+                        "failure."))
+    return out
+
+
 def summary(d: RunData) -> list:
-    """The searches' outcomes first (a missed budget in red), then one row per result."""
-    run, out = d.run, outcomes(d.allocs)
+    """The first screen (`glance`), the searches' outcomes (a missed budget in red), then
+    one row per result."""
+    run, out = d.run, glance(d) + outcomes(d.allocs)
     out.append(Text(
         f"Run `{run['id']}` — status **{run['status']}**, started {run['started']}, "
         f"ended {run['ended'] or '–'}, git {(run['git_sha'] or 'unknown')[:12]}, "

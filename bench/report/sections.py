@@ -1,6 +1,8 @@
 """The report's sections, in order: each title written once, beside the builder that fills
-it from the run's data. A section without data says so in one line instead of disappearing,
-so a missing power meter or search is visible, not silent."""
+it from the run's data. A section for something the run did not do (no sweep, no power
+meter, no search) is left off the page; `Report.sections` still lists it, False, and
+`hilq report` names them in one line, so what is missing is said, not shown as an empty
+heading. The summary is always there."""
 
 from __future__ import annotations
 
@@ -29,4 +31,10 @@ SECTIONS = tuple(title for title, _ in REGISTRY)
 
 
 def build(data: RunData) -> list[Section]:
+    """Every section, built; `shown` tells the renderers which ones the page carries."""
     return [Section(title, builder(data)) for title, builder in REGISTRY]
+
+
+def shown(sections: list[Section]) -> list[Section]:
+    """The summary and every section with something to show."""
+    return [s for s in sections if s.has_data or s.title == REGISTRY[0][0]]
