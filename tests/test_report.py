@@ -284,3 +284,22 @@ def test_report_shows_the_per_layer_debug_of_the_searched_configuration(tmp_path
     worst = result["layers"][0]["layer"]
     sec = md.split("## Per-layer error of the searched configuration")[1]
     assert f"| 1 | {worst} |" in sec and "own dB" in sec and "plots/debug-digits-cnn" in sec
+
+
+def test_latency_spanning_decades_is_drawn_on_a_log_axis():
+    """A 0.05 ms model whose few outliers reach 4.5 ms: its box must not be squeezed into a
+    pixel by a linear axis; one that spans less than a decade stays linear."""
+    from types import SimpleNamespace
+
+    from bench.report import plots
+
+    rng = np.random.default_rng(0)
+    fast = np.r_[rng.normal(0.05, 0.002, 500), [4.5, 3.0]]
+    steady = rng.normal(20.0, 0.5, 500)
+    rows = [SimpleNamespace(model="digits", variant="w8a8", device="d", runtime="ort",
+                            samples=fast),
+            SimpleNamespace(model="resnet", variant="fp32", device="d", runtime="ort",
+                            samples=steady)]
+    fig = plots.distribution(rows)
+    digits, resnet = fig.axes
+    assert digits.get_xscale() == "log" and resnet.get_xscale() == "linear"

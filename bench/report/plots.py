@@ -44,9 +44,18 @@ def distribution(have: list):
                    showfliers=True, flierprops={"markersize": 2, "alpha": 0.4})
         ax.set_title(model, fontsize=10, loc="left")
         ax.grid(axis="x", alpha=0.3)
+        _latency_axis(ax, np.concatenate([r.samples for r in mine]))
     axes[-1].set_xlabel("latency per inference (ms)")
     fig.suptitle("Latency distribution (all rounds pooled), one axis per model")
     return fig
+
+
+def _latency_axis(ax, samples: np.ndarray) -> None:
+    """A log axis where the samples span more than a decade (a 0.05 ms model's rare 4 ms
+    outlier would otherwise squeeze its whole box into one pixel); linear otherwise."""
+    lo, hi = float(np.min(samples)), float(np.max(samples))
+    if lo > 0 and hi / lo > 10:
+        ax.set_xscale("log")
 
 
 def accuracy_vs_latency(pts: list, front: list):
