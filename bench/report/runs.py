@@ -25,9 +25,9 @@ def glance(d: RunData) -> list:
     for a in (a for a in d.allocs if a["name"] == "chosen"):
         m = a["measured"] or {}
         status = m.get("search_status", "ok")
-        line = (f"search {a['model']} on {a['device']}/{a['runtime']}: {status.upper()}, pick "
-                f"measured {fmt(m.get('latency_ms'))} ms")
-        (red.append(line) if status != "ok" else out.append(Text(line)))
+        if status != "ok":          # an ok search's outcome follows the first screen
+            red.append(f"search {a['model']} on {a['device']}/{a['runtime']}: "
+                       f"{status.upper()}, pick measured {fmt(m.get('latency_ms'))} ms")
     for r in d.results:
         if r.status != "ok":
             red.append(f"{r.model} {r.variant} on {r.device}/{r.runtime}: {r.status}")
