@@ -128,21 +128,19 @@ def _module(name: str):
     return importlib.import_module(f"bench.cmd_{name}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or (`only`) just one command's arguments: `hilq --help` and
+    `hilq nightly ...` import no other command's module (PyTorch loads only where used)."""
     parser = Parser(prog="hilq", description="Hardware-in-the-loop benchmarking "
                                      "of quantized neural networks.")
     parser.add_argument("--version", action="version", version=f"hilq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        try:
-            mod = _module(name)
-        except ModuleNotFoundError as e:
-            if e.name != f"bench.cmd_{name}":
-                raise
-            continue
         p = sub.add_parser(name, help=help_text, description=help_text)
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        if only is None or name == only:
+            mod = _module(name)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
     return parser
 
 
@@ -180,7 +178,8 @@ def _on_signals() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=next((a for a in argv if not a.startswith("-")), ""))
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
