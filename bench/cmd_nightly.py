@@ -24,7 +24,8 @@ def add_arguments(p):
     p.add_argument("--engine", choices=("thread", "ray"),
                    help="where the work runs: this process (thread, the default) or a Ray "
                         "cluster (ray: each device an exclusive resource on its node)")
-    p.add_argument("--ray-address", help="the Ray cluster to join (default: auto)")
+    p.add_argument("--ray-address", help="the Ray cluster to join ('auto': the one this "
+                   "machine belongs to; default: start a local instance)")
     p.add_argument("--resume", metavar="RUN",
                    help="reopen this run and measure only what it is missing")
 

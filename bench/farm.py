@@ -20,6 +20,7 @@ then fills in exactly the rows that are missing.
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import tempfile
 from collections.abc import Callable
@@ -138,20 +139,27 @@ class _Board:
 
 
 # --- the driver ------------------------------------------------------------------------------
-def connect(address: str | None):
-    """Join the cluster at `address` ("auto": the one this machine belongs to)."""
+def connect(address: str | None, devices: list[str] = (), say=lambda s: None):
+    """Join the cluster at `address` ("auto": the one this machine belongs to). No address
+    starts a local instance, Ray's own convention, with this machine declaring every device
+    of the night (it reaches them all: local or over SSH) — one machine before a cluster."""
     try:
         import ray
     except ImportError:
         raise FarmError("engine 'ray' needs Ray: pip install -c constraints.txt -e '.[ray]'") \
             from None
     if not ray.is_initialized():
+        where = address or "a local instance"
+        kw = {"address": address} if address else {
+            "resources": {f"device:{d}": 1 for d in devices}, "num_cpus": os.cpu_count() or 1}
         try:
-            ray.init(address=address or "auto", log_to_driver=False,
-                     logging_level="ERROR", include_dashboard=False)
+            ray.init(**kw, log_to_driver=False, logging_level="ERROR", include_dashboard=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise FarmError(f"cannot reach the Ray cluster at {address or 'auto'}: "
+            raise FarmError(f"cannot reach the Ray cluster at {where}: "
                             f"{str(e).splitlines()[0]}") from None
+        if not address:
+            say(f"[farm] started a local Ray instance (no --ray-address): "
+                f"{', '.join(devices)} on this machine")
     return ray
 
 

@@ -208,8 +208,8 @@ def _on_ray(cfg: Config, run_id: str, artifacts_dir: Path, result: NightlyResult
     each device's measurements on the node that owns it. `result.placement` says where."""
     from . import farm
 
-    ray = farm.connect(cfg.ray_address)
     devices = sorted({d for b in cfg.bench for d in b.devices})
+    ray = farm.connect(cfg.ray_address, devices, say)
     owners = farm.check(ray, cfg.db, devices)
     jobs = {(i, runtime, v): (b.ref, v, runtime, cfg.seed, b.calib_data)
             for i, b in enumerate(cfg.bench) for runtime in b.runtimes for v in b.variants}

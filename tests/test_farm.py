@@ -209,3 +209,24 @@ def test_a_worker_lost_mid_run_fails_its_devices_and_a_resume_fills_in_the_rest(
     after = _rows(pg_url, res.run_id)
     assert len(after) == len(set(after)) == full         # exactly the missing rows were added
     assert set(rows) <= set(after)
+
+
+def test_no_address_starts_a_local_instance_with_the_thread_engines_rows(tmp_path):
+    """`hilq nightly --engine ray` with no address on one machine: Ray's convention, a local
+    instance (declaring the night's devices here) is started and said so; the rows are the
+    thread engine's, key for key."""
+    require_import("ray", "ray", "the farm runs on Ray")
+    db = str(tmp_path / "s.sqlite")
+    cfg = _config(tmp_path, db, None)
+    assert cfg.ray_address is None and cfg.engine == "ray"
+    out = tmp_path / "night.json"
+    r = subprocess.run([sys.executable, "-m", "bench", "nightly", "--config", cfg.source,
+                        "--no-report", "--json", str(out)], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "started a local Ray instance (no --ray-address)" in r.stdout + r.stderr
+    ray_run = json.loads(out.read_text())["run_id"]
+    threads = run_nightly(replace_engine(config.load(cfg.source), "thread"), say=lambda s: None,
+                          report=False)
+    assert threads.run_id != ray_run and _rows(db, ray_run) == _rows(db, threads.run_id)
+    assert len(_rows(db, ray_run)) == 4 * 2 * 2
