@@ -126,6 +126,32 @@ def _check_keys(where: str, table: dict, allowed) -> None:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
 
 
+# keys a table may write in a shape other than its field's (normalised by `_door`)
+_RESHAPED = {"input_shape", "input_shapes", "preprocess", "source"}
+
+
+def _check_types(where: str, table: dict, cls) -> None:
+    """Each key of `table` against its field's type in `cls`, strictly (pydantic, as TOML
+    parsed it: `rounds = "2"` is not an integer, `accuracy = "no"` is not a boolean): one
+    line naming the key, the type expected and the value given."""
+    import typing
+
+    from pydantic import ConfigDict, ValidationError, create_model
+
+    hints = typing.get_type_hints(cls)
+    given = {k: v for k, v in table.items()
+             if k in hints and k not in _RESHAPED and hints[k] is not object}
+    model = create_model(f"{cls.__name__}Table", __config__=ConfigDict(strict=True),
+                         **{k: (hints[k], None) for k in given})
+    try:
+        model.model_validate_json(json.dumps(given, default=str))
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(map(str, err["loc"]))
+        raise ConfigError(f"{where}.{key}: {err['msg'].replace('Input should be', 'expected')}"
+                          f", got {err['input']!r}") from None
+
+
 def _names(dc) -> set[str]:
     """The keys a config entry may use: the dataclass's fields, but `input_shapes`, which
     `input_shape = {name = [...]}` fills."""
@@ -207,6 +233,8 @@ def _search(where: str, s: dict, base: Path, night: dict) -> Search:
     own = _names(SearchOptions) - set(NIGHT_WIDE)
     door = _names(Search) - {"options"}
     _check_keys(where, s, own | door)
+    _check_types(where, {k: v for k, v in s.items() if k in own}, SearchOptions)
+    _check_types(where, {k: v for k, v in s.items() if k in door}, Search)
     if "model" not in s:
         raise ConfigError(f"{where}: needs 'model'")
     budgets = {k: _budget(f"{where}.budgets", k, v) for k, v in s.get("budgets", {}).items()}
@@ -223,10 +251,12 @@ def parse(d: dict, source: str = "") -> Config:
     top = _names(Config) - {"protocol", "bench", "search", "source"}
     base = Path(source).resolve().parent if source else Path.cwd()
     _check_keys("config", d, top | {"protocol", "bench", "search"})
+    _check_types("config", {k: v for k, v in d.items() if k in top}, Config)
     kw = {k: d[k] for k in top if k in d}
     try:
         proto = d.get("protocol", {})
         _check_keys("protocol", proto, _names(Protocol))
+        _check_types("protocol", proto, Protocol)
         kw["protocol"] = Protocol.from_dict(proto)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"protocol: {e}") from None
@@ -234,6 +264,7 @@ def parse(d: dict, source: str = "") -> Config:
     for i, b in enumerate(d.get("bench", [])):
         where = f"bench[{i}]"
         _check_keys(where, b, _names(Bench))
+        _check_types(where, b, Bench)
         if "model" not in b or "variants" not in b:
             raise ConfigError(f"{where}: needs 'model' and 'variants'")
         variants = _tuple(f"{where}.variants", b["variants"])
@@ -270,4 +301,7 @@ def load(path: str | Path | None = None) -> Config:
         d = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return parse(d, source=str(path))
+    try:
+        return parse(d, source=str(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
