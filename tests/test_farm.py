@@ -220,9 +220,12 @@ def test_no_address_starts_a_local_instance_with_the_thread_engines_rows(tmp_pat
     cfg = _config(tmp_path, db, None)
     assert cfg.ray_address is None and cfg.engine == "ray"
     out = tmp_path / "night.json"
+    # its own HOME: the local instance Ray starts writes ~/.ray/auth_token, which a cluster
+    # started later by `ray start` (the fixture above) would then refuse
+    env = {**os.environ, "HOME": str(tmp_path)}
     r = subprocess.run([sys.executable, "-m", "bench", "nightly", "--config", cfg.source,
                         "--no-report", "--json", str(out)], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "started a local Ray instance (no --ray-address)" in r.stdout + r.stderr
     ray_run = json.loads(out.read_text())["run_id"]
