@@ -53,6 +53,9 @@ def test_a_malformed_config_is_one_line_naming_the_key(tmp_path, text, says):
 
 def test_the_shipped_configs_pass(tmp_path):
     (tmp_path / "night.toml").write_text(GOOD)
-    config.load(tmp_path / "night.toml")
-    for path in sorted((ROOT / "configs").glob("*.toml")):
-        config.load(path)
+    assert config.load(tmp_path / "night.toml").bench[0].variants == ("fp32",)
+    shipped = sorted((ROOT / "configs").glob("*.toml"))
+    assert len(shipped) >= 3
+    for path in shipped:
+        cfg = config.load(path)
+        assert cfg.bench or cfg.search, path

@@ -65,7 +65,8 @@ def _nightly(tmp_path: Path, inv: Path, *extra) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _interrupt_then_resume(tmp_path: Path, inv: Path, work: Path, sig) -> None:
+def _interrupt_then_resume(tmp_path: Path, inv: Path, work: Path, sig) -> tuple[str, str]:
+    """(the run's status after the signal, after --resume), every step checked."""
     proc = _nightly(tmp_path, inv)
     deadline = time.monotonic() + 180            # the artifacts are built first
     while not _agents(work, timing=True):
@@ -94,20 +95,21 @@ def _interrupt_then_resume(tmp_path: Path, inv: Path, work: Path, sig) -> None:
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out + err
     with open_store(tmp_path / "s.sqlite") as store:
-        assert store.run(run["id"])["status"] == "ok"
+        resumed_status = store.run(run["id"])["status"]
         after = store.rows("measurements", run["id"])
     keys = [(m["variant"], m["round"]) for m in after]
     assert sorted(set(keys)) == [("fp32", 0), ("w8a8", 0)] and len(keys) == 2   # no duplicate
     assert {m["id"] for m in before} <= {m["id"] for m in after}     # nothing stored was lost
+    return run["status"], resumed_status
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupting_a_local_night_kills_its_agent_and_resumes(tmp_path, sig):
     inv, work = _inventory(tmp_path, "local")
-    _interrupt_then_resume(tmp_path, inv, work, sig)
+    assert _interrupt_then_resume(tmp_path, inv, work, sig) == ("interrupted", "ok")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupting_a_night_over_ssh_kills_the_remote_agent(tmp_path, sshd, sig):
     inv, work = _inventory(tmp_path, "ssh", sshd)
-    _interrupt_then_resume(tmp_path, inv, work, sig)
+    assert _interrupt_then_resume(tmp_path, inv, work, sig) == ("interrupted", "ok")
