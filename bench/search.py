@@ -162,7 +162,6 @@ def run_search(model, device, runtime: str, options: SearchOptions, *, protocol:
     from quant.models import load_model, name_of
     from quant.transform import fold_bn, quantizable_layers
 
-    options.check()
     ref, name = model, name_of(model)
     entry = load_model(ref)
     graph = _graph_model(entry, ref, options, progress)
