@@ -365,6 +365,8 @@ def _ends_without_pick(result: LoopResult, it: int, why: str, int8_first: Observ
         return True
     if not any(s.within_budget for s in result.iterations):
         result.status = "budget_missed"
+        if result.iterations:
+            _stand(result, _closest_miss(result.iterations))
         result.message = "; ".join(m for m in (
             f"after {it - 1} iteration(s): {why}", _slowdown(int8_first, result.iterations))
             if m)
@@ -422,10 +424,8 @@ def _conclude(result: LoopResult, sensitivity, tolerance: float,
     good = [s for s in result.iterations if s.within_budget]
     final = min(good, key=lambda s: (s.measured_ms > budget_ms, sum(
         sensitivity.get((k, v), 0.0) for k, v in s.config.items()), -s.index)) \
-        if good else result.iterations[-1]
-    result.config, result.predicted_ms, result.predicted_sd_ms = \
-        final.config, final.predicted_ms, final.predicted_sd_ms
-    result.measured_ms, result.measured_ci_ms = final.measured_ms, final.measured_ci_ms
+        if good else _closest_miss(result.iterations)
+    _stand(result, final)
     if good:
         result.status = "ok"
         if not final.agrees:
@@ -441,6 +441,20 @@ def _conclude(result: LoopResult, sensitivity, tolerance: float,
     notes = (_slowdown(int8_first, result.iterations), _too_noisy(final, tolerance))
     result.message = "; ".join(m for m in (result.message, *notes) if m)
     return result
+
+
+def _closest_miss(iterations: list[Iteration]) -> Iteration:
+    """Of picks that all missed the budget, the fastest measured: what a user who must ship
+    would take (the last one, when none was measured)."""
+    tried = [s for s in iterations if s.measured_ms is not None]
+    return min(tried, key=lambda s: s.measured_ms) if tried else iterations[-1]
+
+
+def _stand(result: LoopResult, step: Iteration) -> None:
+    """Make `step`'s pick the search's result."""
+    result.config, result.predicted_ms, result.predicted_sd_ms = \
+        step.config, step.predicted_ms, step.predicted_sd_ms
+    result.measured_ms, result.measured_ci_ms = step.measured_ms, step.measured_ci_ms
 
 
 def onto(history: list[Observation], int8_now: Observation) -> list[Observation]:
