@@ -11,8 +11,9 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
+from . import __version__, output
 from .errors import UserError
+from .output import console  # noqa: F401  (the commands' console, re-exported)
 
 COMMANDS = {
     "quantize": "quantize a model to a variant: accuracy before/after, size, artifact",
@@ -28,6 +29,7 @@ COMMANDS = {
     "report": "render a Markdown + HTML report from the store",
     "compare": "two runs side by side per series: p50 ratio, CIs, faster/slower verdicts",
     "results": "export or inspect the results store",
+    "config": "the JSON Schema of a config or inventory, or a Markdown reference of every key",
 }
 
 
@@ -38,22 +40,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message.splitlines()[0] if message else message}\n")
-
-
-# Wider than any line hilq prints: a log file keeps one line per message.
-LOG_WIDTH = 4096
-
-
-def console(**kw):
-    """A rich Console for progress and tables. On a terminal it wraps at the terminal's width;
-    otherwise (`hilq nightly > log`, CI) rich would break lines at column 80, so it does not
-    wrap at all."""
-    from rich.console import Console
-
-    out = Console(**kw)
-    if out.is_terminal or "width" in kw:
-        return out
-    return Console(**{"soft_wrap": True, **kw, "width": LOG_WIDTH})
 
 
 MODEL_HELP = ("built-in name (digits-cnn, resnet18, resnet50, mobilenet_v2, tiny-transformer), "
@@ -137,6 +123,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        output.add_arguments(p)
         if only is None or name == only:
             mod = _module(name)
             mod.add_arguments(p)
@@ -186,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _on_signals()
     try:
-        return int(args._run(args) or 0)
+        with output.json_on_stdout(args):
+            return int(args._run(args) or 0)
     except KeyboardInterrupt as e:   # devices.interrupt.Interrupted: SIGINT 130, SIGTERM 143
         print(f"hilq: interrupted ({getattr(e, 'signal_name', 'SIGINT')}): agents stopped, "
               "what was measured is stored", file=sys.stderr)

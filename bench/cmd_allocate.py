@@ -9,14 +9,13 @@ Exit codes: 0 solved, 1 infeasible (the message says by how much), 2 bad input.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 from quant.allocate import Allocation, CostTable, frontier, pareto_dp, solve_ilp
 
 from .cli import console as cli_console
 from .errors import UserError
+from .output import write_json
 
 
 def add_arguments(parser) -> None:
@@ -110,9 +109,7 @@ def run(args) -> int:
         _print_allocation(result)
         payload = {"method": args.method, **result.to_dict()}
         ok = result.ok
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(args.json, payload)
     return 0 if ok else 1
 
 

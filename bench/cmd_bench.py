@@ -5,7 +5,6 @@ prints a table and writes `--json OUT` with `measurements`."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields, replace
 
 from bench.cli import add_model_arguments, add_runtime_option_argument, model_ref, runtime_options
@@ -16,6 +15,8 @@ from devices.runtimes import NAMES
 from devices.scenario import SCENARIOS
 from hilq.measurement import Protocol
 from quant.artifact import Artifact
+
+from .output import Output, write_json
 
 # Protocol fields settable from the command line: --min-iters, --min-duration-s, ...
 _PROTOCOL_FLAGS = ("warmup_iters", "warmup_s", "min_iters", "min_duration_s", "max_iters",
@@ -155,20 +156,14 @@ def run(args) -> int:
         [v.strip() for v in args.variants.split(",") if v.strip()]
     protocol = _protocol(args)
     store, run_id = _begin(args, names, protocol, sweep, lengths)
-    ms = []
+    out, ms = Output.of(args), []
+    runs = len(devices) * len(lengths) * len(sweep) * len(variants) * args.rounds
     try:
-        for device in devices:
-            for n, b in ((n, b) for n in lengths for b in sweep):
-                # one shape at a time; the variants alternate within it
-                ref = replace(model_ref(args), seq_len=n) if args.model else ""
-                ms += bench_variants(ref, variants, device, args.runtime,
-                                     replace(protocol, batch=b, seq_len=n or 0),
-                                     rounds=args.rounds, reference=args.reference,
-                                     store=store, run_id=run_id, calib_data=args.calib_data,
-                                     label=sweep_label(b, n, sweep, lengths))
+        with out.progress("bench", runs):
+            _measure(args, devices, variants, protocol, sweep, lengths, store, run_id, out, ms)
         if store is not None:
             store.finish_run(run_id, "ok" if all(m.ok for m in ms) else "failed")
-            print(f"stored as run {run_id} in {store.name}")
+            out.say(f"stored as run {run_id} in {store.name}")
     except KeyboardInterrupt:      # Ctrl-C, SIGTERM: what is stored stays; the run says so
         if store is not None:
             store.finish_run(run_id, "interrupted")
@@ -180,17 +175,29 @@ def run(args) -> int:
             store.close()
     _print_table(ms)
     if args.json_out:
-        out = {"measurements": [{k: m.to_dict()[k] for k in _REPORTED} for m in ms]}
-        for row in out["measurements"]:
+        doc = {"measurements": [{k: m.to_dict()[k] for k in _REPORTED} for m in ms]}
+        for row in doc["measurements"]:
             row["accuracy"] = accuracy_json(row["accuracy"])
-        with open(args.json_out, "w") as fh:
-            json.dump(out, fh, indent=2, default=str)
+        write_json(args.json_out, doc)
     invalid = [m for m in ms if m.scenario and not m.scenario.get("valid")]
     if invalid:
         print(f"LoadGen judged {len(invalid)} scenario run(s) INVALID: "
               + "; ".join(f"{m.variant}: {', '.join(m.scenario.get('reasons') or ['?'])}"
                           for m in invalid))
     return 0 if all(m.ok for m in ms) and not invalid else 1
+
+
+def _measure(args, devices, variants, protocol, sweep, lengths, store, run_id, out, ms) -> None:
+    """Every device, one shape at a time, the variants alternating within it; each agent
+    run's line advances the progress bar. `ms` grows as each shape ends."""
+    for device in devices:
+        for n, b in ((n, b) for n in lengths for b in sweep):
+            ref = replace(model_ref(args), seq_len=n) if args.model else ""
+            ms += bench_variants(ref, variants, device, args.runtime,
+                                 replace(protocol, batch=b, seq_len=n or 0),
+                                 rounds=args.rounds, reference=args.reference,
+                                 store=store, run_id=run_id, calib_data=args.calib_data,
+                                 label=sweep_label(b, n, sweep, lengths), on_result=out.say)
 
 
 def _begin(args, names: list[str], protocol, sweep, lengths):
@@ -232,15 +239,20 @@ def _print_table(ms: list) -> None:
 
 
 def scenario_line(m) -> str:
-    """One line of LoadGen's verdict, beside hilq's own figure it should agree with."""
+    """One line of LoadGen's verdict, beside hilq's own figure and the Python SUT's own
+    per-query cost, which LoadGen's latencies carry and hilq's do not."""
     sc = m.scenario
     v, unit = sc.get("value"), sc.get("unit")
     fig = f"{v:.3f} ms" if unit == "ms" and v is not None else \
         f"{v:.1f} samples/s" if v is not None else "-"
     line = f"LoadGen {sc.get('scenario')}: {sc.get('result')}, {sc.get('metric')} {fig}"
-    own = (m.latency_ms or {}).get("p90")
+    own, over, beside = (m.latency_ms or {}).get("p90"), sc.get("sut_overhead_ms"), []
     if sc.get("scenario") == "single-stream" and own and v:
-        line += f" (hilq p90 {own:.3f} ms, {100 * (v - own) / own:+.1f}%)"
+        beside.append(f"hilq p90 {own:.3f} ms, {100 * (v - own) / own:+.1f}%")
+    if over is not None:
+        beside.append(f"SUT overhead {over:.3f} ms per query")
+    if beside:
+        line += f" ({'; '.join(beside)})"
     if sc.get("early_stopping_ms"):
         line += f", early-stopping estimate {sc['early_stopping_ms']:.3f} ms"
     if not sc.get("valid"):

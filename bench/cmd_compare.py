@@ -35,8 +35,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from .cli import console
-    from .cmd_report import store_errors, write_json
+    from .cmd_report import store_errors
     from .compare import compare_runs, resolve
+    from .output import write_json
     from .store import open_store
 
     with store_errors(), open_store(args.db) as store:

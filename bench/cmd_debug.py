@@ -17,7 +17,6 @@ Exits 1 when the engine run fails, 2 on bad input.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +29,7 @@ from .cli import (
     runtime_options,
 )
 from .errors import UserError
+from .output import write_json
 
 
 def add_arguments(p) -> None:
@@ -74,7 +74,7 @@ def options(args):
 
     for flag in ("json", "plot"):
         path = getattr(args, flag)
-        if path and not Path(path).resolve().parent.is_dir():
+        if path and path != "-" and not Path(path).resolve().parent.is_dir():
             raise UserError(f"--{flag} {path}: directory {Path(path).resolve().parent} "
                             "does not exist")
     return DebugOptions(
@@ -139,6 +139,5 @@ def run(args) -> int:
         debug_report.plot(result, args.plot)
         result["plot"] = str(args.plot)
     print_table(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(args.json, result)
     return code

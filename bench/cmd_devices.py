@@ -3,10 +3,10 @@ its facts (OS, CPU and flags, memory, GPU, runtime versions, Python)."""
 
 from __future__ import annotations
 
-import json
-
 from devices import inventory
 from devices.errors import DeviceError
+
+from .output import write_json
 
 
 def add_arguments(p):
@@ -53,7 +53,5 @@ def run(args) -> int:
             print(f"{name:12} {cfg['kind']:6} {row['where']:28} runtimes={','.join(row['runtimes'])}"
                   f" power={row['power']}")
         rows.append(row)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"devices": rows}, f, indent=2, default=str)
+    write_json(args.json_out, {"devices": rows})
     return code

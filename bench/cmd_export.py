@@ -12,11 +12,11 @@ Artifacts are cached in DIR by their settings: a second identical call reuses th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .cli import add_model_arguments, defaults, model_ref
 from .errors import UserError
+from .output import write_json
 
 FORMATS = ("onnx-qdq",)
 
@@ -78,7 +78,5 @@ def run(args) -> int:
                   f"{v['op']} {node}")
     for note in (m.get("settings") or {}).get("notes") or []:
         print(f"note: {note}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"path": art.path, **m}, indent=2) + "\n")
+    write_json(args.json, {"path": art.path, **m})
     return 0

@@ -5,11 +5,10 @@ a killed run started again resumes without duplicates."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
-from .cli import console as cli_console
 from .errors import UserError
+from .output import Output, write_json
 
 
 def add_arguments(p):
@@ -47,12 +46,11 @@ def run(args) -> int:
         with open_store(cfg.db) as store:
             if store.run(args.resume) is None:
                 raise UserError(f"--resume {args.resume!r}: no such run in {store.name}")
-    console = cli_console(highlight=False)
-
-    def say(msg: str) -> None:
-        console.print(f"[dim]{msg}[/dim]" if not msg.startswith("run ") else msg)
-
-    res = run_nightly(cfg, say=say, report=not args.no_report, resume=args.resume)
+    out = Output.of(args)
+    planned = sum(len(b.devices) * len(b.runtimes) * len(b.variants) for b in cfg.bench)
+    with out.progress("nightly", planned * cfg.rounds or None):
+        res = run_nightly(cfg, say=out.say, report=not args.no_report, resume=args.resume)
+    console = out.out
     t = Table(title=f"hilq nightly {res.run_id}")
     for col in ("model", "variant", "device", "runtime", "status", "p50 ms", "cv(p50)"):
         t.add_column(col, justify="right" if col in ("p50 ms", "cv(p50)") else "left")
@@ -80,9 +78,7 @@ def run(args) -> int:
     if res.report:
         console.print(f"report: {res.report}")
     console.print(f"{res.status} in {res.seconds:.0f} s")
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump(res.to_dict(), fh, indent=2, default=str)
+    write_json(args.json_out, res.to_dict())
     if res.failures:
         return 1
     if res.status == "budget_missed":

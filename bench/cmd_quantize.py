@@ -13,7 +13,6 @@ Accuracies are fractions in 0..1; models without labels report agreement with FP
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from quant.spec import CALIBRATIONS, DISTILL_ITERS, GRANULARITIES
 from .cli import add_model_arguments, model_ref
 from .cli import console as cli_console
 from .errors import UserError
+from .output import write_json
 
 
 def add_arguments(parser) -> None:
@@ -75,7 +75,7 @@ def _validate(args) -> None:
         raise UserError(f"--qat-epochs must be >= 0, got {args.qat_epochs}")
     if args.adaround_iters < 1:
         raise UserError(f"--adaround-iters must be positive, got {args.adaround_iters}")
-    if args.json:
+    if args.json and args.json != "-":
         parent = Path(args.json).resolve().parent
         if not parent.is_dir():
             raise UserError(f"--json {args.json}: directory {parent} does not exist")
@@ -171,6 +171,5 @@ def run(args) -> int:
     res.notes[:0] = notes
     out = result_dict(args, entry, res, variant, repairs)
     print_table(out)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    write_json(args.json, dict(sorted(out.items())))
     return 0

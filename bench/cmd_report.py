@@ -11,11 +11,10 @@ and `<DIR>/index.html`, DIR defaulting to `reports/` (bench/report/index.py).
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
-from pathlib import Path
 
 from .errors import UserError
+from .output import write_json
 
 
 def add_arguments(parser) -> None:
@@ -45,12 +44,6 @@ def store_errors():
         yield
     except StoreError as e:
         raise UserError(str(e)) from None
-
-
-def write_json(path: str | None, obj: dict) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def run(args) -> int:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from .cmd_report import store_errors, write_json
+from .cmd_report import store_errors
+from .output import write_json
 
 
 def add_arguments(parser) -> None:

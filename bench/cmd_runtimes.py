@@ -11,13 +11,12 @@ bench X here" as well as "what can I bench". Exit 0 always (absence is a fact, n
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import asdict
-from pathlib import Path
 
 from devices.runtimes import NAMES, module_name
 
 from .cli import console as cli_console
+from .output import write_json
 
 
 def add_arguments(parser) -> None:
@@ -45,9 +44,7 @@ def probe(name: str) -> dict:
 
 def run(args) -> int:
     rows = [probe(name) for name in NAMES]
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"runtimes": rows}, indent=2) + "\n")
+    write_json(args.json, {"runtimes": rows})
     from rich.table import Table
 
     table = Table(title="Runtimes on this machine")

@@ -8,13 +8,14 @@ input; 1: the search failed on the device."""
 
 from __future__ import annotations
 
-import json
 import statistics
 
 from bench.cli import add_model_arguments, defaults, model_ref
 from bench.cli import console as cli_console
 from bench.errors import UserError
 from quant.spec import CALIB_DATA, SENSITIVITIES
+
+from .output import Output, write_json
 
 EXIT = {"ok": 0, "failed": 1, "infeasible": 2, "budget_missed": 4}
 
@@ -133,9 +134,7 @@ def replay(args) -> int:
             console.print(f"{'on one scale' if scaled else 'as read':>12}  {r['kind']:<8} "
                           f"n {r['n']:<3} median |error| {r['median_abs']:.1%}  "
                           f"max {r['max_abs']:.1%}  median {r['median']:+.1%}")
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump({"runs": len(runs), **out}, fh, indent=2)
+    write_json(args.json_out, {"runs": len(runs), **out})
     return 0
 
 
@@ -169,7 +168,7 @@ def run(args) -> int:
     load_model(model_ref(args))      # a bad model or data door fails before the device opens
     device = inventory.open_device(args.device, inventory.load(args.inventory))
     protocol = Protocol(min_duration_s=args.min_duration_s, threads=args.threads, seed=args.seed)
-    console = cli_console(highlight=False)
+    out = Output.of(args)
     store = open_store(args.db)
     run_id = None
     try:
@@ -178,9 +177,10 @@ def run(args) -> int:
                                   "sensitivity": args.sensitivity, "calib_data": args.calib_data,
                                   "confidence": args.confidence, "tolerance": args.tolerance,
                                   "max_iters": args.max_iters}, seed=args.seed)
-        res = run_search(model_ref(args), device, args.runtime, options, protocol=protocol,
-                         work_dir=args.work_dir, store=store, run_id=run_id,
-                         progress=lambda s: console.print(f"[dim]{s}[/dim]"))
+        with out.progress("search", None):
+            res = run_search(model_ref(args), device, args.runtime, options, protocol=protocol,
+                             work_dir=args.work_dir, store=store, run_id=run_id,
+                             progress=out.say)
         store.finish_run(run_id, res.status if res.status in ("ok", "budget_missed") else "failed")
     except KeyboardInterrupt:      # Ctrl-C, SIGTERM: what is stored stays; the run says so
         if run_id is not None:
@@ -189,10 +189,8 @@ def run(args) -> int:
     finally:
         store.close()
         device.close()
-    show(console, res, f"{args.model} on {args.device}/{args.runtime}")
-    if args.json_out:
-        with open(args.json_out, "w") as fh:
-            json.dump(res.to_dict(), fh, indent=2, default=str)
+    show(out.out, res, f"{args.model} on {args.device}/{args.runtime}")
+    write_json(args.json_out, res.to_dict())
     if res.status == "infeasible":
         raise UserError(f"budget refused: {res.message}")
     return EXIT.get(res.status, 1)

@@ -10,7 +10,6 @@ Data-free by default: the batch is ZeroQ-distilled from the model's BatchNorm st
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from quant.zeroq import calibration_data, input_prior
 from .cli import add_model_arguments, model_ref
 from .cli import console as cli_console
 from .errors import UserError
+from .output import write_json
 
 
 def add_arguments(parser) -> None:
@@ -117,8 +117,7 @@ def run(args) -> int:
                    "samples": len(x), "bits": bits, "act_bits": args.act_bits,
                    "seconds": {"data": t1 - t0, "sensitivity": t2 - t1},
                    "table": df.to_dict("records")}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        write_json(args.json, payload)
     if args.csv:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.csv, index=False)

@@ -39,15 +39,24 @@ class _ModelDoor:
 
 @dataclass(frozen=True)
 class Bench(_ModelDoor):
+    """A [[bench]] entry: one model's variants, each built, measured on every device and
+    runtime named, and stored.
+
+    The comments beside the fields are the keys' descriptions in `hilq config reference`."""
+
     model: str                    # built-in name, package.module:factory, or path/to/model.onnx
-    variants: tuple[str, ...]
-    devices: tuple[str, ...] = ("local",)
-    runtimes: tuple[str, ...] = ("ort",)
-    accuracy: bool = True
+    variants: tuple[str, ...]     # fp32, fp16, bf16, wXaY (w8a8, w4a8, w4a16), config:PATH.json
+    devices: tuple[str, ...] = ("local",)   # device names of the inventory
+    runtimes: tuple[str, ...] = ("ort",)    # runtimes, as `hilq runtimes` lists them
+    accuracy: bool = True         # measure accuracy on the device (false: latency only)
     data: str | None = None       # image folder, .npy/.npz, or package.module:factory
+    # batch-first shape for a model without data or an ONNX file with dynamic dimensions:
+    # [1, 3, 224, 224], or an ONNX file's inputs by name ({x = [1, 3, 48, 192]})
     input_shape: tuple[int, ...] | None = None
     # an ONNX file's inputs by name (input_shape = {x = [1, 3, 48, 192], state = [2, 1, 128]})
     input_shapes: tuple | None = None
+    # image preprocessing, torchvision's names: "imagenet", or
+    # "resize=256,crop=224,mean=0.485/0.456/0.406" (or the same as a table)
     preprocess: str | None = None
     route: str = "auto"           # an ONNX file's integer variants: auto | torch | onnx
     metric: str | None = None     # module:function, your figure of merit (higher is better)
@@ -65,8 +74,8 @@ class Search(_ModelDoor):
 
     model: str
     options: object               # bench.search.SearchOptions, checked when built
-    device: str = "local"
-    runtime: str = "ort"
+    device: str = "local"         # the device searched on, a name of the inventory
+    runtime: str = "ort"          # the runtime searched on
     data: str | None = None
     input_shape: tuple[int, ...] | None = None
     input_shapes: tuple | None = None
@@ -82,28 +91,58 @@ class Search(_ModelDoor):
 # A search's options that the night sets for all of them, not each [[search]] table.
 NIGHT_WIDE = ("rounds", "seed")
 
+# The config reference's words for keys whose dataclass (hilq.measurement.Protocol,
+# bench.search.SearchOptions) has no comment beside them; every other key is described by
+# the comment beside its field (`hilq config reference`).
+NOTES = {
+    "protocol": {
+        "warmup_iters": "warm-up inferences before timing: at least this many, and warmup_s",
+        "warmup_s": "warm-up before timing (s): at least this long, and warmup_iters",
+        "min_iters": "timed inferences: at least this many, and min_duration_s",
+        "min_duration_s": "timing (s): at least this long, and min_iters",
+        "max_iters": "timing stops at this many inferences (the run is marked capped)",
+        "max_duration_s": "warm-up and timing each stop after this long (s), marked capped",
+        "batch": "inputs per inference",
+        "power_interval_s": "the power meter's sampling interval (s)",
+        "seed": "seeds the inputs the agent times",
+    },
+    "search": {
+        "budgets": 'latency_ms = 4.2 (ms) or "50%" (that share of the way from the measured '
+                   "all-INT8 to the all-float latency); size_bits may join it",
+        "max_drop": "instead of a latency budget: the fastest configuration losing at most "
+                    "this much of drop_metric against float",
+        "min_agreement": "instead of a latency budget: the fastest configuration agreeing with "
+                         "float's predictions on at least this fraction of the test inputs",
+        "distill_iters": 'ZeroQ iterations with calib_data = "distilled"',
+        "max_iters": "re-measure/refit iterations of the closed loop",
+    },
+}
+
 
 @dataclass(frozen=True)
 class Config:
-    name: str = "nightly"
-    seed: int = 0
-    db: str = "results/hilq.sqlite"
-    reports: str = "reports"
-    inventory: str | None = None
-    rounds: int = 2
+    """The top level of a nightly config: the store, the regression rule, where it runs."""
+
+    name: str = "nightly"         # the night's name, in its runs and reports
+    seed: int = 0                 # seeds calibration and quantization; recorded with the run
+    db: str = "results/hilq.sqlite"   # results store: a SQLite path or a database URL
+    reports: str = "reports"      # folder for the Markdown + HTML reports
+    inventory: str | None = None  # devices.toml naming the devices (`local` needs none)
+    rounds: int = 2               # alternating rounds per variant, each a fresh agent process
+    # relative change that, with a significant Mann-Whitney U, is a regression
     regression_threshold: float = 0.05
-    lookback: int = 10
+    lookback: int = 10            # nights of history for the z-score
     # adaptive rounds: add rounds to a series until its minimum detectable effect is at most
     # `detect` (bench.regress), within `detect_budget_s` of extra timing per device and
     # night (shared by its series, in config order) and `max_rounds`
     detect: float | None = None
-    detect_budget_s: float = 240.0
-    max_rounds: int = 12
+    detect_budget_s: float = 240.0   # extra timing per device and night for `detect`
+    max_rounds: int = 12          # most rounds a series gets from `detect`
     protocol: Protocol = Protocol()
     # where the work runs: "thread" (this process, a thread per device) or "ray" (a Ray
     # cluster at `ray_address`, each device an exclusive resource on its node: bench/farm.py)
     engine: str = "thread"
-    ray_address: str | None = None
+    ray_address: str | None = None   # engine = "ray": the cluster to join (unset: a local one)
     bench: tuple[Bench, ...] = ()
     search: tuple[Search, ...] = ()
     source: str = ""
@@ -126,8 +165,16 @@ def _check_keys(where: str, table: dict, allowed) -> None:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
 
 
-# keys a table may write in a shape other than its field's (normalised by `_door`)
-_RESHAPED = {"input_shape", "input_shapes", "preprocess", "source"}
+_SHAPE = {"type": "array", "items": {"type": "integer"}}   # [1, 3, 224, 224]
+# keys a table may write in a shape other than its field's (normalised by `_door`): the
+# shapes TOML may give them, as JSON Schema (`hilq config schema`); None: not a key
+_RESHAPED = {
+    "input_shape": {"anyOf": [
+        _SHAPE, {"type": "string"}, {"type": "array", "items": {"type": "string"}},
+        {"type": "object", "additionalProperties": {"anyOf": [_SHAPE, {"type": "string"}]}}]},
+    "preprocess": {"anyOf": [{"type": "string"}, {"type": "object"}]},
+    "input_shapes": None, "source": None,
+}
 
 
 def _check_types(where: str, table: dict, cls) -> None:
@@ -152,10 +199,26 @@ def _check_types(where: str, table: dict, cls) -> None:
                           f", got {err['input']!r}") from None
 
 
-def _names(dc) -> set[str]:
-    """The keys a config entry may use: the dataclass's fields, but `input_shapes`, which
-    `input_shape = {name = [...]}` fills."""
-    return {f.name for f in fields(dc)} - {"input_shapes"}
+def _keys(dc, skip=()) -> dict[str, type]:
+    """The keys a config entry may use, in field order -> `dc`: the dataclass's fields, but
+    `input_shapes`, which `input_shape = {name = [...]}` fills."""
+    return {f.name: dc for f in fields(dc) if f.name not in {"input_shapes", *skip}}
+
+
+# the tables nested in a config, beside its top-level keys
+_TABLES = ("protocol", "bench", "search")
+
+
+def table_keys() -> dict[str, dict[str, type]]:
+    """Each table's keys -> the dataclass whose field types it: what `parse` accepts and what
+    `bench.config_schema` describes, defined once for both."""
+    from .search import SearchOptions
+
+    return {"config": _keys(Config, skip=(*_TABLES, "source")),
+            "protocol": _keys(Protocol),
+            "bench": _keys(Bench),
+            "search": {**_keys(Search, skip=("options",)),
+                       **_keys(SearchOptions, skip=NIGHT_WIDE)}}
 
 
 def _tuple(where: str, v) -> tuple:
@@ -230,8 +293,9 @@ def _search(where: str, s: dict, base: Path, night: dict) -> Search:
     """A [[search]] table -> `Search`, its options checked by `SearchOptions` itself."""
     from .search import SearchOptions
 
-    own = _names(SearchOptions) - set(NIGHT_WIDE)
-    door = _names(Search) - {"options"}
+    by = table_keys()["search"]
+    own = {k for k, cls in by.items() if cls is SearchOptions}
+    door = set(by) - own
     _check_keys(where, s, own | door)
     _check_types(where, {k: v for k, v in s.items() if k in own}, SearchOptions)
     _check_types(where, {k: v for k, v in s.items() if k in door}, Search)
@@ -248,14 +312,15 @@ def _search(where: str, s: dict, base: Path, night: dict) -> Search:
 
 
 def parse(d: dict, source: str = "") -> Config:
-    top = _names(Config) - {"protocol", "bench", "search", "source"}
+    keys = table_keys()
+    top = set(keys["config"])
     base = Path(source).resolve().parent if source else Path.cwd()
-    _check_keys("config", d, top | {"protocol", "bench", "search"})
+    _check_keys("config", d, top | set(_TABLES))
     _check_types("config", {k: v for k, v in d.items() if k in top}, Config)
     kw = {k: d[k] for k in top if k in d}
     try:
         proto = d.get("protocol", {})
-        _check_keys("protocol", proto, _names(Protocol))
+        _check_keys("protocol", proto, keys["protocol"])
         _check_types("protocol", proto, Protocol)
         kw["protocol"] = Protocol.from_dict(proto)
     except (TypeError, ValueError) as e:
@@ -263,7 +328,7 @@ def parse(d: dict, source: str = "") -> Config:
     benches = []
     for i, b in enumerate(d.get("bench", [])):
         where = f"bench[{i}]"
-        _check_keys(where, b, _names(Bench))
+        _check_keys(where, b, keys["bench"])
         _check_types(where, b, Bench)
         if "model" not in b or "variants" not in b:
             raise ConfigError(f"{where}: needs 'model' and 'variants'")

@@ -21,6 +21,7 @@ from quant import evalset
 from quant.artifact import Artifact
 
 from .evidence import paired
+from .output import Done
 
 
 def target_for(runtime: str) -> tuple[str, str]:
@@ -88,9 +89,9 @@ def _stored(store, run_id: str, kind: str, model: str, device: str, runtime: str
             if (k.model, k.device, k.runtime) == (model, device, runtime)}
 
 
-def _line(m: Measurement, r: int) -> str:
+def _line(m: Measurement, r: int) -> Done:
     if not m.ok:
-        return f"{m.model} {m.variant} on {m.device}/{m.runtime} round {r + 1}: {m.failure}: {m.reason}"
+        return Done(f"{m.model} {m.variant} on {m.device}/{m.runtime} round {r + 1}: {m.failure}: {m.reason}")
     busy = " (busy machine)" if (m.load or {}).get("busy") else ""
     a, acc = m.accuracy or {}, ""
     for k, label in (("top1", "top-1"), ("agreement_fp32", "agreement with fp32")):
@@ -99,8 +100,8 @@ def _line(m: Measurement, r: int) -> str:
             acc = (f", {label} on the device {a[k]:.2%}"
                    + (f" (simulated {sim:.2%})" if sim is not None else ""))
             break
-    return (f"{m.model} {m.variant} on {m.device}/{m.runtime} round {r + 1}: "
-            f"p50 {m.latency_ms.get('p50', float('nan')):.3f} ms, {m.status}{busy}{acc}")
+    return Done(f"{m.model} {m.variant} on {m.device}/{m.runtime} round {r + 1}: "
+                f"p50 {m.latency_ms.get('p50', float('nan')):.3f} ms, {m.status}{busy}{acc}")
 
 
 def measure_artifacts(device, runtime: str, model: str, arts: dict[str, Artifact],
@@ -221,7 +222,8 @@ def combine(runs: list[Measurement], seed: int = 0) -> Measurement:
 def bench_variants(model, variants, device, runtime: str, protocol: Protocol | None = None,
                    rounds: int = 3, out_dir: str | None = None, reference: str | None = None,
                    store=None, run_id: str | None = None, calib_data: str = "real",
-                   label: str = "") -> list[Measurement]:
+                   label: str = "", on_result: Callable[[str], None] | None = None
+                   ) -> list[Measurement]:
     """Build (or take prebuilt) artifacts, measure them in `rounds` alternating rounds, and
     return one combined Measurement per variant, in the order given, named `variant + label`
     (a batch sweep's "@b8"). Artifacts built without an `out_dir` go to a temporary folder
@@ -237,5 +239,5 @@ def bench_variants(model, variants, device, runtime: str, protocol: Protocol | N
             name = art.manifest.get("variant", "?") if isinstance(v, Artifact) else v
             arts[name + label] = art
         per = measure_artifacts(device, runtime, getattr(model, "name", model), arts, protocol, rounds, store,
-                                run_id, reference=reference)
+                                run_id, reference=reference, on_result=on_result)
     return [combine(runs, protocol.seed) for runs in per.values()]

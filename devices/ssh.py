@@ -1,9 +1,13 @@
 """A remote device over SSH (paramiko), the TVM RPC runner's loop: upload -> run -> fetch ->
 remove in `finally`, every failure typed.
 
-Host keys are always verified against `known_hosts` (RejectPolicy: an unknown key is refused,
-a changed one is a `hostkey` failure); only key authentication. Connecting is retried with
-backoff when the host is unreachable, never a command (a run is not idempotent). Artifacts go
+The route is resolved as OpenSSH would (`ssh_route`): `~/.ssh/config` (Host aliases, HostName,
+User, Port, IdentityFile, ProxyJump; the inventory's values win), keys from `key_file` or the
+config, ssh-agent, the default `~/.ssh/id_*`; a jump host (bastion) or a chain of them, each
+hop reached through the one before. Host keys are always verified, on every hop, against
+`known_hosts` (RejectPolicy: an unknown key is refused, a changed one is a `hostkey` failure);
+only key authentication. Facts record the route taken. Connecting is retried with backoff
+when a hop is unreachable, never a command (a run is not idempotent). Artifacts go
 to `<workdir>/cache/<sha256>` over SFTP, are checked by hash on the device, reused across runs
 and evicted oldest-first beyond `cache_max_mb`. Each run gets `<workdir>/sessions/<token>`
 with the agent bundle, removed in `finally`; a `<workdir>/lock` directory serialises runs.
@@ -25,7 +29,7 @@ import paramiko
 
 from hilq.measurement import Measurement, Protocol
 
-from . import bundle, interrupt
+from . import bundle, interrupt, ssh_route
 from .errors import DeviceError
 from .lock import dir_lock
 
@@ -83,14 +87,20 @@ class _SFTPFS:
 class SSHDevice:
     kind = "ssh"
 
-    def __init__(self, name: str, host: str, user: str, key_file: str,
-                 known_hosts: str = "~/.ssh/known_hosts", port: int = 22,
+    def __init__(self, name: str, host: str, user: str | None = None,
+                 key_file: str | None = None, known_hosts: str = "~/.ssh/known_hosts",
+                 port: int | None = None, ssh_config: str | None = None, jump: str | None = None,
                  python: str = "python3", workdir: str = "/tmp/hilq", runtimes=("ort",),
                  power: str = "none", connect_timeout_s: float = 10.0,
                  command_timeout_s: float | None = None, retries: int = 3,
                  backoff_s: float = 0.5, cache_max_mb: float = 2048, lock_wait_s: float = 3600):
-        self.name, self.host, self.port, self.user = name, host, int(port), user
-        self.key_file = os.path.expanduser(key_file)
+        try:
+            self.hops = ssh_route.resolve(host, port, user, key_file, jump, ssh_config)
+        except DeviceError as e:
+            raise DeviceError(e.kind, f"{name}: {e}") from None
+        self.name, self.host = name, host
+        self.port, self.user = self.hops[-1].port, self.hops[-1].user
+        self.key_file = os.path.expanduser(key_file) if key_file else None
         self.known_hosts = os.path.expanduser(known_hosts)
         self.python, self.workdir = python, workdir.rstrip("/") or "/"
         self.runtimes, self.power = tuple(runtimes), power
@@ -98,61 +108,27 @@ class SSHDevice:
         self.retries, self.backoff_s = retries, backoff_s
         self.cache_max_bytes = int(cache_max_mb * 2**20)
         self.lock_wait_s = lock_wait_s
-        self._client: paramiko.SSHClient | None = None
+        self._route: ssh_route.Route | None = None
         self._facts: dict | None = None
 
     # --- connection -----------------------------------------------------------------------
 
-    def _connect_once(self) -> paramiko.SSHClient:
-        client = paramiko.SSHClient()
-        try:
-            client.load_host_keys(self.known_hosts)
-        except OSError as e:
-            raise DeviceError("hostkey", f"{self.name}: known_hosts {self.known_hosts} "
-                              f"unreadable ({e.strerror}); host keys are always verified") from e
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        t = self.connect_timeout_s
-        try:
-            client.connect(self.host, self.port, username=self.user, key_filename=self.key_file,
-                           timeout=t, banner_timeout=t, auth_timeout=t, channel_timeout=t,
-                           allow_agent=False, look_for_keys=False)
-            return client
-        except paramiko.BadHostKeyException as e:
-            raise DeviceError("hostkey", f"{self.name}: host key of {self.host}:{self.port} "
-                              "CHANGED (does not match known_hosts): refused") from e
-        except paramiko.AuthenticationException as e:
-            raise DeviceError("auth", f"{self.name}: key authentication as {self.user!r} "
-                              f"failed: {e}") from e
-        except paramiko.SSHException as e:
-            if "known_hosts" in str(e):
-                raise DeviceError("hostkey", f"{self.name}: host {self.host}:{self.port} is "
-                                  "not in known_hosts: refused") from e
-            if not getattr(client.get_transport(), "remote_version", ""):   # a mute host
-                raise DeviceError("unreachable", f"{self.name}: {self.host}:{self.port} sent no "
-                                  f"SSH banner within {t:g} s") from e
-            raise DeviceError("unreachable", f"{self.name}: SSH handshake failed: {e}") from e
-        except FileNotFoundError as e:
-            raise DeviceError("auth", f"{self.name}: key file {self.key_file} not found") from e
-        except TimeoutError as e:
-            raise DeviceError("timeout", f"{self.name}: connecting to {self.host}:{self.port} "
-                              f"timed out after {t:.0f} s") from e
-        except OSError as e:
-            raise DeviceError("unreachable", f"{self.name}: cannot reach {self.host}:"
-                              f"{self.port}: {e}") from e
-        finally:
-            if client.get_transport() is None or not client.get_transport().is_active():
-                client.close()
+    def _connect_once(self) -> ssh_route.Route:
+        return ssh_route.connect(self.hops, self.known_hosts, self.connect_timeout_s, self.name)
+
+    @property
+    def _client(self) -> paramiko.SSHClient | None:
+        return self._route.client if self._route is not None else None
 
     def connect(self) -> paramiko.SSHClient:
         """The live connection, (re)connecting with backoff on unreachable/timeout only."""
-        if self._client is not None and self._client.get_transport() is not None \
-                and self._client.get_transport().is_active():
-            return self._client
+        if self._route is not None and self._route.active():
+            return self._route.client
         self.close()
         for attempt in range(self.retries):
             try:
-                self._client = self._connect_once()
-                return self._client
+                self._route = self._connect_once()
+                return self._route.client
             except DeviceError as e:
                 if e.kind not in ("unreachable", "timeout") or attempt == self.retries - 1:
                     raise
@@ -160,9 +136,9 @@ class SSHDevice:
         raise AssertionError("unreachable code")
 
     def close(self):
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self._route is not None:
+            self._route.close()             # the target, then its jump hosts
+            self._route = None
 
     # --- remote commands ------------------------------------------------------------------
 
@@ -328,11 +304,12 @@ class SSHDevice:
     def facts(self) -> dict:
         if self._facts is None:
             with self.connect().open_sftp() as sftp, self._session(sftp, 120, wait_s=60) as tmp:
+                route = str(self._route)
                 rc, out, err = self._exec([self.python, "agent.py", "--facts", "--runtimes",
                                            ",".join(self.runtimes)], 60, cwd=tmp)
             try:
                 self._facts = {"device": self.name, "kind": self.kind, "host": self.host,
-                               **json.loads(out)}
+                               "route": route, **json.loads(out)}
             except ValueError as e:
                 raise DeviceError("agent_crash", f"{self.name}: agent --facts failed (exit "
                                   f"{rc}): {err.strip()[-300:]}") from e

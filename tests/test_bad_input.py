@@ -54,7 +54,9 @@ CASES = [
      "missing.onnx"),
     # runtimes
     (["runtimes", "--json", "/proc/version/runtimes.json"], "/proc/version"),
-    (["runtimes", "--verbose"], "--verbose"),
+    (["runtimes", "--verbosity"], "--verbosity"),
+    (["config", "schema", "yaml"], "'yaml'"),
+    (["bench", "--model", "digits-cnn", "--quiet", "--verbose"], "--verbose"),
     # bench
     (["bench", "--runtime", "abacus"], "abacus"),
     (["bench", "--model", "digits-cnn", "--rounds", "0"], "--rounds must be at least 1, got 0"),

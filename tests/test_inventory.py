@@ -56,7 +56,10 @@ def test_issue_example_parses_and_opens(tmp_path):
     ('[device.a]\n', "'device'"),
     ('[devices.a\n', "TOML"),
 ])
-def test_bad_inventory_is_one_line_naming_the_key(tmp_path, text, words):
+def test_bad_inventory_is_one_line_naming_the_key(tmp_path, text, words, monkeypatch):
+    # no agent and no ~/.ssh/id_*: a missing key_file is then an error (with them it is not)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     with pytest.raises(DeviceError) as e:
         inventory.load(_write(tmp_path, text))
     assert words in str(e.value) and "\n" not in str(e.value) and e.value.kind == "bad_input"
