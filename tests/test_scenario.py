@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import replace
 
 import pytest
 from helpers import require_import
 
 from bench import cli
+from bench.cmd_bench import scenario_line
 from bench.report import render
 from bench.runner import bench_variants
 from bench.store import open_store
@@ -58,6 +60,8 @@ def test_each_scenario_is_valid_where_the_device_carries_it(digits, tmp_path, na
     assert sc["query_count"] >= scenario.MIN_QUERIES[name]
     assert sc["effective"]["scenario"] == scenario.SCENARIOS[name].replace("-", "")
     assert m.latency_ms["p50"] > 0          # hilq's own timing ran too, same process
+    assert sc["sut_overhead_ms"] > 0 and sc["duration_s"] < 30
+    assert sc["query_count"] <= sc["settings_chosen"]["max_query_count"]
     if name in ("single-stream", "multi-stream", "server"):
         lat = sc["latency_ms"]
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
@@ -68,15 +72,67 @@ def test_each_scenario_is_valid_where_the_device_carries_it(digits, tmp_path, na
         assert "target_qps_from" not in sc["settings_chosen"]    # the rate given was used
 
 
-def test_a_server_rate_the_device_cannot_meet_is_invalid_with_the_reason(digits, tmp_path):
-    one = 1000.0 / _run(digits, tmp_path).latency_ms["p50"]         # one stream's rate
-    m = _run(digits, tmp_path, scenario="server", target_qps=round(20 * one),
+def test_an_impossible_server_rate_is_refused_in_seconds_with_the_reason(digits, tmp_path):
+    # 20× one stream's rate (hilq's own p50), past REFUSE_FACTOR even before the SUT's cost:
+    # INVALID before LoadGen starts, no query run, the caps and the SUT's cost recorded
+    one = 1000.0 / _run(digits, tmp_path).latency_ms["p50"]
+    m = _run(digits, tmp_path, scenario="server", target_qps=round(20 * one))
+    sc = m.scenario
+    assert m.status == "ok" and sc["result"] == "INVALID" and not sc["valid"] and sc["refused"]
+    (why,) = sc["reasons"]
+    assert why == sc["reason"] and why.endswith(": refused before the run")
+    assert f"target {round(20 * one):g} qps is" in why and "× what one stream serves" in why
+    assert sc["query_count"] == 0 and sc["samples"] == 0 and sc["duration_s"] < 30
+    chosen = sc["settings_chosen"]
+    assert chosen["max_duration_ms"] <= 1000 * SHORT.max_duration_s / 2
+    assert chosen["max_query_count"] >= chosen["min_query_count"] > 0
+    assert chosen["server_max_async_queries"] > 0
+    assert sc["sut_overhead_ms"] > 0 and sc["sut_overhead"]["queries"] == scenario.NULL_QUERIES
+    assert f"+ {sc['sut_overhead_ms']:.3g} ms SUT overhead)" in why    # counted in the rate
+    line = scenario_line(m)
+    assert line.startswith("LoadGen server: INVALID") and why in line
+    assert f"SUT overhead {sc['sut_overhead_ms']:.3f} ms per query" in line
+
+
+def test_an_overloaded_server_run_ends_at_the_backlog_cap(tmp_path, monkeypatch):
+    """A 0.5 ms engine (a wall-clock spin: a busy machine only overloads it more) at 1.5×
+    its rate, under the refusal factor: LoadGen runs, and ends once the backlog cap is
+    queued, with its own reason, long before the 2 s minimum duration's queries."""
+    require_import("loadgen", "mlperf_loadgen", "MLPerf LoadGen is not installed")
+    monkeypatch.setattr(scenario, "BACKLOG_S", 0.2)
+
+    def spin():
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.0005:
+            pass
+
+    proto = {"scenario": "server", "target_qps": 3000, "min_duration_s": 2.0}
+    sc = scenario.run(spin, 1, proto, str(tmp_path / "lg"), estimate_ms=0.5)
+    cap = sc["settings_chosen"]["server_max_async_queries"]
+    assert sc["result"] == "INVALID" and not sc.get("refused") and 16 <= cap <= 400
+    assert any("Too many outstanding queries" in r for r in sc["reasons"]), sc["reasons"]
+    assert "minimum duration not met" in sc["reasons"]
+    assert sc["query_count"] < 3000 * 2.0 / 2 and sc["duration_s"] < 30
+
+
+@pytest.mark.load
+def test_a_server_rate_the_device_cannot_meet_is_invalid_with_loadgens_reason(digits, tmp_path):
+    # 1.4× what one stream serves, the SUT's own cost counted: under the refusal factor, so
+    # LoadGen judges it (needs a quiet machine: a warm-up slowed by others overstates the
+    # cost, and the rate may then be met); its caps end it in seconds
+    import mlperf_loadgen as lg
+
+    over = scenario.sut_overhead(lg, str(tmp_path / "null"))["p50_ms"]
+    cost = _run(digits, tmp_path).latency_ms["p50"] + over
+    m = _run(digits, tmp_path, scenario="server", target_qps=round(1.4 * 1000.0 / cost),
              target_latency_ms=5.0)
     sc = m.scenario
     assert m.status == "ok" and sc["result"] == "INVALID" and not sc["valid"]
+    assert not sc.get("refused") and sc["duration_s"] < 30
     assert any("latency bound" in r for r in sc["reasons"]), sc["reasons"]
     assert any(r.startswith("LoadGen recommends") for r in sc["reasons"]), sc["reasons"]
     assert sc["name"] == "server" and "latency bound" in sc["reason"]
+    assert 0 < sc["query_count"] <= sc["settings_chosen"]["max_query_count"]
 
 
 def test_bench_cli_stores_reports_and_exits_nonzero_on_invalid(digits, tmp_path, capsys):
@@ -87,6 +143,7 @@ def test_bench_cli_stores_reports_and_exits_nonzero_on_invalid(digits, tmp_path,
                      str(tmp_path / "ok.json")]) == 0
     out = capsys.readouterr().out
     assert "LoadGen single-stream: VALID, p90_latency_ms" in out and "hilq p90" in out
+    assert "SUT overhead" in out and "ms per query" in out
     (row,) = json.loads((tmp_path / "ok.json").read_text())["measurements"]
     assert row["scenario"]["valid"] and row["memory"]["timed_peak_mb"] > 0
     # the documented --json interface: memory {peak_rss_mb, peak_gpu_mb} and scenario
@@ -105,7 +162,7 @@ def test_bench_cli_stores_reports_and_exits_nonzero_on_invalid(digits, tmp_path,
     assert len(rows) == 2                                     # two rounds of hilq's timing
     with_sc = [r for r in rows if r["scenario"]]
     assert len(with_sc) == 1 and with_sc[0]["scenario_valid"] is False   # LoadGen once
-    assert "MLPerf Results Summary" in with_sc[0]["extra"]["scenario"]["summary"]
+    assert with_sc[0]["extra"]["scenario"]["refused"]       # a million qps: refused, stored
     rep = render(store, runs[-1], tmp_path / "rep")
     text = rep.markdown.read_text()
     reasons = "; ".join(with_sc[0]["extra"]["scenario"]["reasons"])
@@ -127,6 +184,48 @@ def test_settings_follow_the_protocol(digits):
     assert s.multi_stream_expected_latency_ns == 8_000_000 and chosen["samples_per_query"] == 4
     s, chosen = scenario.settings_for(lg, {"scenario": "offline"}, estimate_ms=4.0)
     assert s.offline_expected_qps == pytest.approx(375.0) and chosen["expected_qps"] == 375.0
+
+
+def test_every_run_is_capped_and_recorded(digits):
+    # LoadGen stops issuing at half the protocol's max_duration_s (the scenario's share of
+    # the agent's timeout; MAX_RUN_S unless the minimum duration needs more), at a query
+    # count sized for the minimum duration, and Server at BACKLOG_S of queued work
+    import mlperf_loadgen as lg
+
+    proto = {"scenario": "server", "target_qps": 100, "min_duration_s": 2.0,
+             "max_duration_s": 120.0}
+    s, chosen = scenario.settings_for(lg, proto, estimate_ms=1.0, overhead_ms=0.25)
+    assert s.max_duration_ms == chosen["max_duration_ms"] == 1000 * scenario.MAX_RUN_S
+    assert s.max_query_count == chosen["max_query_count"] == scenario.MIN_QUERIES["server"] + 1
+    assert s.server_max_async_queries == chosen["server_max_async_queries"] == \
+        scenario.BACKLOG_S * 1000 / 1.25
+    s, _ = scenario.settings_for(lg, {**proto, "max_duration_s": 20.0}, estimate_ms=1.0)
+    assert s.max_duration_ms == 10_000
+    s, chosen = scenario.settings_for(lg, {**proto, "scenario": "single-stream",
+                                           "min_duration_s": 40.0}, estimate_ms=1.0)
+    assert s.max_duration_ms == 60_000 and chosen["max_query_count"] == 80_001
+
+
+def test_refusal_judges_the_target_against_the_warm_up(digits):
+    # one stream of a 0.96 ms engine + 0.04 ms SUT overhead serves 1000 qps; refused only
+    # past REFUSE_FACTOR (2×), or where the run cannot end within its cap
+    def why(estimate_ms=0.96, overhead_ms=0.04, **proto):
+        return scenario.refusal({"min_duration_s": 2.0, **proto}, estimate_ms, overhead_ms)
+
+    assert why(scenario="server", target_qps=100000) == (
+        "target 100000 qps is 100× what one stream serves (1000 qps at 1 ms per sample: "
+        "0.96 ms inference + 0.04 ms SUT overhead)")
+    assert why(scenario="server", target_qps=1900) is None        # LoadGen's to judge
+    assert why(scenario="server") is None                         # the default rate
+    assert "latency bound 0.4 ms is 2.5× below" in why(scenario="server", target_qps=100,
+                                                       target_latency_ms=0.4)
+    assert why(scenario="single-stream", target_latency_ms=0.6) is None
+    assert "latency bound 1 ms is 7.72×" in why(scenario="multi-stream", target_latency_ms=1)
+    assert "past the run's cap 30 s" in why(scenario="server", target_qps=10)   # 500 queries
+    assert "its one query of" in why(scenario="offline", target_qps=100000)
+    assert why(scenario="offline") is None
+    assert "minimum duration 80 s is past the run's cap 60 s" in why(
+        scenario="single-stream", min_duration_s=80.0)
 
 
 def test_energy_over_the_loadgen_run_with_the_idle_baseline(digits, tmp_path):
