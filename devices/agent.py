@@ -158,10 +158,13 @@ def check_reference(session, args, facts: dict) -> dict:
 
 def scenario_run(session, feeds: dict, protocol: dict, scratch: str | None, est_ms: float
                  ) -> dict:
-    """MLPerf LoadGen's scenario over the session, under the power meter (after the window)."""
+    """MLPerf LoadGen's scenario over the session, under the power meter (after the window);
+    the SUT's own overhead is measured first, outside the meter (no inference in it)."""
+    outdir = os.path.join(os.path.abspath(scratch or "."), "loadgen")
+    over = scenario.sut_overhead(os.path.join(outdir, "null"))
     return window.metered(protocol, lambda: scenario.run(
-        lambda: session.run(feeds), int(protocol.get("batch", 1)), protocol,
-        os.path.join(os.path.abspath(scratch or "."), "loadgen"), est_ms))
+        lambda: session.run(feeds), int(protocol.get("batch", 1)), protocol, outdir, est_ms,
+        over))
 
 
 def _intended_float(manifest: dict) -> int:

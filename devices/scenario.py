@@ -130,15 +130,16 @@ def refusal(protocol: dict, estimate_ms: float, overhead_ms: float = 0.0) -> str
     return f"{need}, past the run's cap {b['max_s']:g} s" if need_s > b["max_s"] else None
 
 
-def run(infer, batch: int, protocol: dict, outdir: str, estimate_ms: float) -> dict:
+def run(infer, batch: int, protocol: dict, outdir: str, estimate_ms: float,
+        over: dict) -> dict:
     """Run the protocol's scenario with `infer()` (one inference of `batch` samples); the
-    result dict (see `summarize`), LoadGen's summary log text included. First the SUT's own
-    per-query cost (`sut_overhead`); a target it clearly cannot meet is INVALID in seconds
-    (`refused`) instead of minutes of LoadGen; every run is capped (`bounds`)."""
+    result dict (see `summarize`), LoadGen's summary log text included. `over`: the SUT's
+    own per-query cost (`sut_overhead`, measured before, outside the power meter's window);
+    a target it clearly cannot meet is INVALID in seconds (`refused`) instead of minutes of
+    LoadGen; every run is capped (`bounds`)."""
     import mlperf_loadgen as lg
 
     t0 = time.perf_counter()
-    over = sut_overhead(lg, os.path.join(outdir, "null"))
     settings, chosen = settings_for(lg, protocol, estimate_ms, over["p50_ms"])
     why = refusal(protocol, estimate_ms, over["p50_ms"])
     if why:
@@ -152,11 +153,13 @@ def run(infer, batch: int, protocol: dict, outdir: str, estimate_ms: float) -> d
     return out
 
 
-def sut_overhead(lg, outdir: str) -> dict:
+def sut_overhead(outdir: str) -> dict:
     """What this SUT adds to every query besides the inference, as LoadGen sees it: LoadGen's
     SingleStream latency of the same SUT over a null engine (Python callback, hand-off to the
     worker, the completion call, LoadGen's own bookkeeping). hilq's timing has none of it,
     so it is what a LoadGen latency should exceed hilq's by."""
+    import mlperf_loadgen as lg
+
     s = lg.TestSettings()
     s.scenario, s.mode = lg.TestScenario.SingleStream, lg.TestMode.PerformanceOnly
     s.min_duration_ms, s.single_stream_expected_latency_ns = 0, 50_000
