@@ -52,7 +52,7 @@ def add_model_arguments(p, *, required: bool = True, data_help: str = "") -> Non
     p.add_argument("--data", metavar="DIR|FILE|MODULE:FACTORY",
                    help="a folder of images (flat, or one sub-folder per class; calib/ and "
                         "test/ sub-folders give the splits), .npy/.npz arrays (x, optional y), "
-                        "or package.module:factory returning quant.models.Data" + data_help)
+                        "or package.module:factory returning hilq.quant.models.Data" + data_help)
     p.add_argument("--input-shape", metavar="[NAME=]N,C,H,W", action="append",
                    help="input shape with the batch first, for a model without data or an "
                         "ONNX file with dynamic dimensions; NAME=... sizes one input of a "
@@ -73,7 +73,7 @@ def add_model_arguments(p, *, required: bool = True, data_help: str = "") -> Non
 
 def model_ref(args):
     """The `quant.models.ModelRef` the model-door arguments name."""
-    from quant.models import ModelRef, parse_shapes
+    from hilq.quant.models import ModelRef, parse_shapes
 
     shape, named = parse_shapes(args.input_shape)
     return ModelRef(args.model, data=args.data, input_shape=shape, input_shapes=named,
@@ -88,7 +88,7 @@ def add_runtime_option_argument(p) -> None:
 
 def runtime_options(args) -> dict:
     """`--runtime-option key=value`s, checked against the runtime's declared OPTIONS."""
-    from devices.runtimes import check_options
+    from hilq.devices.runtimes import check_options
 
     given = {}
     for item in args.runtime_option:
@@ -111,7 +111,7 @@ def defaults(options_class) -> dict:
 
 
 def _module(name: str):
-    return importlib.import_module(f"bench.cmd_{name}")
+    return importlib.import_module(f"hilq.bench.cmd_{name}")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -132,9 +132,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from bench.store import StoreError
-    from devices.errors import DeviceError
-    from quant.spec import SpecError
+    from hilq.bench.store import StoreError
+    from hilq.devices.errors import DeviceError
+    from hilq.quant.spec import SpecError
 
     return (UserError, SpecError, FileNotFoundError, DeviceError, StoreError)
 
@@ -146,7 +146,7 @@ def _on_signals() -> None:
     import signal
     import threading
 
-    from devices.interrupt import STOP, Interrupted, stop
+    from hilq.devices.interrupt import STOP, Interrupted, stop
 
     if threading.current_thread() is not threading.main_thread():
         return                      # signal handlers belong to the main thread

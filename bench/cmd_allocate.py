@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from quant.allocate import Allocation, CostTable, frontier, pareto_dp, solve_ilp
+from hilq.quant.allocate import Allocation, CostTable, frontier, pareto_dp, solve_ilp
 
 from .cli import console as cli_console
 from .errors import UserError

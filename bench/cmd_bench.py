@@ -7,14 +7,20 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
-from bench.cli import add_model_arguments, add_runtime_option_argument, model_ref, runtime_options
-from bench.errors import UserError
-from bench.runner import bench_variants
-from devices import inventory
-from devices.runtimes import NAMES
-from devices.scenario import SCENARIOS
+from hilq.bench.cli import (
+    add_model_arguments,
+    add_runtime_option_argument,
+    model_ref,
+    runtime_options,
+)
+from hilq.bench.errors import UserError
+from hilq.bench.runner import bench_variants
+from hilq.devices import inventory
+from hilq.devices.runtimes import NAMES
+from hilq.devices.scenario import SCENARIOS
+from hilq.quant.artifact import Artifact
+
 from hilq.measurement import Protocol
-from quant.artifact import Artifact
 
 from .output import Output, write_json
 
@@ -125,7 +131,7 @@ def seq_lens(args) -> list[int | None]:
         raise UserError("--seq-len builds one artifact per length from --model; a prebuilt "
                         "--artifact has its own fixed shape")
     out = sizes(args.seq_len, "--seq-len", "16,64,128")
-    from quant.models import load_model
+    from hilq.quant.models import load_model
 
     for n in out:
         load_model(replace(model_ref(args), seq_len=n))
@@ -143,7 +149,7 @@ def run(args) -> int:
     if not args.model and not args.artifact:
         raise UserError("give --model (with --variants) or --artifact FILE")
     if args.model:
-        from quant.models import load_model
+        from hilq.quant.models import load_model
 
         load_model(model_ref(args))      # a bad model or data door fails before any device opens
     if args.rounds < 1:
@@ -204,7 +210,7 @@ def _begin(args, names: list[str], protocol, sweep, lengths):
     """(store, run id) of this bench, or (None, None) with --no-store."""
     if args.no_store:
         return None, None
-    from bench.store import open_store
+    from hilq.bench.store import open_store
 
     store = open_store(args.db)
     run_id = store.begin_run({"command": "bench", "model": args.model, "variants": args.variants,

@@ -33,9 +33,9 @@ from .output import write_json
 
 
 def add_arguments(p) -> None:
-    from devices.runtimes import NAMES
-    from quant.options import ExportOptions
-    from quant.spec import CALIB_DATA, GRANULARITIES
+    from hilq.devices.runtimes import NAMES
+    from hilq.quant.options import ExportOptions
+    from hilq.quant.spec import CALIB_DATA, GRANULARITIES
 
     from .debug import DebugOptions
 
@@ -68,7 +68,7 @@ def add_arguments(p) -> None:
 
 def options(args):
     """The command line -> `DebugOptions` (which checks itself)."""
-    from quant.options import ExportOptions
+    from hilq.quant.options import ExportOptions
 
     from .debug import DebugOptions
 

@@ -3,8 +3,8 @@ its facts (OS, CPU and flags, memory, GPU, runtime versions, Python)."""
 
 from __future__ import annotations
 
-from devices import inventory
-from devices.errors import DeviceError
+from hilq.devices import inventory
+from hilq.devices.errors import DeviceError
 
 from .output import write_json
 

@@ -22,8 +22,8 @@ FORMATS = ("onnx-qdq",)
 
 
 def add_arguments(parser) -> None:
-    from quant.options import ExportOptions
-    from quant.spec import CALIB_DATA, GRANULARITIES
+    from hilq.quant.options import ExportOptions
+    from hilq.quant.spec import CALIB_DATA, GRANULARITIES
 
     d = defaults(ExportOptions)
     add_model_arguments(parser)
@@ -48,8 +48,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from quant.export import build_artifact
-    from quant.options import ExportOptions
+    from hilq.quant.export import build_artifact
+    from hilq.quant.options import ExportOptions
 
     options = ExportOptions(   # checks itself: one line, exit 2
         target=args.target, calib=args.calib, granularity=args.granularity,

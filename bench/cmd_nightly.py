@@ -30,10 +30,9 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from hilq.bench import config
+    from hilq.bench.nightly import run_nightly
     from rich.table import Table
-
-    from bench import config
-    from bench.nightly import run_nightly
 
     cfg = config.load(args.config)
     overrides = {k: v for k, v in (("db", args.db), ("reports", args.reports),
@@ -41,7 +40,7 @@ def run(args) -> int:
                                    ("ray_address", args.ray_address)) if v}
     cfg = replace(cfg, **overrides)
     if args.resume:
-        from bench.store import open_store
+        from hilq.bench.store import open_store
 
         with open_store(cfg.db) as store:
             if store.run(args.resume) is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from quant.spec import CALIBRATIONS, DISTILL_ITERS, GRANULARITIES
+from hilq.quant.spec import CALIBRATIONS, DISTILL_ITERS, GRANULARITIES
 
 from .cli import add_model_arguments, model_ref
 from .cli import console as cli_console
@@ -56,7 +56,7 @@ def add_arguments(parser) -> None:
 
 
 def _validate(args) -> None:
-    from quant.spec import CALIB_DATA
+    from hilq.quant.spec import CALIB_DATA
 
     if not 1 <= args.w_bits <= 8:
         raise UserError(f"--w-bits must be 1..8, got {args.w_bits}")
@@ -149,8 +149,8 @@ def print_table(out: dict) -> None:
 
 
 def run(args) -> int:
-    from quant.models import load_model
-    from quant.pipeline import parse_repairs, quantize_model, variant_bit_config
+    from hilq.quant.models import load_model
+    from hilq.quant.pipeline import parse_repairs, quantize_model, variant_bit_config
 
     _validate(args)
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import asdict
 
-from devices.runtimes import NAMES, module_name
+from hilq.devices.runtimes import NAMES, module_name
 
 from .cli import console as cli_console
 from .output import write_json
@@ -27,7 +27,7 @@ def probe(name: str) -> dict:
     """{name, available, version, precisions, consumes, options, reason} for one runtime."""
     row = {"name": name, "available": False, "version": None, "precisions": {}, "reason": None}
     try:
-        mod = importlib.import_module(f"devices.runtimes.{module_name(name)}")
+        mod = importlib.import_module(f"hilq.devices.runtimes.{module_name(name)}")
         row["consumes"] = asdict(mod.CONSUMES)
         row["options"] = {k: {"type": o.type.__name__, "default": o.default, "help": o.help,
                               **({"choices": list(o.choices)} if o.choices else {})}

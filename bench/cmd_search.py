@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import statistics
 
-from bench.cli import add_model_arguments, defaults, model_ref
-from bench.cli import console as cli_console
-from bench.errors import UserError
-from quant.spec import CALIB_DATA, SENSITIVITIES
+from hilq.bench.cli import add_model_arguments, defaults, model_ref
+from hilq.bench.cli import console as cli_console
+from hilq.bench.errors import UserError
+from hilq.quant.spec import CALIB_DATA, SENSITIVITIES
 
 from .output import Output, write_json
 
@@ -111,11 +111,11 @@ def _accuracy(acc: dict) -> str:
 
 def replay(args) -> int:
     """`--replay`: the stored searches through the latency model, offline."""
-    from bench import replay as rp
-    from bench.search import float_edges
-    from bench.store import open_store
-    from quant.models import load_model
-    from quant.transform import fold_bn, quantizable_layers
+    from hilq.bench import replay as rp
+    from hilq.bench.search import float_edges
+    from hilq.bench.store import open_store
+    from hilq.quant.models import load_model
+    from hilq.quant.transform import fold_bn, quantizable_layers
 
     folded = fold_bn(load_model(model_ref(args)).build().eval())
     layers = quantizable_layers(folded)
@@ -141,11 +141,12 @@ def replay(args) -> int:
 def run(args) -> int:
     if args.replay:
         return replay(args)
-    from bench.search import SearchOptions, run_search
-    from bench.store import open_store
-    from devices import inventory
+    from hilq.bench.search import SearchOptions, run_search
+    from hilq.bench.store import open_store
+    from hilq.devices import inventory
+    from hilq.quant.models import load_model
+
     from hilq.measurement import Protocol
-    from quant.models import load_model
 
     budgets = dict(_budget(b) for b in args.budget)
     drop_metric, max_drop = _max_drop(args.max_drop) if args.max_drop else ("top1", None)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from quant.sensitivity import METHODS, sensitivity_table
-from quant.spec import CALIB_DATA, DISTILL_ITERS
-from quant.zeroq import calibration_data, input_prior
+from hilq.quant.sensitivity import METHODS, sensitivity_table
+from hilq.quant.spec import CALIB_DATA, DISTILL_ITERS
+from hilq.quant.zeroq import calibration_data, input_prior
 
 from .cli import add_model_arguments, model_ref
 from .cli import console as cli_console
@@ -77,7 +77,7 @@ def _distill_progress(iters: int):
 
 
 def run(args) -> int:
-    from quant.models import load_model
+    from hilq.quant.models import load_model
 
     bits = _bits(args.bits)
     for flag, value, least in (("--samples", args.samples, 1), ("--iters", args.iters, 0),

@@ -14,8 +14,9 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from hilq.quant.spec import SpecError, parse_variant
+
 from hilq.measurement import Protocol
-from quant.spec import SpecError, parse_variant
 
 # shipped in the wheel; configs/nightly-local.toml is a link to it, one file
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "nightly-local.toml"
@@ -30,7 +31,7 @@ class _ModelDoor:
 
     @property
     def ref(self):
-        from quant.models import ModelRef
+        from hilq.quant.models import ModelRef
 
         return ModelRef(self.model, data=self.data, input_shape=self.input_shape,
                         input_shapes=self.input_shapes, preprocess=self.preprocess,
@@ -240,7 +241,7 @@ def _budget(where: str, key: str, v):
 
 def _door(where: str, d: dict, base: Path) -> dict:
     """The model-door keys of one entry, paths made relative to the config file."""
-    from quant.models import parse_shapes
+    from hilq.quant.models import parse_shapes
 
     out = {}
     model = d["model"]
@@ -271,7 +272,7 @@ def _door(where: str, d: dict, base: Path) -> dict:
 
 
 def _runtime_options(where: str, b: dict, runtimes: tuple[str, ...]) -> dict:
-    from devices.runtimes import check_options
+    from hilq.devices.runtimes import check_options
 
     given = b.get("runtime_options", {})
     if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):

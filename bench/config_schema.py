@@ -163,7 +163,7 @@ def _examples(doc: str) -> dict[str, tuple[object, str]]:
 
 # the class `devices.inventory.open_device` builds for each kind: its keyword defaults are
 # the defaults of the kind's keys (a kind missing here is described without defaults)
-_DEVICE_CLASSES = {"local": ("devices.local", "LocalDevice"), "ssh": ("devices.ssh", "SSHDevice")}
+_DEVICE_CLASSES = {"local": ("hilq.devices.local", "LocalDevice"), "ssh": ("hilq.devices.ssh", "SSHDevice")}
 
 
 def _device_defaults(kind: str) -> dict:
@@ -209,7 +209,7 @@ def _kind(inv, kind: str, default_kind: str | None) -> dict:
 
 def inventory() -> dict:
     """The device inventory's schema: `[devices.NAME]` tables, each exactly one kind's."""
-    from devices import inventory as inv
+    from hilq.devices import inventory as inv
 
     default_kind = _default_kind(inv)
     defs = {kind: _kind(inv, kind, default_kind) for kind in inv.KEYS}

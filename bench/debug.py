@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quant.options import ExportOptions
+from hilq.quant.options import ExportOptions
 
 from .errors import UserError
 
@@ -50,9 +50,9 @@ class DebugOptions:
 def _artifact(o: DebugOptions, out: Path):
     from dataclasses import replace
 
-    from quant.artifact import Artifact
-    from quant.export import build_artifact
-    from quant.models import ModelRef
+    from hilq.quant.artifact import Artifact
+    from hilq.quant.export import build_artifact
+    from hilq.quant.models import ModelRef
 
     from .runner import target_for
 
@@ -71,9 +71,10 @@ def _artifact(o: DebugOptions, out: Path):
 
 def _engine(o: DebugOptions, dbg, arrays, out: Path, model: str, data_name: str):
     """The debug copy over its evaluation set, by the device's agent: a Measurement."""
-    from devices import inventory
+    from hilq.devices import inventory
+    from hilq.quant import evalset
+
     from hilq.measurement import Protocol
-    from quant import evalset
 
     ev = evalset.write(out, arrays, model, data_name)
     device = inventory.open_device(o.device, inventory.load(o.inventory))
@@ -89,9 +90,9 @@ def _engine(o: DebugOptions, dbg, arrays, out: Path, model: str, data_name: str)
 def debug(o: DebugOptions, out: Path) -> tuple[dict, int]:
     """Per-layer error of `o`'s artifact, float vs quantized, on the engine and in
     simulation, working in `out`: (result, exit code: 1 when the engine run failed)."""
-    from quant import debug as qd
-    from quant.debug_onnx import write_debug_artifact
-    from quant.models import load_model
+    from hilq.quant import debug as qd
+    from hilq.quant.debug_onnx import write_debug_artifact
+    from hilq.quant.models import load_model
 
     art, ref = _artifact(o, out)
     m = art.manifest
@@ -106,7 +107,7 @@ def debug(o: DebugOptions, out: Path) -> tuple[dict, int]:
     side = _graph_side if (m.get("settings") or {}).get("route") == "onnx" else _torch_side
     sim, arrays, notes, data_name, n = side(o, art, entry, ref, taps)
     if side is _graph_side:
-        from quant.graph_debug import debug_input_shapes
+        from hilq.quant.graph_debug import debug_input_shapes
 
         dbg = debug_input_shapes(dbg, arrays)
     info = {v["layer"]: {"op": v["op"], "precision": v["precision"]}
@@ -141,8 +142,7 @@ def _torch_side(o: DebugOptions, art, entry, ref, taps):
     """The PyTorch route's simulation: hilq's fake-quant model rebuilt from the manifest.
     Returns (simulated rows, the debug copy's evaluation set, notes, data name, n)."""
     import torch
-
-    from quant import debug as qd
+    from hilq.quant import debug as qd
 
     m = art.manifest
     res = qd.fake_quant_model(entry, m)
@@ -168,9 +168,9 @@ def _torch_side(o: DebugOptions, art, entry, ref, taps):
 def _graph_side(o: DebugOptions, art, entry, ref, taps):
     """The ONNX route's simulation: the graphs run by ONNX Runtime with Q/DQ as written
     (`quant.graph_debug`); same return as `_torch_side`."""
-    from quant import debug as qd
-    from quant import graph_debug
-    from quant.onnx_feeds import load_feeds
+    from hilq.quant import debug as qd
+    from hilq.quant import graph_debug
+    from hilq.quant.onnx_feeds import load_feeds
 
     feeds = load_feeds(entry, ref.data, ref.preprocess, o.build.seed)
     n = min(o.samples, len(feeds))

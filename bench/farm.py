@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from quant.artifact import Artifact
+from hilq.quant.artifact import Artifact
 
 from .errors import UserError
 
@@ -74,7 +74,7 @@ def unpack(packed: dict, into: str | Path) -> Artifact:
 # --- the tasks ------------------------------------------------------------------------------
 def _build(ref, variant: str, out_dir: str, runtime: str, seed: int, calib_data: str) -> dict:
     """A Ray task on any node: build one artifact there, return its files."""
-    from bench import runner
+    from hilq.bench import runner
 
     art = runner.artifact_for(ref, variant, out_dir, runtime, seed=seed, calib_data=calib_data)
     return {**pack(art), "node": _where()}
@@ -83,8 +83,7 @@ def _build(ref, variant: str, out_dir: str, runtime: str, seed: int, calib_data:
 def _measure(cfg, run_id: str, name: str, tasks: list, board) -> dict:
     """A Ray task on the node that owns `device:<name>`: the thread engine's per-device loop."""
     import ray
-
-    from devices import inventory
+    from hilq.devices import inventory
 
     from .errors import one_line
     from .matrix import bench_device

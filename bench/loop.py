@@ -27,7 +27,7 @@ import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
-from quant.allocate import CostTable, solve_ilp
+from hilq.quant.allocate import CostTable, solve_ilp
 
 from . import latmodel
 from .latmodel import FLOAT, INT8, LatencyModel, Observation, Prior

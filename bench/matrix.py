@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from devices.errors import DeviceError
+from hilq.devices.errors import DeviceError
 
 from . import runner
 from .config import Bench, Config

@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devices import inventory
-from devices.errors import DeviceError
+from hilq.devices import inventory
+from hilq.devices.errors import DeviceError
 
 from . import runner
 from .config import Config, Search
@@ -50,10 +50,10 @@ def _accuracy(store, run_id: str, b, seed: int, say, arts: dict | None = None) -
     artifact agrees within 0.3 pt, see tests/test_export.py). Stored once per run. A built
     artifact's manifest already holds it (`simulated`): only a variant without one is
     quantized again here."""
-    from quant.models import load_model
-    from quant.pipeline import quantize_model, variant_bit_config
-    from quant.spec import DISTILL_ITERS
-    from quant.transform import fold_bn
+    from hilq.quant.models import load_model
+    from hilq.quant.pipeline import quantize_model, variant_bit_config
+    from hilq.quant.spec import DISTILL_ITERS
+    from hilq.quant.transform import fold_bn
 
     model, variants = b.model, b.variants
     stored = {(r["model"], r["variant"]) for r in store.rows("accuracy", run_id)}
@@ -277,7 +277,7 @@ def _debug_pick(cfg: Config, store, run_id: str, s: Search, res, artifacts_dir: 
     """The debug verb on the searched configuration, on the same device and runtime: where
     its error comes from, layer by layer, kept with the chosen allocation for the report. A
     failure here is a note, not a failed search."""
-    from quant.options import ExportOptions
+    from hilq.quant.options import ExportOptions
 
     from .debug import DebugOptions, debug
     from .latmodel import FLOAT

@@ -232,7 +232,7 @@ def compare_accuracy(history_values: Sequence[float], current: float | None, n: 
 
 def _current(rows: list[dict], metric: str) -> tuple[float | None, list[float]]:
     """Median over tonight's rounds of the metric, and all rounds' raw samples."""
-    from bench.store import METRICS
+    from hilq.bench.store import METRICS
 
     vals = sorted(r[METRICS[metric]] for r in rows if r[METRICS[metric]] is not None)
     samples = [s for r in rows for s in (r["samples_ms"] or [])]
@@ -244,7 +244,7 @@ def _accuracy_verdicts(store, run_id: str, key: tuple, rows: list[dict], lookbac
     """Device top-1 / agreement, the outputs' task figures (map IoU, mAP, CTC agreement) and
     the user's metric, of one series tonight against its history on the same evaluation set
     (the first round that measured it: the figures are deterministic), each higher-better."""
-    from bench.store import METRICS
+    from hilq.bench.store import METRICS
 
     out = []
     row = next((r for r in rows if r.get("eval_sha256")), None)
@@ -290,7 +290,7 @@ def detect(store, run_id: str, *, metrics: Sequence[str] = DEFAULT_METRICS,
     """Compare every bench measurement of `run_id` with its history and store the verdicts
     (replacing earlier ones for the run, so re-running after a mark-intended is safe).
     Returns the rows written; `[r for r in rows if r["flagged"]]` are the regressions."""
-    from bench.store import HIGHER_IS_BETTER, METRICS
+    from hilq.bench.store import HIGHER_IS_BETTER, METRICS
 
     groups: dict[tuple, list[dict]] = {}
     for r in store.measurements(run_id, kind="bench"):

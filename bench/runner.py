@@ -15,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from hilq.quant import evalset
+from hilq.quant.artifact import Artifact
+
 from hilq import stats
 from hilq.measurement import Measurement, Protocol
-from quant import evalset
-from quant.artifact import Artifact
 
 from .evidence import paired
 from .output import Done
@@ -26,7 +27,7 @@ from .output import Done
 
 def target_for(runtime: str) -> tuple[str, str]:
     """(export target, device) of the artifact `runtime` consumes: its own declaration."""
-    from devices.runtimes import declaration
+    from hilq.devices.runtimes import declaration
 
     consumes = declaration(runtime)[0]
     return consumes.target, consumes.device
@@ -38,7 +39,7 @@ def artifact_for(model, variant, out_dir, runtime: str = "ort", seed: int = 0,
     `quant.models.ModelRef`); an Artifact passes through."""
     if isinstance(variant, Artifact):
         return variant
-    from quant.export import build_artifact
+    from hilq.quant.export import build_artifact
 
     target, device = target_for(runtime)
     return build_artifact(model, variant, out_dir, target=target, device=device, seed=seed,

@@ -21,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from hilq.quant.spec import CALIB_DATA, DISTILL_ITERS, SENSITIVITIES, SpecError
+
 from hilq.measurement import Protocol
-from quant.spec import CALIB_DATA, DISTILL_ITERS, SENSITIVITIES, SpecError
 
 from . import loop
 from .latmodel import FLOAT, INT8
@@ -159,8 +160,8 @@ def run_search(model, device, runtime: str, options: SearchOptions, *, protocol:
 
     With a latency budget: the most accurate configuration that meets it. With an accuracy
     limit: the fastest configuration within it, each candidate's accuracy measured."""
-    from quant.models import load_model, name_of
-    from quant.transform import fold_bn, quantizable_layers
+    from hilq.quant.models import load_model, name_of
+    from hilq.quant.transform import fold_bn, quantizable_layers
 
     ref, name = model, name_of(model)
     entry = load_model(ref)
@@ -202,8 +203,8 @@ def run_search(model, device, runtime: str, options: SearchOptions, *, protocol:
 def _graph_model(entry, ref, options: SearchOptions, progress):
     """The file as the ONNX route sees it, where that route builds its variants; else None
     (the PyTorch route: built-ins, factories, files onnx2torch converts)."""
-    from quant.models import ModelRef
-    from quant.onnx_artifact import route_of
+    from hilq.quant.models import ModelRef
+    from hilq.quant.onnx_artifact import route_of
 
     if not entry.onnx_path:
         return None
@@ -214,8 +215,8 @@ def _graph_model(entry, ref, options: SearchOptions, progress):
     if options.calib_data != "real":
         raise SpecError(f"--calib-data {options.calib_data}: the ONNX route ({why}) calibrates "
                         "on real inputs; give --data")
-    from quant.graph_route import GraphModel
-    from quant.onnx_feeds import load_feeds
+    from hilq.quant.graph_route import GraphModel
+    from hilq.quant.onnx_feeds import load_feeds
 
     progress(f"{entry.name}: searched on its ONNX graph ({why})")
     return GraphModel.of(entry, load_feeds(entry, ref.data, ref.preprocess, options.seed))
@@ -323,8 +324,8 @@ def record(ctx: Context, options: SearchOptions, costs: _Costs, sens: _Sensitivi
 
 def _sensitivity(ctx: Context, net, method, calib_data, samples, distill_iters):
     """(sensitivity, size in bits) per (layer, precision) on real or data-free data."""
-    from quant.sensitivity import sensitivity_table
-    from quant.zeroq import calibration_data, input_prior
+    from hilq.quant.sensitivity import sensitivity_table
+    from hilq.quant.zeroq import calibration_data, input_prior
 
     ctx.progress(f"{ctx.model}: {method} sensitivity on {calib_data} data")
     if ctx.graph is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 
-from quant.spec import SpecError
+from hilq.quant.spec import SpecError
 
 from . import latmodel, loop
 from .latmodel import FLOAT, INT8

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hilq.quant.spec import DISTILL_ITERS, BitConfig, SpecError
+
 from hilq.measurement import Measurement, Protocol
-from quant.spec import DISTILL_ITERS, BitConfig, SpecError
 
 from . import latmodel, loop, runner
 from .latmodel import FLOAT, INT8
@@ -128,7 +129,7 @@ class Context:
         return f"{self.model}-{self.device.name}-{self.runtime}"
 
     def bit_config(self, cfg: dict) -> BitConfig:
-        from quant.sensitivity import config_from_allocation
+        from hilq.quant.sensitivity import config_from_allocation
 
         if self.graph is not None:
             return self.graph.bit_config({k: v for k, v in cfg.items() if v != FLOAT})
@@ -226,8 +227,7 @@ def float_edges(model, layers: list[str]) -> list[tuple[str, str]]:
     non-quantizable ops only (ReLU, pooling, residual adds, flatten): where a Q/DQ pair sits
     between two INT8 layers and none between two float ones."""
     import torch.fx as fx
-
-    from quant.transform import layer_graph
+    from hilq.quant.transform import layer_graph
 
     graph = layer_graph(model)
     wanted = set(layers)
@@ -255,9 +255,9 @@ def _check_runtime(runtime: str) -> None:
     without INT8 kernels for convolutions and linear layers has nothing to choose from."""
     import importlib
 
-    from devices.runtimes import module_name
+    from hilq.devices.runtimes import module_name
 
-    offered = importlib.import_module(f"devices.runtimes.{module_name(runtime)}").precisions()
+    offered = importlib.import_module(f"hilq.devices.runtimes.{module_name(runtime)}").precisions()
     missing = [kind for kind in ("conv", "linear") if INT8 not in offered.get(kind, ())]
     if missing:
         raise SpecError(f"runtime {runtime} has no {INT8} kernels for {', '.join(missing)} "
@@ -268,9 +268,8 @@ def _accuracy(entry, config: BitConfig, calib_data: str = "real") -> dict:
     """Top-1 on labelled data through the fake-quant model (ONNX Runtime agrees with it within
     0.3 pt: see the export tests), else top-1 agreement with the float model."""
     import torch
-
-    from quant.pipeline import quantize_model
-    from quant.spec import DISTILL_ITERS
+    from hilq.quant.pipeline import quantize_model
+    from hilq.quant.spec import DISTILL_ITERS
 
     res = quantize_model(entry, config, calib_data=calib_data, distill_iters=DISTILL_ITERS)
     if res.quant_top1 is not None:

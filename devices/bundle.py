@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hilq import measurement
 from hilq.measurement import Measurement, Protocol
 
 from .agent import FAILURE_OF_EXIT
@@ -15,7 +16,7 @@ from .agent import FAILURE_OF_EXIT
 EXIT_FAILURES = {c: k for c, k in FAILURE_OF_EXIT.items() if c}  # the agent's exit codes
 
 HERE = Path(__file__).resolve().parent
-CORE = HERE.parent / "hilq"      # the numpy-only core the agent shares with the host
+CORE = Path(measurement.__file__).resolve().parent   # the numpy-only core the agent shares
 
 
 def files() -> list[tuple[Path, str]]:

@@ -81,6 +81,7 @@ def peer_quantize(fp32: str, calib_x, out: Path, model: str):
     """ONNX Runtime's own static quantization of the same FP32 file: QDQ, U8 activations,
     S8 per-channel weights, MinMax calibration on the same calibration data as hilq, after
     ORT's recommended pre-processing (shape inference + graph optimisation)."""
+    from hilq.quant.artifact import Artifact
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -88,8 +89,6 @@ def peer_quantize(fp32: str, calib_x, out: Path, model: str):
         quantize_static,
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from quant.artifact import Artifact
 
     path = out / f"{model}-peer-ort-quantize_static.onnx"
     if path.is_file() and Path(f"{path}.manifest.json").is_file():
@@ -124,9 +123,9 @@ def peer_quantize(fp32: str, calib_x, out: Path, model: str):
 
 
 def build_cases(args, out: Path) -> list[Case]:
-    from quant.export import build_artifact
-    from quant.export_torch import build as build_torch
-    from quant.models import load_model
+    from hilq.quant.export import build_artifact
+    from hilq.quant.export_torch import build as build_torch
+    from hilq.quant.models import load_model
 
     m = args.model
     fp32 = build_artifact(m, "fp32", out, target="cpu")

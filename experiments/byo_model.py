@@ -161,10 +161,9 @@ ROWS = ("onnx-real", "factory-real", "distilled-batch", "distilled-sample", "dis
 def compare(out: Path, distill_iters: int, time_s: float | None, only=ROWS,
             calib: str = "minmax", repairs=()) -> dict:
     import numpy as np
-
-    from quant.data import load_data, parse_preprocess
-    from quant.export import build_artifact
-    from quant.models import ModelRef
+    from hilq.quant.data import load_data, parse_preprocess
+    from hilq.quant.export import build_artifact
+    from hilq.quant.models import ModelRef
 
     onnx_path = out / "effnet-lite0.onnx"
     photos = out / "photos"
@@ -261,10 +260,11 @@ def compare(out: Path, distill_iters: int, time_s: float | None, only=ROWS,
 def _time(onnx_path: Path, built: dict, time_s: float) -> dict:
     """p50 of FP32, hilq's real W8A8 and each peer's artifact on its engine (NNCF's OpenVINO
     IR beside its .bin), through hilq's agent: fresh processes, alternating, 3 rounds."""
-    from bench import runner
-    from devices.local import LocalDevice
+    from hilq.bench import runner
+    from hilq.devices.local import LocalDevice
+    from hilq.quant.artifact import Artifact
+
     from hilq.measurement import Protocol
-    from quant.artifact import Artifact
 
     proto = Protocol(min_duration_s=time_s, threads=2)
     dev = LocalDevice()
@@ -312,7 +312,7 @@ def main(argv=None) -> int:
         ap.error(f"--only: unknown rows {sorted(bad)}")
     res = compare(args.out, args.distill_iters, None if args.no_timing else args.time_s, only,
                   args.calib, tuple(r for r in args.repairs.split(",") if r))
-    from devices.agent import cpu_facts
+    from hilq.devices.agent import cpu_facts
 
     print(f"CPU: {cpu_facts()['model']}; {res['calib_images']} calibration and "
           f"{res['test_images']} evaluation images; FP32 max softmax median "

@@ -23,10 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-from bench import latmodel, runner, search, search_context
-from bench.latmodel import FLOAT, INT8
-from bench.store import open_store
-from devices.local import LocalDevice
+from hilq.bench import latmodel, runner, search, search_context
+from hilq.bench.latmodel import FLOAT, INT8
+from hilq.bench.store import open_store
+from hilq.devices.local import LocalDevice
+
 from experiments import deltas
 from hilq.measurement import Protocol
 
@@ -70,8 +71,8 @@ def searches(model, runtime, budgets, args, store, device, protocol, log) -> lis
 
 def heldout(model, runtime, args, store, device, protocol, log) -> dict:
     """Both models predicting the same held-out mixes, measured beside the uniforms."""
-    from quant.models import load_model
-    from quant.transform import fold_bn, quantizable_layers
+    from hilq.quant.models import load_model
+    from hilq.quant.transform import fold_bn, quantizable_layers
 
     folded = fold_bn(load_model(model).build().eval())
     layers = quantizable_layers(folded)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from bench.latmodel import FLOAT
+from hilq.bench.latmodel import FLOAT
 
 BASELINE_EVERY = 6   # configurations between re-measurements of the baseline
 

@@ -40,13 +40,13 @@ def _judge(ref, got) -> dict:
 
 
 def _w8a8(fmodel, calib_x, observer, names, repairs=()):
-    from quant.spec import parse_variant, variant_config
-    from quant.transform import batches, calibrate, prepare
+    from hilq.quant.spec import parse_variant, variant_config
+    from hilq.quant.transform import batches, calibrate, prepare
 
     config = variant_config(parse_variant("w8a8"), names, calib=observer)
     q = calibrate(prepare(fmodel, config, fold=False), batches(calib_x, 16)).eval()
     if "bias" in repairs:
-        from quant.repairs import bias_correction
+        from hilq.quant.repairs import bias_correction
         bias_correction(q, fmodel, calib_x)
     return q
 
@@ -64,11 +64,10 @@ def main(argv=None) -> int:
 
     import torch
     from byo_model import PRE, efficientnet_lite0
-
-    from quant import zeroq
-    from quant.data import load_data, parse_preprocess
-    from quant.evaluate import logits
-    from quant.transform import fold_bn, quantizable_layers
+    from hilq.quant import zeroq
+    from hilq.quant.data import load_data, parse_preprocess
+    from hilq.quant.evaluate import logits
+    from hilq.quant.transform import fold_bn, quantizable_layers
 
     torch.manual_seed(0)
     pre = parse_preprocess(PRE)

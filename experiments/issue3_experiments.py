@@ -21,14 +21,13 @@ import sys
 import time
 
 import torch
-
-from quant import qat, zeroq
-from quant.allocate import CostTable, solve_ilp
-from quant.evaluate import top1
-from quant.models import load_model
-from quant.sensitivity import config_from_allocation, sensitivity_table
-from quant.spec import parse_variant, variant_config
-from quant.transform import (
+from hilq.quant import qat, zeroq
+from hilq.quant.allocate import CostTable, solve_ilp
+from hilq.quant.evaluate import top1
+from hilq.quant.models import load_model
+from hilq.quant.sensitivity import config_from_allocation, sensitivity_table
+from hilq.quant.spec import parse_variant, variant_config
+from hilq.quant.transform import (
     fold_bn,
     layer_infos,
     quantizable_layers,

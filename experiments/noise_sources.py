@@ -19,9 +19,10 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from bench import runner
-from devices.agent import cpu_facts
-from devices.local import LocalDevice
+from hilq.bench import runner
+from hilq.devices.agent import cpu_facts
+from hilq.devices.local import LocalDevice
+
 from hilq.measurement import Protocol
 
 BASE = Protocol(min_iters=50, min_duration_s=1.5)

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.cli import main as hilq
+from hilq.bench.cli import main as hilq
 
 VARIANTS = [(8, 8), (4, 8), (4, 4), (2, 8)]
 CALIBS = ["minmax", "percentile", "mse", "entropy"]

@@ -17,8 +17,7 @@ import statistics
 import sys
 
 import numpy as np
-
-from bench import regress
+from hilq.bench import regress
 
 
 def night(rng, median: float, cv: float, rounds: int, samples: int = 50) -> list[np.ndarray]:

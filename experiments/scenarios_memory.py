@@ -21,10 +21,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from bench.report import render
-from bench.runner import artifact_for, bench_variants, combine, measure_artifacts
-from bench.store import open_store
-from devices.local import LocalDevice
+from hilq.bench.report import render
+from hilq.bench.runner import artifact_for, bench_variants, combine, measure_artifacts
+from hilq.bench.store import open_store
+from hilq.devices.local import LocalDevice
+
 from experiments.closed_loop_real import cpu
 from hilq.measurement import Protocol
 

@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from bench import latmodel, loop, simulate
+from hilq.bench import latmodel, loop, simulate
 
 
 def trial(seed: int, noise: float, layers: int, closed: bool, noise_of: str = "smallest"):

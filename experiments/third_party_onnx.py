@@ -200,7 +200,7 @@ def fetch() -> None:
 # ---------------------------------------------------------------- compare
 
 def _ref(name: str, route: str = "auto"):
-    from quant.models import ModelRef
+    from hilq.quant.models import ModelRef
 
     m = MODELS[name]
     data = str(CACHE / "photos") if m.data == "photos" else str(CACHE / f"{m.data}.npz")
@@ -210,9 +210,8 @@ def _ref(name: str, route: str = "auto"):
 
 
 def _reader(entry, feeds):
+    from hilq.quant.onnx_run import chunk_size, chunks
     from onnxruntime.quantization import CalibrationDataReader
-
-    from quant.onnx_run import chunk_size, chunks
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -244,8 +243,7 @@ def _peers(entry, feeds, out: Path) -> dict:
     try:
         import nncf
         import openvino as ov
-
-        from quant.onnx_run import chunks
+        from hilq.quant.onnx_run import chunks
 
         model = ov.Core().read_model(entry.onnx_path)
         model.reshape({port: list(i.shape) for port, i in zip(model.inputs, entry.inputs)})
@@ -261,8 +259,9 @@ def _peers(entry, feeds, out: Path) -> dict:
 
 def _fidelity(runtime: str, path, entry, feeds, ev: dict) -> dict:
     """Per-output SQNR and the task figures of `path` on the engine, in this process."""
+    from hilq.quant.onnx_run import chunk_size, chunks
+
     from hilq.accuracy import evaluate
-    from quant.onnx_run import chunk_size, chunks
 
     size = chunk_size(entry.inputs, feeds.test, feeds.fixed)
     if runtime == "openvino":
@@ -296,8 +295,9 @@ def _fidelity(runtime: str, path, entry, feeds, ev: dict) -> dict:
 
 
 def _timing(name: str, runtime: str, arts: dict, time_s: float, rounds: int) -> dict:
-    from bench import runner
-    from devices.local import LocalDevice
+    from hilq.bench import runner
+    from hilq.devices.local import LocalDevice
+
     from hilq.measurement import Protocol
 
     ms = runner.measure_artifacts(LocalDevice(), runtime, name, arts,
@@ -308,10 +308,10 @@ def _timing(name: str, runtime: str, arts: dict, time_s: float, rounds: int) -> 
 
 
 def compare_one(name: str, time_s: float, rounds: int, timing: bool = True) -> dict:
-    from quant.artifact import Artifact
-    from quant.export import build_artifact
-    from quant.models import load_model
-    from quant.onnx_feeds import load_feeds
+    from hilq.quant.artifact import Artifact
+    from hilq.quant.export import build_artifact
+    from hilq.quant.models import load_model
+    from hilq.quant.onnx_feeds import load_feeds
 
     ref = _ref(name)
     out = CACHE / "artifacts" / name

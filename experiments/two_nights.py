@@ -19,11 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-from bench import config
-from bench.nightly import run_nightly
-from bench.runner import artifact_for, measure_artifacts
-from bench.store import open_store
-from devices.local import LocalDevice
+from hilq.bench import config
+from hilq.bench.nightly import run_nightly
+from hilq.bench.runner import artifact_for, measure_artifacts
+from hilq.bench.store import open_store
+from hilq.devices.local import LocalDevice
+
 from experiments.closed_loop_real import cpu
 from hilq.measurement import Protocol
 

@@ -275,4 +275,4 @@ def as_data(obj, spec: str) -> Data:
             return Data(**obj)
         except TypeError as e:
             raise ModelError(f"data factory {spec!r} returned a dict with bad keys: {e}") from None
-    raise ModelError(f"data factory {spec!r} must return quant.models.Data or a dict")
+    raise ModelError(f"data factory {spec!r} must return hilq.quant.models.Data or a dict")

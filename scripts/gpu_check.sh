@@ -28,7 +28,7 @@ rc=0
 for model in resnet50 tiny-transformer; do
   variants=fp16,bf16,w8a8,w4a16
   echo "== $model: $variants on torch-cuda"
-  timeout 240 python3 -m bench bench --model "$model" --runtime torch-cuda \
+  timeout 240 python3 -m hilq bench --model "$model" --runtime torch-cuda \
       --variants "$variants" --rounds 2 --min-duration-s 1 --power nvml --idle-s 2 \
       --no-store --json "$out/$model.json" 2>&1 | tail -20 | tee "$out/$model.log"
   status=${PIPESTATUS[0]}

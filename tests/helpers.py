@@ -114,10 +114,10 @@ def write_nightly_config(path: Path, *, protocol: dict | None = None,
 def export_digits_w8a8(folder: Path) -> tuple:
     """digits-cnn, BN folded, quantized w8a8 (seed 0) and exported to `folder`/digits-w8a8.onnx
     with its calibration data: (quantized model, data, path, export_onnx's info)."""
-    from quant.export import export_onnx
-    from quant.models import load_model
-    from quant.pipeline import quantize_model, variant_bit_config
-    from quant.transform import fold_bn
+    from hilq.quant.export import export_onnx
+    from hilq.quant.models import load_model
+    from hilq.quant.pipeline import quantize_model, variant_bit_config
+    from hilq.quant.transform import fold_bn
 
     entry = load_model("digits-cnn")
     net, data = entry.build().eval(), entry.data()

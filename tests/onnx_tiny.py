@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from hilq.quant.artifact import Artifact
 from onnx import TensorProto, helper, numpy_helper
-
-from quant.artifact import Artifact
 
 
 def tiny_onnx(path: Path, width: int = 64, depth: int = 2, seed: int = 0) -> Path:

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 from helpers import QUICK_PROTOCOL
+from hilq.devices import bundle, timing
 from onnx_tiny import reference_npz, tiny_artifact
-
-from devices import bundle, timing
 
 QUICK = {**QUICK_PROTOCOL, "min_iters": 30}
 

@@ -9,9 +9,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-
-from bench.cli import main
-from quant.allocate import CostTable, exhaustive, frontier, pareto_dp, solve_ilp
+from hilq.bench.cli import main
+from hilq.quant.allocate import CostTable, exhaustive, frontier, pareto_dp, solve_ilp
 
 PRECISIONS = ("w2a8", "w4a8", "w8a8")
 COLUMNS = ("size_bits", "latency_ms", "energy_mj", "bops")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from quant.allocate import CostTable, solve_ilp
+from hilq.quant.allocate import CostTable, solve_ilp
 
 
 def _problem(seed: int = 0):

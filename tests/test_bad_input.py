@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from bench.cli import main
+from hilq.bench.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 Q = ["quantize", "--model", "digits-cnn", "--w-bits", "8", "--a-bits", "8"]
@@ -144,7 +143,7 @@ def tmp(tmp_path_factory) -> Path:
                                  "fc,w8a8,0.2,1.0\nfc,fp32,0.0,1.5\n")
     (d / "nan.csv").write_text("layer,precision,sensitivity,latency_ms\n"
                                "conv1,w8a8,0.1,nan\nconv1,fp32,0.0,2.0\n")
-    from bench.store import open_store
+    from hilq.bench.store import open_store
 
     with open_store(str(d / "store.sqlite")) as store:
         store.finish_run(store.begin_run({"command": "test"}), "ok")
@@ -152,7 +151,7 @@ def tmp(tmp_path_factory) -> Path:
 
 
 def test_the_battery_covers_every_command_with_at_least_50_inputs():
-    from bench.cli import COMMANDS
+    from hilq.bench.cli import COMMANDS
 
     assert len(CASES) >= 50
     assert {argv[0] for argv, _ in CASES} >= set(COMMANDS)
@@ -177,7 +176,7 @@ def test_bad_input_is_one_line_naming_the_value_exit_2(argv, needle, tmp, capfd,
 
 def _hilq(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "hilq", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

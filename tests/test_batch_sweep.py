@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from bench import cli
-from bench.report import render
-from bench.store import open_store
+from hilq.bench import cli
+from hilq.bench.report import render
+from hilq.bench.store import open_store
 
 
 def test_batch_sweep_measures_each_shape_and_the_report_plots_it(tmp_path, capsys):

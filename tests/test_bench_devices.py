@@ -11,10 +11,10 @@ Numbers land in pytest-benchmark's `extra_info` (and on stdout with -s).
 import statistics
 
 import pytest
+from hilq.devices import timing
+from hilq.devices.agent import LoadProbe
+from hilq.devices.local import LocalDevice
 
-from devices import timing
-from devices.agent import LoadProbe
-from devices.local import LocalDevice
 from hilq import stats
 from hilq.measurement import Protocol
 
@@ -48,7 +48,7 @@ def test_busy_wait_p50_within_2_percent(benchmark, true_ms):
 
 
 def test_resnet18_int8_run_to_run_cv(benchmark, tmp_path_factory):
-    export = pytest.importorskip("quant.export", reason="quant.export builds the INT8 artifact")
+    export = pytest.importorskip("hilq.quant.export", reason="hilq.quant.export builds the INT8 artifact")
     art = export.build_artifact("resnet18", "w8a8", tmp_path_factory.mktemp("r18"), target="cpu")
     dev = LocalDevice(workdir=str(tmp_path_factory.mktemp("work")))
     proto = Protocol(warmup_iters=10, warmup_s=1.0, min_iters=50, min_duration_s=3.0)

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-
-from quant.codebook import (
+from hilq.quant.codebook import (
     CENTROID_BITS,
     SCALE_BITS,
     binarize,
@@ -81,8 +80,8 @@ def test_kmeans_is_deterministic_and_improves_with_bits():
         errs = [quant_error(kmeans_quantize(w, bits, init=init), w) for bits in range(1, 7)]
         assert all(x > y for x, y in zip(errs, errs[1:])), errs
     # a codebook fits the data: k-means beats a uniform grid with the same number of levels
-    from quant.quantizer import fake_quant_minmax
-    from quant.spec import QuantSpec
+    from hilq.quant.quantizer import fake_quant_minmax
+    from hilq.quant.spec import QuantSpec
     uniform = float(((w - fake_quant_minmax(w, QuantSpec(bits=3))) ** 2).sum())
     assert quant_error(kmeans_quantize(w, 3), w) < uniform
 

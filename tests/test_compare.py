@@ -11,11 +11,11 @@ import sys
 
 import numpy as np
 import pytest
+from hilq.bench import regress
+from hilq.bench.cli import main
+from hilq.bench.report import plots
+from hilq.bench.store import open_store
 
-from bench import regress
-from bench.cli import main
-from bench.report import plots
-from bench.store import open_store
 from hilq.measurement import Measurement
 from hilq.stats import Stats
 
@@ -114,7 +114,7 @@ def test_index_lists_commits_in_order_with_error_bars_and_links(tmp_path, capsys
                                                                  monkeypatch):
     monkeypatch.chdir(tmp_path)
     shas = iter(["aaaa1111" * 5, "bbbb2222" * 5, "cccc3333" * 5])
-    monkeypatch.setattr(sys.modules["bench.store.db"], "git_sha", lambda: next(shas))
+    monkeypatch.setattr(sys.modules["hilq.bench.store.db"], "git_sha", lambda: next(shas))
     many = {f"v{i:02d}": 1.0 + i for i in range(13)}        # 13 series: two figures
     store = open_store(tmp_path / "hilq.sqlite")
     runs = [add_run(store, n, {"v03": 1.3} if n == 2 else None, rounds=1, variants=many)

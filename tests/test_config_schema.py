@@ -11,12 +11,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from hilq.bench import config, config_schema
+from hilq.bench.cli import main
 from jsonschema import Draft202012Validator
 from test_config_types import BAD, GOOD
 from test_inventory import GOOD as TESTED_INVENTORY
-
-from bench import config, config_schema
-from bench.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [ROOT / "bench" / "nightly-local.toml", *sorted((ROOT / "configs").glob("*.toml"))]
@@ -31,7 +30,7 @@ def _validator(what: str) -> Draft202012Validator:
 def _inventories() -> list[tuple[str, str]]:
     """(where, TOML) for every example inventory: the ```toml blocks of the Markdown pages
     and the inventory's own docstring that hold a [devices.NAME] table."""
-    from devices import inventory
+    from hilq.devices import inventory
 
     found = [("devices/inventory.py", textwrap.dedent(inventory.__doc__.split("\n\n")[1])),
              ("tests/test_inventory.py", TESTED_INVENTORY)]
@@ -97,7 +96,7 @@ def test_an_inventory_entry_without_kind_is_local():
 
 
 def test_a_key_added_to_the_inventory_appears_without_an_edit(monkeypatch):
-    from devices import inventory
+    from hilq.devices import inventory
 
     monkeypatch.setitem(inventory.KEYS, "ssh", {**inventory.KEYS["ssh"], "baud": int})
     ssh = config_schema.inventory()["$defs"]["ssh"]

@@ -5,8 +5,7 @@ file, the key, what was expected and what was given; the shipped configs all pas
 from pathlib import Path
 
 import pytest
-
-from bench import config
+from hilq.bench import config
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = '''name = "t"

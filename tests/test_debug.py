@@ -13,14 +13,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from hilq.bench import cli, debug_report
+from hilq.bench.debug import saturates as engine_saturates
+from hilq.quant import debug as qd
+from hilq.quant.artifact import Artifact
+from hilq.quant.debug_onnx import write_debug_artifact
 from onnx import numpy_helper
 from torch import nn
-
-from bench import cli, debug_report
-from bench.debug import saturates as engine_saturates
-from quant import debug as qd
-from quant.artifact import Artifact
-from quant.debug_onnx import write_debug_artifact
 
 KEYS = {"layer", "sqnr_db", "sqnr_db_simulated", "cosine", "own_error_db"}
 
@@ -93,8 +92,8 @@ def test_inherited_noise_adds_in_power():
 
 
 def test_capture_survives_inplace_relu_and_own_error_uses_float_inputs():
-    from quant.pipeline import variant_bit_config
-    from quant.transform import calibrate, prepare
+    from hilq.quant.pipeline import variant_bit_config
+    from hilq.quant.transform import calibrate, prepare
 
     torch.manual_seed(0)
     f = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(inplace=True),
@@ -234,7 +233,7 @@ def test_bad_input_is_one_line(argv, msg, capsys):
 
 
 def test_fp32_artifact_has_nothing_to_debug(tmp_path, capsys):
-    from quant.export import build_artifact
+    from hilq.quant.export import build_artifact
 
     art = build_artifact("digits-cnn", "fp32", tmp_path)
     assert cli.main(["debug", "--artifact", art.path]) == 2
@@ -246,10 +245,10 @@ def test_a_float_last_layer_is_debugged_too(tmp_path):
     graph's own output, whose shape shape inference reports outside `value_info`. The debug
     copy must still declare it (the checker refused the copy, and the nightly's debug of the
     searched configuration read "not run: ValidationError")."""
-    from quant.models import load_model
-    from quant.pipeline import variant_bit_config
-    from quant.spec import BitConfig
-    from quant.transform import fold_bn
+    from hilq.quant.models import load_model
+    from hilq.quant.pipeline import variant_bit_config
+    from hilq.quant.spec import BitConfig
+    from hilq.quant.transform import fold_bn
 
     net = fold_bn(load_model("digits-cnn").build().eval())
     cfg = variant_bit_config(net, "w8a8")

@@ -4,10 +4,10 @@ repeated baselines, drift-corrected deltas and the float-float boundary terms.""
 from __future__ import annotations
 
 import pytest
+from hilq.bench.latmodel import FLOAT, INT8
+from hilq.quant.allocate import CostTable, exhaustive, solve_ilp
 
-from bench.latmodel import FLOAT, INT8
 from experiments import deltas as dm
-from quant.allocate import CostTable, exhaustive, solve_ilp
 
 B = "uniform-w8a8"
 

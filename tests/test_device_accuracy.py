@@ -13,17 +13,17 @@ import numpy as np
 import onnx
 import pytest
 from helpers import quick_protocol
+from hilq.bench import cli, regress
+from hilq.bench.runner import bench_variants
+from hilq.bench.store import open_store
+from hilq.devices.local import LocalDevice
+from hilq.quant import evalset
+from hilq.quant.artifact import Artifact
+from hilq.quant.export import build_artifact
 from onnx import numpy_helper
 
-from bench import cli, regress
-from bench.runner import bench_variants
-from bench.store import open_store
-from devices.local import LocalDevice
 from hilq.accuracy import evaluate
 from hilq.measurement import Measurement
-from quant import evalset
-from quant.artifact import Artifact
-from quant.export import build_artifact
 
 QUICK = quick_protocol(warmup_iters=2)
 
@@ -119,7 +119,7 @@ def test_torch_programs_are_judged_on_the_device_too(digits, tmp_path):
     """`.pt2` artifacts carry an evaluation set too (the same test inputs and FP32 logits as
     the ONNX one, keyed by the program's own input name), and the torch runtime's figures
     sit beside the saved program's eager run on the host."""
-    from quant import export_torch
+    from hilq.quant import export_torch
 
     onnx_ev = evalset.load(digits[0]["fp32"])
     arts = [export_torch.build("digits-cnn", v, tmp_path / "a") for v in ("fp32", "w8a8")]

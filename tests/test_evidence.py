@@ -3,11 +3,11 @@ paired sample by sample, an exact McNemar test on the samples they disagree on
 (bench.evidence). One flip in 16 samples is no red line; 8 in 450 is, with its p-value."""
 
 import pytest
+from hilq.bench.evidence import paired
+from hilq.bench.report import render
+from hilq.bench.runner import with_simulated
+from hilq.bench.store import open_store
 
-from bench.evidence import paired
-from bench.report import render
-from bench.runner import with_simulated
-from bench.store import open_store
 from hilq.accuracy import bits
 from hilq.measurement import Measurement
 
@@ -57,7 +57,7 @@ def test_report_red_line_only_with_evidence(tmp_path):
 def _nights(tmp_path, n: int, flips: int) -> list[dict]:
     """Two nights of one variant on one evaluation set; tonight `flips` samples that were
     right last night are wrong."""
-    from bench import regress
+    from hilq.bench import regress
 
     store = open_store(tmp_path / f"nights-{n}.sqlite")
     for night, lost in enumerate((0, flips)):

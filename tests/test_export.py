@@ -9,14 +9,13 @@ import onnx
 import pytest
 import torch
 from helpers import export_digits_w8a8, ort_quantize_static
+from hilq.devices.runtimes import ort as ort_runtime
+from hilq.quant.artifact import Artifact
+from hilq.quant.export import build_artifact, export_onnx, float_model, target_config
+from hilq.quant.spec import BitConfig, parse_variant, variant_config
+from hilq.quant.transform import fold_bn, quantizable_layers, quantize
 from onnx import numpy_helper
 from torch import nn
-
-from devices.runtimes import ort as ort_runtime
-from quant.artifact import Artifact
-from quant.export import build_artifact, export_onnx, float_model, target_config
-from quant.spec import BitConfig, parse_variant, variant_config
-from quant.transform import fold_bn, quantizable_layers, quantize
 
 
 class ResCNN(nn.Module):
@@ -331,7 +330,7 @@ def test_build_artifact_manifest_cache_and_reference(tmp_path):
 
 
 def test_config_variant_keeps_unnamed_layer_float(tmp_path):
-    from quant.spec import LayerPrecision, act_spec, weight_spec
+    from hilq.quant.spec import LayerPrecision, act_spec, weight_spec
 
     layers = ["stem.0", "block.conv1", "block.conv2", "down.0", "conv.0"]   # fc left float
     cfg = BitConfig({n: LayerPrecision(weight_spec(8), act_spec(8)) for n in layers})
@@ -365,7 +364,7 @@ def test_corrupt_artifact_is_a_clear_error(tmp_path):
 
 
 def test_bad_target_and_fp16_cpu_are_user_errors(tmp_path):
-    from quant.spec import SpecError
+    from hilq.quant.spec import SpecError
 
     with pytest.raises(SpecError, match="target"):
         build_artifact("digits-cnn", "w8a8", tmp_path, target="tpu")
@@ -386,7 +385,7 @@ def test_kernels_profiling_fallback_matches(monkeypatch, digits_w8a8):
 
 
 def test_cli_export(tmp_path, capsys):
-    from bench.cli import main
+    from hilq.bench.cli import main
 
     out = tmp_path / "e.json"
     assert main(["export", "--model", "digits-cnn", "--variant", "w8a8", "--out",

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import pytest
 from helpers import DIGITS_BENCH, QUICK_PROTOCOL, require_import, write_nightly_config
-
-from bench import config
-from bench.nightly import run_nightly
-from bench.store import open_store
+from hilq.bench import config
+from hilq.bench.nightly import run_nightly
+from hilq.bench.store import open_store
 
 try:
     import ray
@@ -171,7 +170,7 @@ def replace_engine(cfg, engine: str):
 
 
 def test_sqlite_across_nodes_is_refused_in_one_line(cluster, tmp_path):
-    from bench import farm
+    from hilq.bench import farm
 
     with pytest.raises(farm.FarmError, match="SQLite file, which nodes of a Ray cluster do not "
                                              "share"):
@@ -223,7 +222,7 @@ def test_no_address_starts_a_local_instance_with_the_thread_engines_rows(tmp_pat
     # its own HOME: the local instance Ray starts writes ~/.ray/auth_token, which a cluster
     # started later by `ray start` (the fixture above) would then refuse
     env = {**os.environ, "HOME": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "bench", "nightly", "--config", cfg.source,
+    r = subprocess.run([sys.executable, "-m", "hilq", "nightly", "--config", cfg.source,
                         "--no-report", "--json", str(out)], cwd=tmp_path, capture_output=True,
                        text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout + r.stderr

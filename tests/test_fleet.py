@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 from helpers import DIGITS_BENCH, QUICK_PROTOCOL, write_nightly_config
+from hilq.devices.bundle import DEADLINE_GRACE_S
+from hilq.devices.errors import DeviceError
+from hilq.devices.ssh import SSHDevice
 from netfleet import Fleet, wait_for
 from onnx_tiny import tiny_artifact
 
-from devices.bundle import DEADLINE_GRACE_S
-from devices.errors import DeviceError
-from devices.ssh import SSHDevice
 from hilq.measurement import Protocol
 
 pytestmark = pytest.mark.ssh
@@ -64,7 +64,7 @@ def test_nightly_on_three_hosts_one_cut_mid_measurement(fleet, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HILQ_CACHE": os.environ.get(
         "HILQ_CACHE", str(ROOT / ".cache"))}
     db = tmp_path / "results" / "hilq.sqlite"
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "nightly", "--config", "n.toml",
+    proc = subprocess.Popen([sys.executable, "-m", "hilq", "nightly", "--config", "n.toml",
                              "--no-report"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import DIGITS_BENCH, write_nightly_config
-
-from bench.store import open_store
+from hilq.bench.store import open_store
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +59,7 @@ def _nightly(tmp_path: Path, inv: Path, *extra) -> subprocess.Popen:
         protocol={"warmup_iters": 3, "warmup_s": 0.0, "min_iters": 10, "min_duration_s": 10.0,
                   "idle_s": 0.05, "threads": 1},
         bench=[{**DIGITS_BENCH, "devices": ["here"], "accuracy": False}])
-    return subprocess.Popen([sys.executable, "-m", "bench", "nightly", "--config", str(cfg),
+    return subprocess.Popen([sys.executable, "-m", "hilq", "nightly", "--config", str(cfg),
                              "--no-report", *extra], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -85,7 +84,7 @@ def _interrupt_then_resume(tmp_path: Path, inv: Path, work: Path, sig) -> tuple[
         before = store.rows("measurements", run["id"])
     assert not (work / "lock").exists()                      # the SSH device's lock
     if (work / "locks").is_dir():                            # the local device's flock
-        from devices.lock import local_lock
+        from hilq.devices.lock import local_lock
 
         with local_lock(str(work / "locks" / "here.lock"), wait_s=0):
             pass

@@ -8,11 +8,10 @@ import onnx
 import pytest
 import torch
 from helpers import export_digits_w8a8, ort_quantize_static
+from hilq.quant.export import export_onnx
+from hilq.quant.intref import IntegerReference, dyadic, requantize, rounding_shift
+from hilq.quant.transform import fold_bn
 from onnx import numpy_helper
-
-from quant.export import export_onnx
-from quant.intref import IntegerReference, dyadic, requantize, rounding_shift
-from quant.transform import fold_bn
 
 
 def _ort(path, precise: bool):
@@ -105,8 +104,8 @@ def test_digits_cnn_ort_default_kernels_saturate(digits_onnx):
     users) held to it on this CPU: on x86 with AVX2 but no VNNI, ORT's default U8S8 kernels
     (vpmaddubsw) saturate int16 pair sums, so some outputs are off by more than 1 LSB until
     `session.x64quantprecision=1`; with VNNI (or AMX) they are exact either way."""
-    from bench.debug import saturates
-    from devices.machine import cpu_facts
+    from hilq.bench.debug import saturates
+    from hilq.devices.machine import cpu_facts
 
     path, data = digits_onnx
     diff = _lsb_diff(path, data.test_x.numpy(), precise=False)
@@ -130,8 +129,8 @@ def test_residual_maxpool_cnn_within_one_lsb_of_ort(tmp_path):
 
 def test_ort_quantize_static_graph_within_one_lsb(digits_onnx, tmp_path):
     """The reference reads any QDQ graph of this form, ORT's own quantizer's output too."""
-    from quant.export import float_model
-    from quant.models import load_model
+    from hilq.quant.export import float_model
+    from hilq.quant.models import load_model
 
     _, data = digits_onnx
     fp32 = tmp_path / "fp32.onnx"

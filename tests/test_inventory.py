@@ -1,11 +1,10 @@
 """devices/inventory.py: devices.toml parsing and validation."""
 
 import pytest
-
-from devices import inventory
-from devices.errors import DeviceError
-from devices.local import LocalDevice
-from devices.ssh import SSHDevice
+from hilq.devices import inventory
+from hilq.devices.errors import DeviceError
+from hilq.devices.local import LocalDevice
+from hilq.devices.ssh import SSHDevice
 
 GOOD = """
 [devices.edge1]

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 from helpers import quick_protocol
+from hilq.bench import cli
+from hilq.bench.runner import bench_variants, combine
+from hilq.devices import lock
+from hilq.devices.local import LocalDevice
 from onnx_tiny import reference_npz, tiny_artifact
 
-from bench import cli
-from bench.runner import bench_variants, combine
-from devices import lock
-from devices.local import LocalDevice
 from hilq.measurement import Measurement, Protocol
 
 QUICK = quick_protocol(warmup_iters=2, min_iters=20)
@@ -143,7 +143,7 @@ def art_missing(tmp_path):
 
 
 def test_cli_bench_stores_every_round(tmp_path):
-    from bench.store import Store, resolve_url
+    from hilq.bench.store import Store, resolve_url
 
     art = tiny_artifact(tmp_path)
     db = tmp_path / "r.sqlite"
@@ -179,11 +179,11 @@ def test_cli_bench_builds_checks_and_verifies_on_each_cpu_runtime(tmp_path, runt
 def test_a_layer_left_float_on_purpose_is_not_a_degraded_run(tmp_path):
     """A per-layer mix keeps some layers float by design; only float kernels beyond those make
     an integer run `degraded`."""
-    from quant.export import build_artifact
-    from quant.models import load_model
-    from quant.pipeline import variant_bit_config
-    from quant.spec import BitConfig
-    from quant.transform import fold_bn
+    from hilq.quant.export import build_artifact
+    from hilq.quant.models import load_model
+    from hilq.quant.pipeline import variant_bit_config
+    from hilq.quant.spec import BitConfig
+    from hilq.quant.transform import fold_bn
 
     folded = fold_bn(load_model("digits-cnn").build())
     int8 = variant_bit_config(folded, "w8a8")
@@ -204,12 +204,12 @@ def test_an_integer_claim_that_the_engine_runs_in_float_is_degraded(tmp_path):
     the graph, the manifest claiming w8a8 throughout): `degraded`, the float layer named."""
     import shutil
 
-    from quant.artifact import Artifact
-    from quant.export import build_artifact
-    from quant.models import load_model
-    from quant.pipeline import variant_bit_config
-    from quant.spec import BitConfig
-    from quant.transform import fold_bn
+    from hilq.quant.artifact import Artifact
+    from hilq.quant.export import build_artifact
+    from hilq.quant.models import load_model
+    from hilq.quant.pipeline import variant_bit_config
+    from hilq.quant.spec import BitConfig
+    from hilq.quant.transform import fold_bn
 
     folded = fold_bn(load_model("digits-cnn").build())
     int8 = variant_bit_config(folded, "w8a8")
@@ -235,8 +235,8 @@ def test_local_and_ssh_devices_answer_the_device_protocol():
     """Both transports are `devices.device.Device`s, with run() taking the same arguments."""
     import inspect
 
-    from devices.device import Device
-    from devices.ssh import SSHDevice
+    from hilq.devices.device import Device
+    from hilq.devices.ssh import SSHDevice
 
     local = LocalDevice()
     assert isinstance(local, Device)

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from hilq.bench.cli import console
 from onnx import TensorProto, helper, numpy_helper
-
-from bench.cli import console
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +44,7 @@ def test_a_piped_command_keeps_long_names_on_one_line(tmp_path):
     table = tmp_path / "costs.csv"
     table.write_text("layer,precision,sensitivity,latency_ms\n"
                      f"{name},w8a8,0.5,1.0\n{name},fp32,0.0,2.0\n")
-    r = subprocess.run([sys.executable, "-m", "bench", "allocate", "--table", str(table),
+    r = subprocess.run([sys.executable, "-m", "hilq", "allocate", "--table", str(table),
                         "--budget", "latency_ms=3"], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": ""}, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -67,8 +66,8 @@ def test_host_side_onnx_runtime_sessions_log_at_error_level(tmp_path, capfd):
     """The calibration pass and the export's deviation check (quant.onnx_export, quant.assembly) and the engine's
     profiling session (devices.runtimes.ort) open a graph with an unused initializer: ORT's
     default level would print a warning for it on fd 2 each time."""
-    from devices.runtimes import ort as ort_runtime
-    from quant import assembly, onnx_export
+    from hilq.devices.runtimes import ort as ort_runtime
+    from hilq.quant import assembly, onnx_export
 
     path = _unused_initializer_model(tmp_path / "m.onnx")
     x = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)

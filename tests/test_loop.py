@@ -7,9 +7,8 @@ import statistics
 
 import numpy as np
 import pytest
-
-from bench import latmodel, loop, simulate
-from bench.latmodel import FLOAT, INT8, Observation
+from hilq.bench import latmodel, loop, simulate
+from hilq.bench.latmodel import FLOAT, INT8, Observation
 
 
 def _all_configs(layers):

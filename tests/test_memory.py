@@ -9,13 +9,12 @@ import sys
 
 import pytest
 from helpers import quick_protocol
-
-from bench.report import render
-from bench.runner import bench_variants
-from bench.store import open_store
-from devices import memory
-from devices.local import LocalDevice
-from quant.export import build_artifact
+from hilq.bench.report import render
+from hilq.bench.runner import bench_variants
+from hilq.bench.store import open_store
+from hilq.devices import memory
+from hilq.devices.local import LocalDevice
+from hilq.quant.export import build_artifact
 
 QUICK = quick_protocol()
 LINUX = os.path.exists(memory.STATUS)
@@ -24,7 +23,7 @@ LINUX = os.path.exists(memory.STATUS)
 PHASES = """
 import json, sys
 import numpy as np
-from devices import memory
+from hilq.devices import memory
 t = memory.Tracker()
 big = np.ones(200 * 2**20 // 8)       # 200 MiB, touched, then freed
 del big

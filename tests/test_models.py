@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hilq.quant.evaluate import agreement, top1
+from hilq.quant.models import BUILTIN, Data, ModelError, convnets, digits, load_model, transformer
+from hilq.quant.transform import fold_bn, quantizable_layers
 from torch import nn
-
-from quant.evaluate import agreement, top1
-from quant.models import BUILTIN, Data, ModelError, convnets, digits, load_model, transformer
-from quant.transform import fold_bn, quantizable_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 from helpers import DIGITS_BENCH, DIGITS_SEARCH, QUICK_PROTOCOL, write_nightly_config
-
-from bench import config
-from bench.cli import main
+from hilq.bench import config
+from hilq.bench.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,7 +86,7 @@ def test_nightly_with_search_stores_everything_and_reports(tmp_path, monkeypatch
     assert kinds["profile"] == 4                     # all-INT8, all-float, two alternating mixes
     # the four patterns x 2 rounds, then each iteration's pick beside the two uniforms x 2,
     # again (up to MAX_REPEATS times) while the pick's CI is wider than the tolerance
-    from bench.loop import MAX_REPEATS
+    from hilq.bench.loop import MAX_REPEATS
 
     n = len(search["iterations"])
     assert (kinds["search"] - 8) % 6 == 0
@@ -99,7 +98,7 @@ def test_nightly_with_search_stores_everything_and_reports(tmp_path, monkeypatch
     chosen = json.loads(db.execute("select measured from allocations where name='chosen'")
                         .fetchone()[0])
     # hilq debug ran on the pick, on the engine: one row per layer, worst first
-    from bench.latmodel import FLOAT
+    from hilq.bench.latmodel import FLOAT
 
     if all(v == FLOAT for v in search["config"].values()):
         assert "debug" not in chosen                  # nothing quantized to debug
@@ -122,7 +121,7 @@ def test_nightly_with_search_stores_everything_and_reports(tmp_path, monkeypatch
 @pytest.mark.slow
 def test_kill_9_mid_nightly_then_rerun_resumes_without_duplicates(tmp_path):
     _quick(tmp_path / "n.toml", rounds=3)
-    cmd = [sys.executable, "-m", "bench", "nightly", "--config", "n.toml", "--no-report"]
+    cmd = [sys.executable, "-m", "hilq", "nightly", "--config", "n.toml", "--no-report"]
     db_path = tmp_path / "results" / "hilq.sqlite"
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -161,7 +160,7 @@ def test_kill_9_mid_nightly_then_rerun_resumes_without_duplicates(tmp_path):
 def test_two_nights_on_a_postgresql_server(tmp_path, monkeypatch, pg_url):
     """The shared-history set-up: two nightlies write one real PostgreSQL database; the report
     and the results CLI read it back by URL."""
-    from bench.store import open_store
+    from hilq.bench.store import open_store
 
     monkeypatch.chdir(tmp_path)
     _quick(tmp_path / "n.toml")

@@ -5,9 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-from quant.observers import (
+from hilq.quant.observers import (
     MSE,
     Entropy,
     MinMax,
@@ -17,9 +15,10 @@ from quant.observers import (
     kl_threshold_bin,
     make_observer,
 )
-from quant.quantizer import fake_quant, fake_quant_minmax, qparams
-from quant.spec import QuantSpec, SpecError
-from quant.transform import QuantLayer
+from hilq.quant.quantizer import fake_quant, fake_quant_minmax, qparams
+from hilq.quant.spec import QuantSpec, SpecError
+from hilq.quant.transform import QuantLayer
+from torch import nn
 
 
 def _laplace(n=200_000, seed=0):
@@ -176,8 +175,8 @@ def test_dynamic_spec_quantizes_per_batch():
 
 @pytest.mark.parametrize("calib", ["minmax", "ema", "percentile", "mse", "entropy"])
 def test_every_calibration_runs_through_transform_quantize(calib):
-    from quant.spec import BitConfig, act_spec, weight_spec
-    from quant.transform import quantize
+    from hilq.quant.spec import BitConfig, act_spec, weight_spec
+    from hilq.quant.transform import quantize
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
@@ -222,7 +221,7 @@ def test_a_conv_subclass_keeps_its_own_forward_when_quantized():
 def test_batchnorm_after_a_conv_subclass_is_folded():
     """fx's default tracer steps inside modules defined outside torch.nn, so the conv became
     a function call and its BatchNorm stayed (the export then refused the model)."""
-    from quant.transform import fold_bn, has_batchnorm
+    from hilq.quant.transform import fold_bn, has_batchnorm
 
     class Block(nn.Module):
         def __init__(self):

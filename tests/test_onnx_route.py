@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hilq.quant.export import build_artifact
+from hilq.quant.models import ModelRef, load_model
 from onnx import TensorProto, helper, numpy_helper
 
 from hilq.accuracy import evaluate, output_kind
-from quant.export import build_artifact
-from quant.models import ModelRef, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = "x=1,3,16,16"
@@ -25,7 +25,7 @@ SHAPE = "x=1,3,16,16"
 
 def hilq(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "bench", *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "hilq", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -265,8 +265,9 @@ def test_a_user_metric_runs_on_the_device_and_reaches_store_and_report(files, tm
 def test_the_regression_rule_watches_task_figures_and_user_metrics(tmp_path):
     """A stored figure inside the accuracy (a task figure, a user metric) is compared with its
     history on the same evaluation set, like top-1: a drop past the threshold is flagged."""
-    from bench import regress
-    from bench.store import open_store
+    from hilq.bench import regress
+    from hilq.bench.store import open_store
+
     from hilq.measurement import Measurement
 
     store = open_store(tmp_path / "hilq.sqlite")

@@ -10,16 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hilq.bench.output import Done, Output
 from rich.console import Console
-
-from bench.output import Done, Output
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["--warmup-iters", "3", "--min-iters", "10", "--min-duration-s", "0.05", "--rounds", "2"]
 
 
 def _hilq(tmp_path, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=tmp_path, text=True,
+    return subprocess.run([sys.executable, "-m", "hilq", *args], cwd=tmp_path, text=True,
                           capture_output=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": ""})
 

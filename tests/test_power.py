@@ -6,8 +6,7 @@ import sys
 import time
 
 import pytest
-
-from devices import power
+from hilq.devices import power
 
 ORIN_NANO = ("11-23-2026 10:15:32 RAM 2317/7620MB (lfb 1034x4MB) SWAP 0/3810MB (cached 0MB) "
              "CPU [2%@1510,1%@1510,0%@1510,0%@1510,0%@729,0%@729] GR3D_FREQ 0% cpu@47.5C "

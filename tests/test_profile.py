@@ -8,19 +8,19 @@ import argparse
 import json
 
 import pytest
+from hilq.bench import runner
+from hilq.bench.store import open_store
+from hilq.devices import agent
+from hilq.devices.local import LocalDevice
+from hilq.devices.runtimes import OnnxNames
+from hilq.devices.runtimes.tensorrt import layer_sources
+from hilq.quant.export import build_artifact
+from hilq.quant.models import load_model
+from hilq.quant.pipeline import variant_bit_config
+from hilq.quant.spec import BitConfig
+from hilq.quant.transform import fold_bn
 
-from bench import runner
-from bench.store import open_store
-from devices import agent
-from devices.local import LocalDevice
-from devices.runtimes import OnnxNames
-from devices.runtimes.tensorrt import layer_sources
 from hilq.measurement import Measurement, Protocol
-from quant.export import build_artifact
-from quant.models import load_model
-from quant.pipeline import variant_bit_config
-from quant.spec import BitConfig
-from quant.transform import fold_bn
 
 ITERS = 12
 PROTO = {"warmup_iters": 2, "warmup_s": 0.0, "threads": 1, "idle_s": 0.0,

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from hilq.quant.evaluate import logits, top1
+from hilq.quant.qat import finetune, kd_loss
+from hilq.quant.spec import SpecError, parse_variant, variant_config
+from hilq.quant.transform import prepare, quantizable_layers, quantize
 from torch import nn
-
-from quant.evaluate import logits, top1
-from quant.qat import finetune, kd_loss
-from quant.spec import SpecError, parse_variant, variant_config
-from quant.transform import prepare, quantizable_layers, quantize
 
 
 def task(n: int = 512, seed: int = 0):

@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from bench.cli import main
+from hilq.bench.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"model", "fp32_top1", "quant_top1", "fp32_size_bytes", "quant_size_bytes", "bit_config",
@@ -17,7 +16,7 @@ KEYS = {"model", "fp32_top1", "quant_top1", "fp32_size_bytes", "quant_size_bytes
 
 def hilq(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "hilq", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -118,8 +117,8 @@ def test_json_into_missing_directory(tmp_path, capsys):
 
 
 def test_pipeline_weight_only_transformer_sizes_and_agreement():
-    from quant.models import load_model
-    from quant.pipeline import quantize_model, variant_bit_config
+    from hilq.quant.models import load_model
+    from hilq.quant.pipeline import quantize_model, variant_bit_config
 
     entry = load_model("tiny-transformer")
     model = entry.build()
@@ -143,8 +142,8 @@ def test_pipeline_weight_only_transformer_sizes_and_agreement():
 
 
 def test_group_granularity_falls_back_per_layer_with_a_note():
-    from quant.models import load_model
-    from quant.pipeline import parse_repairs, variant_bit_config
+    from hilq.quant.models import load_model
+    from hilq.quant.pipeline import parse_repairs, variant_bit_config
 
     model = load_model("digits-cnn").build()
     notes: list[str] = []
@@ -167,7 +166,7 @@ def test_noise_calibration_is_recorded(tmp_path):
 
 
 def test_qat_without_training_labels_is_a_one_line_error(capsys):
-    from bench.cli import main
+    from hilq.bench.cli import main
 
     rc = main(["quantize", "--model", "resnet18", "--w-bits", "8", "--a-bits", "8",
                "--qat-epochs", "1"])
@@ -178,10 +177,9 @@ def test_qat_without_training_labels_is_a_one_line_error(capsys):
 def test_size_counts_scales_and_zero_points_by_granularity():
     """Group-wise INT4 with group 32 stores a float32 scale per 32 weights: 5 bits/weight,
     not 4; asymmetric grids add a zero-point per scale; float layers stay 32 bits."""
+    from hilq.quant.spec import BitConfig, LayerPrecision, QuantSpec
+    from hilq.quant.transform import layer_infos, size_bits
     from torch import nn
-
-    from quant.spec import BitConfig, LayerPrecision, QuantSpec
-    from quant.transform import layer_infos, size_bits
 
     model = nn.Sequential(nn.Linear(64, 16, bias=False), nn.ReLU(), nn.Linear(16, 4))
     infos = layer_infos(model, (64,))

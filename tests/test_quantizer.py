@@ -4,9 +4,8 @@ import itertools
 
 import pytest
 import torch
-
-from quant.quantizer import dequantize, fake_quant, minmax, qparams, quant_error, quantize
-from quant.spec import QuantSpec, SpecError
+from hilq.quant.quantizer import dequantize, fake_quant, minmax, qparams, quant_error, quantize
+from hilq.quant.spec import QuantSpec, SpecError
 
 BITS = range(2, 9)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hilq.bench import regress
+from hilq.bench.store import open_store
 
-from bench import regress
-from bench.store import open_store
 from hilq.measurement import Measurement
 
 NIGHTS = 10
@@ -180,7 +180,7 @@ def test_intended_change_resets_baseline(store):
 def test_cli_regressions_and_mark_intended(store, tmp_path, capsys):
     import json
 
-    from bench.cli import main
+    from hilq.bench.cli import main
 
     runs = nightly(store, np.random.default_rng(7), [1.0] * 5 + [1.2])
     db = store.url

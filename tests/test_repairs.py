@@ -4,9 +4,7 @@ AdaRound."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from quant.repairs import (
+from hilq.quant.repairs import (
     _run_to,
     adaround,
     bias_correction,
@@ -15,8 +13,9 @@ from quant.repairs import (
     reconstruction_error,
     split_outliers,
 )
-from quant.spec import BitConfig, QuantSpec, act_spec, weight_spec
-from quant.transform import fold_bn, prepare, quant_layers, quantizable_layers, quantize
+from hilq.quant.spec import BitConfig, QuantSpec, act_spec, weight_spec
+from hilq.quant.transform import fold_bn, prepare, quant_layers, quantizable_layers, quantize
+from torch import nn
 
 
 class SmallCNN(nn.Module):

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import require
+from hilq.bench import regress, report
+from hilq.bench.store import open_store
 
-from bench import regress, report
-from bench.store import open_store
 from hilq.measurement import Measurement
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ def spec(bits):
 def _device_accuracy(v: str) -> dict:
     """w4a8 on the engine 1.2 pt under its simulation, 12 of 1000 samples right only in
     the simulation: the gap the report must show, with its evidence."""
-    from bench.evidence import paired
+    from hilq.bench.evidence import paired
 
     sim = VARIANTS[v][1]
     dev = sim - (0.012 if v == "w4a8" else 0.0)
@@ -203,7 +203,7 @@ def test_pareto_front():
 
 
 def test_chromium_screenshot_shows_plots(rendered, tmp_path):
-    from bench import screenshot as shot
+    from hilq.bench import screenshot as shot
 
     if not shot.find_chromium():      # .ci/run installs it and sets HILQ_REQUIRE=chromium
         require("chromium", f"no Chromium on PATH (none of {', '.join(shot.BROWSERS)}; "
@@ -222,7 +222,7 @@ def test_chromium_screenshot_shows_plots(rendered, tmp_path):
 def test_cli_report(rendered, tmp_path, capsys):
     import json
 
-    from bench.cli import main
+    from hilq.bench.cli import main
 
     store, run, _ = rendered
     out = tmp_path / "cli"
@@ -266,7 +266,7 @@ def test_a_search_that_missed_its_budget_is_the_first_thing_in_red(tmp_path):
 def test_report_shows_the_per_layer_debug_of_the_searched_configuration(tmp_path):
     """The nightly keeps `hilq debug` of its pick with the chosen allocation; the report
     draws it (table worst first and the plot)."""
-    from bench import cli
+    from hilq.bench import cli
 
     out = tmp_path / "d.json"
     assert cli.main(["debug", "--model", "digits-cnn", "--variant", "w8a8", "--samples", "16",
@@ -291,7 +291,7 @@ def test_latency_spanning_decades_is_drawn_on_a_log_axis():
     pixel by a linear axis; one that spans less than a decade stays linear."""
     from types import SimpleNamespace
 
-    from bench.report import plots
+    from hilq.bench.report import plots
 
     rng = np.random.default_rng(0)
     fast = np.r_[rng.normal(0.05, 0.002, 500), [4.5, 3.0]]

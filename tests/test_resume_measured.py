@@ -105,7 +105,7 @@ def test_a_killed_nightly_reruns_exactly_the_missing_agents(shared, where):
     cfg = shared / f"{where}.toml"
     write_nightly_config(cfg, name=f"resume-{where}", db=db_path,
                          inventory=shared / "devices.toml", **NIGHTLY)
-    cmd = [sys.executable, "-m", "bench", "nightly", "--config", str(cfg), "--no-report"]
+    cmd = [sys.executable, "-m", "hilq", "nightly", "--config", str(cfg), "--no-report"]
     first, second = shared / f"{where}-1.log", shared / f"{where}-2.log"
     _kill_at(cmd, shared, first, k)
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from bench import cli, config
-from bench.runner import artifact_for, target_for
-from devices.runtimes import NAMES, Consumes, check_options, declaration
-from quant.artifact import Artifact
+from hilq.bench import cli, config
+from hilq.bench.runner import artifact_for, target_for
+from hilq.devices.runtimes import NAMES, Consumes, check_options, declaration
+from hilq.quant.artifact import Artifact
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -14,14 +14,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from hilq.devices.runtimes import NAMES, check_variant
+from hilq.devices.runtimes import openvino as ov_rt
+from hilq.devices.runtimes import ort as ort_rt
+from hilq.devices.runtimes import tensorrt as trt_rt
+from hilq.devices.runtimes import torch as torch_rt
+from hilq.devices.runtimes import torch_cuda as cuda_rt
 from torch import nn
-
-from devices.runtimes import NAMES, check_variant
-from devices.runtimes import openvino as ov_rt
-from devices.runtimes import ort as ort_rt
-from devices.runtimes import tensorrt as trt_rt
-from devices.runtimes import torch as torch_rt
-from devices.runtimes import torch_cuda as cuda_rt
 
 SHAPE = (1, 3, 16, 16)
 
@@ -162,7 +161,7 @@ def restore_torch_state():
 
 @pytest.fixture(scope="module")
 def pt2_files(tmp_path_factory):
-    from quant.export_torch import export_module
+    from hilq.quant.export_torch import export_module
 
     d = tmp_path_factory.mktemp("pt2")
     out = {}
@@ -218,8 +217,8 @@ def test_torch_refuses_precision_it_lacks(pt2_files, tmp_path):
 
 
 def test_export_torch_build_writes_manifest(tmp_path, monkeypatch, restore_torch_state):
-    from quant.artifact import Artifact
-    from quant.export_torch import build
+    from hilq.quant.artifact import Artifact
+    from hilq.quant.export_torch import build
 
     art = build("digits-cnn", "fp32", tmp_path)
     m = Artifact.load(art.path).manifest
@@ -306,7 +305,7 @@ def test_torch_cuda_says_why_it_is_unavailable():
                     "none here (its CPU-testable math is tested above)")
 @pytest.mark.parametrize("variant", ["fp16", "w8a8", "w4a16"])
 def test_torch_cuda_runs_on_gpu(variant, tmp_path):
-    from quant.export_torch import export_module
+    from hilq.quant.export_torch import export_module
 
     path = tmp_path / f"cnn-{variant}.pt2"
     export_module(tiny_cnn(), variant, calib_data(), path, device="cuda")
@@ -395,7 +394,7 @@ def test_tensorrt_builds_and_runs_int8(onnx_files, tmp_path):
 # ------------------------------------------------------------------ hilq runtimes
 
 def test_hilq_runtimes_lists_every_runtime(tmp_path, capsys):
-    from bench.cli import main
+    from hilq.bench.cli import main
 
     out = tmp_path / "rt.json"
     assert main(["runtimes", "--json", str(out)]) == 0

@@ -12,16 +12,16 @@ from dataclasses import replace
 
 import pytest
 from helpers import require_import
+from hilq.bench import cli
+from hilq.bench.cmd_bench import scenario_line
+from hilq.bench.report import render
+from hilq.bench.runner import bench_variants
+from hilq.bench.store import open_store
+from hilq.devices import scenario
+from hilq.devices.local import LocalDevice
+from hilq.quant.export import build_artifact
 
-from bench import cli
-from bench.cmd_bench import scenario_line
-from bench.report import render
-from bench.runner import bench_variants
-from bench.store import open_store
-from devices import scenario
-from devices.local import LocalDevice
 from hilq.measurement import Protocol
-from quant.export import build_artifact
 
 SHORT = Protocol(warmup_iters=20, warmup_s=0.0, min_iters=50, min_duration_s=0.5,
                  max_duration_s=20, idle_s=0.05, threads=1)

@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
+from hilq.bench import search
 from torch import nn
-
-from bench import search
 
 
 def test_float_edges_follow_tensors_through_relu_pool_and_residual_adds():
@@ -32,7 +31,7 @@ def test_float_edges_follow_tensors_through_relu_pool_and_residual_adds():
 
 
 def _search(tmp_path, *extra):
-    from bench.cli import main
+    from hilq.bench.cli import main
 
     out = tmp_path / f"out{len(list(tmp_path.glob('out*.json')))}.json"
     # --tolerance 0.25: a 0.07 ms model's CI never narrows to 5% on a noisy VM, and the loop's
@@ -80,10 +79,10 @@ def test_search_on_the_local_cpu_closes_the_loop_and_stores_every_iteration(tmp_
     assert again["latency_model"]["observations"] > res["latency_model"]["observations"]
     # the stored searches replay offline (bench.replay, hilq search --replay): the first
     # pick's prediction is rebuilt from the store alone, to the digit
-    from bench import replay
-    from bench.store import open_store
-    from quant.models import load_model
-    from quant.transform import fold_bn, quantizable_layers
+    from hilq.bench import replay
+    from hilq.bench.store import open_store
+    from hilq.quant.models import load_model
+    from hilq.quant.transform import fold_bn, quantizable_layers
 
     folded = fold_bn(load_model("digits-cnn").build().eval())
     layers = quantizable_layers(folded)
@@ -133,7 +132,7 @@ def test_a_real_engine_search_on_resnet18_meets_its_budget(tmp_path):
     the loop can resolve a 50% budget): the search must end ok, its pick measured within the
     budget. What is retried is the measurement (the loop re-measures a noisy pick), never
     this assertion. Run alone (tox -e load)."""
-    from bench.cli import main
+    from hilq.bench.cli import main
 
     out = tmp_path / "search.json"
     rc = main(["search", "--model", "resnet18", "--calib-data", "distilled", "--samples", "8",

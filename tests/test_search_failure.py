@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 
-from bench import latmodel, loop, simulate
-from bench.latmodel import FLOAT, INT8
+from hilq.bench import latmodel, loop, simulate
+from hilq.bench.latmodel import FLOAT, INT8
 
 
 def _sim():

@@ -2,10 +2,10 @@
 night's scale and each night on the newest night's."""
 
 import pytest
+from hilq.bench import search
+from hilq.bench.latmodel import FLOAT, INT8
+from hilq.bench.store import open_store
 
-from bench import search
-from bench.latmodel import FLOAT, INT8
-from bench.store import open_store
 from hilq.measurement import Measurement, Protocol
 
 LAYERS = ["a", "b"]

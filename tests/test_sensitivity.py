@@ -7,14 +7,13 @@ import textwrap
 import pandas as pd
 import pytest
 import torch
+from hilq.bench.cli import main
+from hilq.quant import sensitivity as S
+from hilq.quant.allocate import CostTable, solve_ilp
+from hilq.quant.spec import SpecError
+from hilq.quant.transform import quantize
 from torch import nn
 from torch.func import functional_call
-
-from bench.cli import main
-from quant import sensitivity as S
-from quant.allocate import CostTable, solve_ilp
-from quant.spec import SpecError
-from quant.transform import quantize
 
 SHAPE = (3, 8, 8)
 

@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
-
-from bench import cli
-from bench.report import render
-from bench.store import open_store
-from quant.models import ModelError, ModelRef, load_model
+from hilq.bench import cli
+from hilq.bench.report import render
+from hilq.bench.store import open_store
+from hilq.quant.models import ModelError, ModelRef, load_model
 
 _SHORT = ["--rounds", "1", "--min-iters", "10", "--min-duration-s", "0.2", "--warmup-s", "0",
           "--threads", "1"]
@@ -84,7 +83,7 @@ def test_tensorrt_profile_pins_only_the_batch():
     """TensorRT's optimization profile gets the batch at axis 0; a static length passes through,
     a dynamic axis besides the batch takes the manifest's shape, and is refused rather than
     given the batch size where none is given."""
-    from devices.runtimes.tensorrt import static_shape
+    from hilq.devices.runtimes.tensorrt import static_shape
 
     assert static_shape("input", (-1, 64, 256), 8) == (8, 64, 256)
     with pytest.raises(RuntimeError, match="dynamic dimension 1"):

@@ -10,10 +10,9 @@ import threading
 import time
 
 import pytest
+from hilq.devices.errors import DeviceError
+from hilq.devices.ssh import SSHDevice
 from test_ssh_device import _keygen
-
-from devices.errors import DeviceError
-from devices.ssh import SSHDevice
 
 
 class Listener:

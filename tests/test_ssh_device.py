@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 from helpers import quick_protocol, require
+from hilq.devices.errors import DeviceError
+from hilq.devices.local import LocalDevice
+from hilq.devices.ssh import SSHDevice
 from onnx_tiny import reference_npz, tiny_artifact
 
-from devices.errors import DeviceError
-from devices.local import LocalDevice
-from devices.ssh import SSHDevice
 from hilq.measurement import Protocol
 
 pytestmark = pytest.mark.ssh
@@ -305,7 +305,7 @@ def test_concurrent_runs_on_one_device_serialize(sshd, art):
 def test_cli_with_inventory_over_ssh(sshd, art, tmp_path):
     import json
 
-    from bench import cli
+    from hilq.bench import cli
 
     inv = tmp_path / "devices.toml"
     inv.write_text(f'''[devices.edge1]

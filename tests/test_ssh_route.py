@@ -17,12 +17,11 @@ import time
 
 import pytest
 from helpers import require
+from hilq.devices import inventory, ssh_route
+from hilq.devices.errors import DeviceError
+from hilq.devices.ssh import SSHDevice
 from netfleet import NET, Fleet, namespaces_unavailable
 from test_ssh_device import Sshd, _keygen, _need_sshd
-
-from devices import inventory, ssh_route
-from devices.errors import DeviceError
-from devices.ssh import SSHDevice
 
 pytestmark = pytest.mark.ssh
 USER = pwd.getpwuid(os.getuid()).pw_name
@@ -290,7 +289,7 @@ def test_hilq_devices_check_and_bench_reach_a_board_behind_a_bastion(hops, agent
     env = {**os.environ, "PYTHONPATH": str(root)}
 
     def hilq(*args):
-        return subprocess.run([sys.executable, "-m", "bench", *args, "--inventory", str(inv)],
+        return subprocess.run([sys.executable, "-m", "hilq", *args, "--inventory", str(inv)],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
     r = hilq("devices", "check", "edge", "--json", "-")

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from hilq.bench import store as st
+from hilq.bench.store import load_frame, open_store
 
-from bench import store as st
-from bench.store import load_frame, open_store
 from hilq.measurement import Measurement
 
 FACTS = {"cpu": "Synthetic CPU @ 3GHz", "flags": ["avx2", "avx512_vnni"], "os": "Linux",
@@ -342,7 +342,7 @@ def test_history_medians_and_resets(store):
 
 WRITER = """
 import sys
-from bench.store import open_store
+from hilq.bench.store import open_store
 from test_store import measurement
 s = open_store(sys.argv[1])
 run = s.begin_run({"nightly": "kill"})
@@ -399,7 +399,7 @@ def test_kill_9_mid_run_then_resume(tmp_path):
 def test_cli_results_runs_and_export(tmp_path, capsys):
     import json
 
-    from bench.cli import main
+    from hilq.bench.cli import main
 
     db = tmp_path / "hilq.sqlite"
     s = open_store(db)

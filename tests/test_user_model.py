@@ -26,7 +26,7 @@ if importlib.util.find_spec("onnx2torch") is None and not os.environ.get("CI"):
 
 def hilq(*args, cwd=ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "bench", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "hilq", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -67,7 +67,7 @@ def images(tmp_path_factory) -> Path:
 
 
 def test_image_folder_and_preprocessing(images):
-    from quant.data import load_data, parse_preprocess
+    from hilq.quant.data import load_data, parse_preprocess
 
     d = load_data(str(images), parse_preprocess(PRE))
     assert tuple(d.calib_x.shape) == (8, 3, 32, 32) and tuple(d.test_x.shape) == (8, 3, 32, 32)
@@ -84,7 +84,7 @@ def test_image_folder_and_preprocessing(images):
 
 
 def test_arrays_npz_and_npy(tmp_path):
-    from quant.data import load_data
+    from hilq.quant.data import load_data
 
     x = np.random.default_rng(0).standard_normal((10, 3, 32, 32)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x, y=np.arange(10) % 3)
@@ -266,8 +266,9 @@ def test_artifact_cache_follows_file_contents(images, tmp_path):
     from PIL import Image
 
     sys.path.insert(0, str(ROOT))
-    from quant.export import build_artifact
-    from quant.models import ModelRef
+    from hilq.quant.export import build_artifact
+    from hilq.quant.models import ModelRef
+
     from tests.user_models import tiny_cnn
 
     net, model, data = tiny_cnn(), tmp_path / "m.onnx", tmp_path / "photos"
@@ -300,9 +301,9 @@ def test_onnx_with_a_reshape_reaches_the_layer_passes(tmp_path):
     shape tensor, which torch.fx cannot trace. The layer passes (BatchNorm folding, the
     search's precision boundaries) must still see every conv and linear (`hilq search` on
     EfficientNet-Lite's ONNX file died with a TraceError)."""
-    from bench.search import float_edges
-    from quant.models import ModelRef, load_model
-    from quant.transform import fold_bn, quantizable_layers
+    from hilq.bench.search import float_edges
+    from hilq.quant.models import ModelRef, load_model
+    from hilq.quant.transform import fold_bn, quantizable_layers
 
     class Net(nn.Module):
         def __init__(self):

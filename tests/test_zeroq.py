@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from hilq.quant import zeroq
+from hilq.quant.spec import SpecError
 from torch import nn
-
-from quant import zeroq
-from quant.spec import SpecError
 
 SHAPE = (3, 8, 8)
 
@@ -42,7 +41,7 @@ def test_distillation_reduces_bn_loss_by_a_large_factor():
 
 
 def test_a_declared_preprocessing_bounds_and_centres_the_distilled_inputs():
-    from quant.data import parse_preprocess
+    from hilq.quant.data import parse_preprocess
 
     # EfficientNet-Lite's normalisation (mean 127, std 128): pixels in [0, 1] map to [-0.99, 1].
     prior = zeroq.input_prior(parse_preprocess("mean=0.498/0.498/0.498,std=0.502/0.502/0.502"))

@@ -15,12 +15,11 @@ import time
 
 import pytest
 import torch
-
-from quant import zeroq
-from quant.allocate import CostTable, solve_ilp
-from quant.models import load_model
-from quant.sensitivity import config_from_allocation, sensitivity_table
-from quant.transform import fold_bn, layer_infos, size_bits
+from hilq.quant import zeroq
+from hilq.quant.allocate import CostTable, solve_ilp
+from hilq.quant.models import load_model
+from hilq.quant.sensitivity import config_from_allocation, sensitivity_table
+from hilq.quant.transform import fold_bn, layer_infos, size_bits
 
 pytestmark = pytest.mark.bench
 

@@ -60,7 +60,7 @@ def render_index(store, out_dir: str | Path | None = None,
                  reports_dir: str | Path = "reports") -> IndexPage:
     """Write `<out_dir>/index.md` (+ `plots/index-*.png`) and `<out_dir>/index.html`;
     `out_dir` defaults to `reports_dir`, where `hilq report` puts each run's folder."""
-    from bench.store import StoreError
+    from hilq.bench.store import StoreError
 
     out = Path(out_dir) if out_dir else Path(reports_dir)
     runs = [run_info(r, out, Path(reports_dir)) for r in reversed(store.runs())]
@@ -93,7 +93,7 @@ def series_points(store, runs: list[RunInfo]) -> dict[tuple, list[dict]]:
     """(model, variant, device, runtime) -> one point per run that measured it, in run
     order: p50, its CI (bench.compare.ci95), that run's verdicts of the series and
     whether its p50 was flagged (what the trend circles)."""
-    from bench.compare import series
+    from hilq.bench.compare import series
 
     verdicts: dict[tuple, list[dict]] = {}
     for g in store.regressions():

@@ -65,7 +65,7 @@ def allocation(d: RunData) -> list:
 
 def _layer_names(config: dict) -> dict[str, str]:
     """layer -> `w4a8`-style name, through `BitConfig` so the spelling is the project's."""
-    from quant.spec import BitConfig, SpecError
+    from hilq.quant.spec import BitConfig, SpecError
 
     try:
         return BitConfig.from_dict(config).summary()

@@ -63,6 +63,6 @@ def library_versions() -> dict:
 
 
 def hilq_version() -> str:
-    from bench import __version__
+    from hilq.bench import __version__
 
     return __version__

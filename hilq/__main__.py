@@ -1,0 +1,5 @@
+"""`python -m hilq`: the `hilq` command."""
+
+from hilq.bench.cli import main
+
+raise SystemExit(main())
