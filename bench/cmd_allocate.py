@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import math
 
-from hilq.quant.allocate import Allocation, CostTable, frontier, pareto_dp, solve_ilp
+from hilq.quant.allocate import Allocation, CostTable, allocate
+from hilq.quant.options import AllocateOptions
 
 from .cli import console as cli_console
+from .cli import defaults
 from .errors import UserError
 from .output import write_json
 
 
 def add_arguments(parser) -> None:
+    d = defaults(AllocateOptions)
     parser.add_argument("--table", required=True, metavar="CSV",
                         help="cost table: layer, precision, sensitivity and cost columns "
                              "(latency_ms, energy_mj, size_bits, bops, ...)")
@@ -27,8 +30,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sweep", metavar="COLUMN",
                         help="sweep a budget on COLUMN from its smallest achievable value to "
                              "the unconstrained optimum; writes a frontier")
-    parser.add_argument("--points", type=int, default=10, help="points in a sweep (default 10)")
-    parser.add_argument("--method", choices=("ilp", "pareto"), default="ilp",
+    parser.add_argument("--points", type=int, default=d["points"],
+                        help="points in a sweep (default %(default)s)")
+    parser.add_argument("--method", choices=("ilp", "pareto"), default=d["method"],
                         help="ilp: HiGHS, any budgets (default); pareto: ZeroQ's DP, one budget")
     parser.add_argument("--bins", type=int, default=None,
                         help="size bins for --method pareto (default: exact when sizes are integers)")
@@ -72,42 +76,33 @@ def _load(path: str) -> CostTable:
         raise UserError(f"{path}: {e}") from None
 
 
-def _solve(table: CostTable, args, budgets, ties, pins) -> Allocation | list[Allocation]:
-    if args.sweep:
-        return frontier(table, args.sweep, args.points, budgets, args.method, ties, pins, args.bins)
-    if args.method == "pareto":
-        if len(budgets) != 1:
-            raise UserError("--method pareto takes exactly one --budget; use --method ilp")
-        (column, value), = budgets.items()
-        return pareto_dp(table, value, column, args.bins, ties, pins)
-    return solve_ilp(table, budgets, ties, pins)
-
-
-def run(args) -> int:
-    budgets = _pairs(args.budget, "--budget", number=True)
-    pins = _pairs(args.pin, "--pin", number=False)
+def options(args) -> AllocateOptions:
+    """The command line -> `AllocateOptions` (which checks itself: one line, exit 2)."""
     ties = [[x.strip() for x in t.split(",") if x.strip()] for t in args.tie]
     for item, t in zip(args.tie, ties):
         if len(t) < 2:
             raise UserError(f"--tie {item!r}: needs at least two layers, comma separated")
-    if not budgets and not args.sweep:
-        raise UserError("give at least one --budget COLUMN=VALUE (or --sweep COLUMN)")
-    if args.bins is not None and args.bins < 1:
-        raise UserError("--bins must be positive")
+    return AllocateOptions(budgets=_pairs(args.budget, "--budget", number=True),
+                           method=args.method, sweep=args.sweep, points=args.points,
+                           bins=args.bins, ties=ties, pins=_pairs(args.pin, "--pin", number=False))
+
+
+def run(args) -> int:
+    o = options(args)
     table = _load(args.table)
     try:
-        result = _solve(table, args, budgets, ties, pins)
+        result = allocate(table, o)
     except ValueError as e:  # unknown column or layer, bad tie or pin, bad sweep
         raise UserError(str(e)) from None
 
     if isinstance(result, list):
-        _print_frontier(args.sweep, result)
-        payload = {"method": args.method, "sweep": args.sweep, "budgets": budgets,
+        _print_frontier(o.sweep, result)
+        payload = {"method": o.method, "sweep": o.sweep, "budgets": o.budgets,
                    "frontier": [a.to_dict() for a in result]}
         ok = any(a.ok for a in result)
     else:
         _print_allocation(result)
-        payload = {"method": args.method, **result.to_dict()}
+        payload = {"method": o.method, **result.to_dict()}
         ok = result.ok
     write_json(args.json, payload)
     return 0 if ok else 1

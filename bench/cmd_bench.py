@@ -5,7 +5,7 @@ prints a table and writes `--json OUT` with `measurements`."""
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import fields
 
 from hilq.bench.cli import (
     add_model_arguments,
@@ -14,14 +14,13 @@ from hilq.bench.cli import (
     runtime_options,
 )
 from hilq.bench.errors import UserError
-from hilq.bench.runner import bench_variants
-from hilq.devices import inventory
 from hilq.devices.runtimes import NAMES
 from hilq.devices.scenario import SCENARIOS
 from hilq.quant.artifact import Artifact
 
 from hilq.measurement import Protocol
 
+from .benchmark import BenchOptions, bench
 from .output import Output, write_json
 
 # Protocol fields settable from the command line: --min-iters, --min-duration-s, ...
@@ -122,63 +121,28 @@ def sizes(text: str, flag: str = "--batch", example: str = "1,8,32") -> list[int
     return out
 
 
-def seq_lens(args) -> list[int | None]:
-    """`--seq-len 16,64` -> [16, 64], each checked against the model (one line for a model
-    without a sequence axis or a length it cannot take); [None] without the flag."""
-    if args.seq_len is None:
-        return [None]
-    if args.artifact:
+def options(args) -> BenchOptions:
+    """The command line -> `BenchOptions` (which checks itself: one line, exit 2)."""
+    if not args.model and not args.artifact:
+        raise UserError("give --model (with --variants) or --artifact FILE")
+    if args.seq_len is not None and args.artifact:
         raise UserError("--seq-len builds one artifact per length from --model; a prebuilt "
                         "--artifact has its own fixed shape")
-    out = sizes(args.seq_len, "--seq-len", "16,64,128")
-    from hilq.quant.models import load_model
-
-    for n in out:
-        load_model(replace(model_ref(args), seq_len=n))
-    return out
-
-
-def sweep_label(batch: int, seq_len: int | None, batches: list, lengths: list) -> str:
-    """The suffix naming one point of a shape sweep: `@b8`, `@s64`, `@b8s64`; none when
-    nothing is swept. One spelling for the store, reports and --json."""
-    tag = (f"b{batch}" if len(batches) > 1 else "") + (f"s{seq_len}" if len(lengths) > 1 else "")
-    return "@" + tag if tag else ""
+    variants = [Artifact.load(a) for a in args.artifact] if args.artifact else \
+        [v.strip() for v in args.variants.split(",") if v.strip()]
+    return BenchOptions(
+        variants=variants, devices=[d.strip() for d in args.device.split(",") if d.strip()],
+        runtime=args.runtime, rounds=args.rounds, batches=sizes(args.batch),
+        seq_lens=[None] if args.seq_len is None else sizes(args.seq_len, "--seq-len", "16,64,128"),
+        reference=args.reference, calib_data=args.calib_data, protocol=_protocol(args),
+        inventory=args.inventory, db=args.db, store=not args.no_store)
 
 
 def run(args) -> int:
-    if not args.model and not args.artifact:
-        raise UserError("give --model (with --variants) or --artifact FILE")
-    if args.model:
-        from hilq.quant.models import load_model
-
-        load_model(model_ref(args))      # a bad model or data door fails before any device opens
-    if args.rounds < 1:
-        raise UserError(f"--rounds must be at least 1, got {args.rounds}")
-    sweep, lengths = sizes(args.batch), seq_lens(args)
-    devs = inventory.load(args.inventory)
-    names = [d.strip() for d in args.device.split(",") if d.strip()]
-    devices = [inventory.open_device(n, devs) for n in names]   # all checked before any runs
-    variants = [Artifact.load(a) for a in args.artifact] if args.artifact else \
-        [v.strip() for v in args.variants.split(",") if v.strip()]
-    protocol = _protocol(args)
-    store, run_id = _begin(args, names, protocol, sweep, lengths)
-    out, ms = Output.of(args), []
-    runs = len(devices) * len(lengths) * len(sweep) * len(variants) * args.rounds
-    try:
-        with out.progress("bench", runs):
-            _measure(args, devices, variants, protocol, sweep, lengths, store, run_id, out, ms)
-        if store is not None:
-            store.finish_run(run_id, "ok" if all(m.ok for m in ms) else "failed")
-            out.say(f"stored as run {run_id} in {store.name}")
-    except KeyboardInterrupt:      # Ctrl-C, SIGTERM: what is stored stays; the run says so
-        if store is not None:
-            store.finish_run(run_id, "interrupted")
-        raise
-    finally:
-        for device in devices:
-            device.close()
-        if store is not None:
-            store.close()
+    o, out = options(args), Output.of(args)
+    with out.progress("bench", o.agent_runs):
+        res = bench(model_ref(args) if args.model else "", o, say=out.say)
+    ms = res.measurements
     _print_table(ms)
     if args.json_out:
         doc = {"measurements": [{k: m.to_dict()[k] for k in _REPORTED} for m in ms]}
@@ -190,35 +154,7 @@ def run(args) -> int:
         print(f"LoadGen judged {len(invalid)} scenario run(s) INVALID: "
               + "; ".join(f"{m.variant}: {', '.join(m.scenario.get('reasons') or ['?'])}"
                           for m in invalid))
-    return 0 if all(m.ok for m in ms) and not invalid else 1
-
-
-def _measure(args, devices, variants, protocol, sweep, lengths, store, run_id, out, ms) -> None:
-    """Every device, one shape at a time, the variants alternating within it; each agent
-    run's line advances the progress bar. `ms` grows as each shape ends."""
-    for device in devices:
-        for n, b in ((n, b) for n in lengths for b in sweep):
-            ref = replace(model_ref(args), seq_len=n) if args.model else ""
-            ms += bench_variants(ref, variants, device, args.runtime,
-                                 replace(protocol, batch=b, seq_len=n or 0),
-                                 rounds=args.rounds, reference=args.reference,
-                                 store=store, run_id=run_id, calib_data=args.calib_data,
-                                 label=sweep_label(b, n, sweep, lengths), on_result=out.say)
-
-
-def _begin(args, names: list[str], protocol, sweep, lengths):
-    """(store, run id) of this bench, or (None, None) with --no-store."""
-    if args.no_store:
-        return None, None
-    from hilq.bench.store import open_store
-
-    store = open_store(args.db)
-    run_id = store.begin_run({"command": "bench", "model": args.model, "variants": args.variants,
-                              "devices": names, "runtime": args.runtime,
-                              "protocol": protocol.to_dict(), "batch": sweep,
-                              **({"seq_len": lengths} if lengths != [None] else {})},
-                             resume=False)
-    return store, run_id
+    return 0 if res.ok and not invalid else 1
 
 
 def _print_table(ms: list) -> None:

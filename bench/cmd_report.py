@@ -47,35 +47,23 @@ def store_errors():
 
 
 def run(args) -> int:
-    from .report import render
-    from .store import open_store
+    from .report import ReportOptions, report
 
-    if args.index:
-        return _index(args)
-    with store_errors(), open_store(args.db) as store:
-        rep = render(store, args.run, args.out)
-    empty = [t for t, has in rep.sections.items() if not has]
-    print(f"report for run {rep.run_id}: {rep.plots} plots, "
-          f"{rep.flagged} regression(s) flagged")
-    print(f"  markdown  {rep.markdown}")
-    print(f"  html      {rep.html}")
-    if empty:
-        print(f"  left out  {', '.join(empty)} (not in this run)")
-    if args.screenshot:
-        print(f"  screenshot {_screenshot(rep.html, args.screenshot, args.size)}")
-    write_json(args.json, rep.to_dict())
-    return 0
-
-
-def _index(args) -> int:
-    from .report import render_index
-    from .store import open_store
-
-    with store_errors(), open_store(args.db) as store:
-        page = render_index(store, args.out)
-    print(f"index of {page.runs} runs, {page.series} series, {page.plots} plots")
+    o = ReportOptions(run=args.run, db=args.db, out=args.out, index=args.index)
+    with store_errors():
+        page = report(o)
+    if o.index:
+        print(f"index of {page.runs} runs, {page.series} series, {page.plots} plots")
+    else:
+        empty = [t for t, has in page.sections.items() if not has]
+        print(f"report for run {page.run_id}: {page.plots} plots, "
+              f"{page.flagged} regression(s) flagged")
     print(f"  markdown  {page.markdown}")
     print(f"  html      {page.html}")
+    if not o.index and empty:
+        print(f"  left out  {', '.join(empty)} (not in this run)")
+    if args.screenshot:
+        print(f"  screenshot {_screenshot(page.html, args.screenshot, args.size)}")
     write_json(args.json, page.to_dict())
     return 0
 

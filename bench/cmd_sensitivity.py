@@ -10,35 +10,38 @@ Data-free by default: the batch is ZeroQ-distilled from the model's BatchNorm st
 
 from __future__ import annotations
 
-import time
+from contextlib import nullcontext
 from pathlib import Path
 
-from hilq.quant.sensitivity import METHODS, sensitivity_table
-from hilq.quant.spec import CALIB_DATA, DISTILL_ITERS
-from hilq.quant.zeroq import calibration_data, input_prior
+from hilq.quant.options import SENSITIVITY_METHODS, SensitivityOptions
+from hilq.quant.spec import CALIB_DATA
 
-from .cli import add_model_arguments, model_ref
-from .cli import console as cli_console
+from .cli import add_model_arguments, console, defaults, model_ref
 from .errors import UserError
 from .output import write_json
 
 
 def add_arguments(parser) -> None:
+    d = defaults(SensitivityOptions)
     add_model_arguments(parser)
-    parser.add_argument("--method", choices=METHODS, default="kl",
+    parser.add_argument("--method", choices=SENSITIVITY_METHODS, default=d["method"],
                         help="kl: ZeroQ's output KL (default); hessian: HAWQ trace x weight error")
-    parser.add_argument("--bits", default="2,4,8", help="weight bits to tabulate (default 2,4,8)")
-    parser.add_argument("--act-bits", type=int, default=None,
+    parser.add_argument("--bits", default=",".join(map(str, d["bits"])),
+                        help="weight bits to tabulate (default %(default)s)")
+    parser.add_argument("--act-bits", type=int, default=d["act_bits"],
                         help="also quantize each layer's input to this many bits (kl), and "
                              "label precisions wXaA (default: weight-only, wXa16)")
-    parser.add_argument("--calib-data", choices=CALIB_DATA, default="distilled",
+    parser.add_argument("--calib-data", choices=CALIB_DATA, default=d["calib_data"],
                         help="the batch: distilled (ZeroQ, data-free; default), real, noise")
-    parser.add_argument("--samples", type=int, default=32, help="batch size (default 32)")
-    parser.add_argument("--iters", type=int, default=DISTILL_ITERS,
-                        help=f"distillation iterations (default {DISTILL_ITERS}; ZeroQ's paper "
+    parser.add_argument("--samples", type=int, default=d["samples"],
+                        help="batch size (default %(default)s)")
+    parser.add_argument("--iters", type=int, default=d["distill_iters"],
+                        help="distillation iterations (default %(default)s; ZeroQ's paper "
                              "runs 500)")
-    parser.add_argument("--lr", type=float, default=0.5, help="distillation lr (default 0.5)")
-    parser.add_argument("--distill-objective", choices=("batch", "sample"), default="batch",
+    parser.add_argument("--lr", type=float, default=d["lr"],
+                        help="distillation lr (default %(default)s)")
+    parser.add_argument("--distill-objective", choices=("batch", "sample"),
+                        default=d["distill_objective"],
                         help="batch (default) or sample (ZeroQ's reference code), see hilq "
                              "quantize --help")
     parser.add_argument("--input-mean", type=float, default=None,
@@ -47,23 +50,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--input-std", type=float, default=None,
                         help="distillation target std of the input (default: photographs through "
                              "the declared --preprocess, else 1)")
-    parser.add_argument("--hessian-iters", type=int, default=200,
-                        help="maximum Hutchinson probes (default 200)")
-    parser.add_argument("--tol", type=float, default=1e-3,
-                        help="Hutchinson relative convergence tolerance (default 1e-3)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hessian-iters", type=int, default=d["hessian_iters"],
+                        help="maximum Hutchinson probes (default %(default)s)")
+    parser.add_argument("--tol", type=float, default=d["tol"],
+                        help="Hutchinson relative convergence tolerance (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=d["seed"])
     parser.add_argument("--json", metavar="PATH", help="write {method, table: [...]} as JSON")
     parser.add_argument("--csv", metavar="PATH", help="write the allocator's cost table (CSV)")
 
 
-def _bits(text: str) -> list[int]:
+def options(args) -> SensitivityOptions:
+    """The command line -> `SensitivityOptions` (which checks itself: one line, exit 2)."""
     try:
-        bits = [int(b) for b in text.split(",") if b.strip()]
+        bits = tuple(int(b) for b in args.bits.split(",") if b.strip())
     except ValueError:
-        raise UserError(f"--bits {text!r}: expected integers such as 2,4,8") from None
-    if not bits or any(not 1 <= b <= 8 for b in bits) or len(set(bits)) != len(bits):
-        raise UserError(f"--bits {text!r}: expected distinct integers in 1..8")
-    return bits
+        raise UserError(f"--bits {args.bits!r}: expected integers such as 2,4,8") from None
+    return SensitivityOptions(
+        method=args.method, bits=bits, act_bits=args.act_bits, calib_data=args.calib_data,
+        samples=args.samples, distill_iters=args.iters, lr=args.lr,
+        distill_objective=args.distill_objective, input_mean=args.input_mean,
+        input_std=args.input_std, hessian_iters=args.hessian_iters, tol=args.tol,
+        seed=args.seed)
 
 
 def _distill_progress(iters: int):
@@ -71,56 +78,25 @@ def _distill_progress(iters: int):
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("distilling"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("loss {task.fields[loss]:.4g}"), TimeRemainingColumn(), transient=True)
+                   TextColumn("loss {task.fields[loss]:.4g}"), TimeRemainingColumn(),
+                   transient=True, console=console(stderr=True))
     task = bar.add_task("distil", total=iters, loss=float("nan"))
     return bar, lambda i, n, loss: bar.update(task, completed=i, loss=loss)
 
 
 def run(args) -> int:
-    from hilq.quant.models import load_model
+    from hilq.quant.sensitivity import sensitivity
 
-    bits = _bits(args.bits)
-    for flag, value, least in (("--samples", args.samples, 1), ("--iters", args.iters, 0),
-                               ("--hessian-iters", args.hessian_iters, 1)):
-        if value < least:
-            raise UserError(f"{flag} must be at least {least}, got {value}")
-    if args.act_bits is not None and not 1 <= args.act_bits <= 8:
-        raise UserError(f"--act-bits must be in 1..8, got {args.act_bits}")
-    entry = load_model(model_ref(args))
-    model = entry.build().eval()
-    calib_x = entry.data().calib_x if args.calib_data == "real" else None
-    real = calib_x[: args.samples] if calib_x is not None else None
-    kw = {}
-    if args.calib_data == "distilled":
-        kw = {"iters": args.iters, "lr": args.lr, "objective": args.distill_objective,
-              **input_prior(entry.preprocess)}
-        kw.update({k: v for k, v in (("input_mean", args.input_mean),
-                                     ("input_std", args.input_std)) if v is not None})
-    t0 = time.perf_counter()
-    if args.calib_data == "distilled" and args.iters:
-        bar, kw["progress"] = _distill_progress(args.iters)
-        with bar:
-            x = calibration_data("distilled", model, n=args.samples, input_shape=entry.input_shape,
-                                 seed=args.seed, name=entry.name, **kw)
-    else:
-        x = calibration_data(args.calib_data, model, real=real, n=args.samples,
-                             input_shape=entry.input_shape, seed=args.seed, name=entry.name, **kw)
-    t1 = time.perf_counter()
-    extra = ({"max_iters": args.hessian_iters, "tol": args.tol, "seed": args.seed}
-             if args.method == "hessian" else {})
-    df = sensitivity_table(model, x, bits, method=args.method, act_bits=args.act_bits, **extra)
-    t2 = time.perf_counter()
-
-    _print(df, args, t1 - t0, t2 - t1)
-    if args.json:
-        payload = {"method": args.method, "model": entry.name, "calib_data": args.calib_data,
-                   "samples": len(x), "bits": bits, "act_bits": args.act_bits,
-                   "seconds": {"data": t1 - t0, "sensitivity": t2 - t1},
-                   "table": df.to_dict("records")}
-        write_json(args.json, payload)
+    o = options(args)
+    bar, progress = _distill_progress(o.distill_iters) \
+        if o.calib_data == "distilled" and o.distill_iters else (nullcontext(), None)
+    with bar:
+        res = sensitivity(model_ref(args), o, progress=progress)
+    _print(res.table, args, res.seconds["data"], res.seconds["sensitivity"])
+    write_json(args.json, res.to_dict())
     if args.csv:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(args.csv, index=False)
+        res.table.to_csv(args.csv, index=False)
     return 0
 
 
@@ -136,4 +112,4 @@ def _print(df, args, data_s: float, sens_s: float) -> None:
     for layer, rows in df.groupby("layer", sort=False):
         values = dict(zip(rows["precision"], rows["sensitivity"]))
         t.add_row(layer, *[f"{values[p]:.4g}" if p in values else "" for p in precisions])
-    cli_console().print(t)
+    console().print(t)

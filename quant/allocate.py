@@ -405,3 +405,16 @@ def frontier(table: CostTable, column: str, points: int,
         return [pareto_dp(table, v, column, bins, ties, pinned) for v in values]
     return [solve_ilp(table, {**others, column: v}, ties, pinned) for v in values]
 
+
+
+def allocate(table: CostTable, options) -> Allocation | list[Allocation]:
+    """The allocate verb: one Allocation under `options.budgets`, or with `options.sweep` the
+    frontier. A column or layer the table lacks is a ValueError naming it."""
+    o = options
+    ties, pins = [list(t) for t in o.ties], dict(o.pins)
+    if o.sweep:
+        return frontier(table, o.sweep, o.points, o.budgets, o.method, ties, pins, o.bins)
+    if o.method == "pareto":
+        (column, value), = o.budgets.items()
+        return pareto_dp(table, value, column, o.bins, ties, pins)
+    return solve_ilp(table, o.budgets, ties, pins)

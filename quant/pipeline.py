@@ -22,7 +22,17 @@ from torch import nn
 
 from .evaluate import Agreement, agreement, logits, top1
 from .models import ModelEntry
-from .spec import CALIB_DATA, DISTILL_ITERS, BitConfig, SpecError, parse_variant, variant_config
+from .spec import (
+    CALIB_DATA,
+    DISTILL_ITERS,
+    REPAIR_HELP,  # noqa: F401  (re-exported)
+    REPAIRS,  # noqa: F401  (re-exported)
+    BitConfig,
+    SpecError,
+    parse_repairs,
+    parse_variant,
+    variant_config,
+)
 from .transform import (
     batches,
     calibrate,
@@ -32,12 +42,6 @@ from .transform import (
     quantizable_layers,
     size_bits,
 )
-
-REPAIRS = ("cle", "split", "bias", "adaround")   # in pipeline order
-REPAIR_HELP = {"cle": "cross-layer equalization (before calibration)",
-               "split": "outlier channel splitting (before calibration)",
-               "bias": "empirical bias correction (after calibration)",
-               "adaround": "AdaRound, learned weight rounding (after calibration)"}
 
 
 @dataclass
@@ -57,19 +61,6 @@ class QuantResult:
     @property
     def compression(self) -> float:
         return self.fp32_size_bytes / max(1, self.quant_size_bytes)
-
-
-def parse_repairs(items: str | Iterable[str] | None) -> tuple[str, ...]:
-    """`"bias,cle"` or `["bias", "cle"]` → the known repairs in pipeline order."""
-    if items is None:
-        return ()
-    if isinstance(items, str):
-        items = items.split(",")
-    names = [s.strip().lower() for s in items if s.strip()]
-    for n in names:
-        if n not in REPAIRS:
-            raise SpecError(f"unknown repair {n!r} (use {', '.join(REPAIRS)})")
-    return tuple(r for r in REPAIRS if r in names)
 
 
 def variant_bit_config(model: nn.Module, variant: str, *, granularity: str = "channel",

@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .options import SENSITIVITY_METHODS, SensitivityOptions
 from .quantizer import qparams, quant_error
 from .spec import BitConfig, LayerPrecision, SpecError, act_spec, parse_variant, weight_spec
 from .transform import QuantLayer, bops, fold_bn, layer_infos, quantizable_layers, size_bits
 
-METHODS = ("kl", "hessian")
+METHODS = SENSITIVITY_METHODS
 
 
 def precision(w_bits: int, act_bits: int | None = None, calib: str = "minmax") -> LayerPrecision:
@@ -229,3 +230,52 @@ def config_from_allocation(model: nn.Module, allocation, *, act_bits: int | None
     if unknown:
         raise SpecError(f"allocation names layer(s) not in the model: {', '.join(unknown[:5])}")
     return BitConfig({name: precision_of(label, act_bits, calib) for name, label in config.items()})
+
+
+@dataclass
+class Sensitivity:
+    """A model's per-layer sensitivity table (`sensitivity_table`'s columns) and how it was
+    taken; `to_dict` is what `hilq sensitivity --json` writes."""
+
+    model: str
+    options: SensitivityOptions
+    table: object                        # pandas DataFrame
+    samples: int
+    seconds: dict
+
+    def to_dict(self) -> dict:
+        o = self.options
+        return {"method": o.method, "model": self.model, "calib_data": o.calib_data,
+                "samples": self.samples, "bits": list(o.bits), "act_bits": o.act_bits,
+                "seconds": self.seconds, "table": self.table.to_dict("records")}
+
+
+def sensitivity(model, options: SensitivityOptions | None = None,
+                progress=None) -> Sensitivity:
+    """The sensitivity verb: `model` (anything the model door takes) measured as `options`
+    say. `progress(i, n, loss)` follows the distillation, the slow part."""
+    import time
+
+    from .models import load_model
+    from .zeroq import calibration_data, input_prior
+
+    o = options or SensitivityOptions()
+    entry = load_model(model)
+    net = entry.build().eval()
+    real = entry.data().calib_x if o.calib_data == "real" else None
+    kw = {}
+    if o.calib_data == "distilled":
+        kw = {"iters": o.distill_iters, "lr": o.lr, "objective": o.distill_objective,
+              **input_prior(entry.preprocess), **({"progress": progress} if progress else {})}
+        kw.update({k: v for k, v in (("input_mean", o.input_mean),
+                                     ("input_std", o.input_std)) if v is not None})
+    t0 = time.perf_counter()
+    x = calibration_data(o.calib_data, net, real=real[: o.samples] if real is not None else None,
+                         n=o.samples, input_shape=entry.input_shape, seed=o.seed,
+                         name=entry.name, **kw)
+    t1 = time.perf_counter()
+    extra = ({"max_iters": o.hessian_iters, "tol": o.tol, "seed": o.seed}
+             if o.method == "hessian" else {})
+    df = sensitivity_table(net, x, o.bits, method=o.method, act_bits=o.act_bits, **extra)
+    return Sensitivity(entry.name, o, df, len(x),
+                       {"data": t1 - t0, "sensitivity": time.perf_counter() - t1})

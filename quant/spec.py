@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -227,6 +228,26 @@ def variant_config(variant: Variant, layer_names, *, granularity: str = "channel
     w = weight_spec(variant.w_bits, granularity=granularity, group_size=group_size)
     a = act_spec(variant.a_bits, calib=calib) if variant.a_bits else None
     return BitConfig.uniform(layer_names, w, a)
+
+
+REPAIRS = ("cle", "split", "bias", "adaround")   # in pipeline order
+REPAIR_HELP = {"cle": "cross-layer equalization (before calibration)",
+               "split": "outlier channel splitting (before calibration)",
+               "bias": "empirical bias correction (after calibration)",
+               "adaround": "AdaRound, learned weight rounding (after calibration)"}
+
+
+def parse_repairs(items: str | Iterable[str] | None) -> tuple[str, ...]:
+    """`"bias,cle"` or `["bias", "cle"]` → the known repairs in pipeline order."""
+    if items is None:
+        return ()
+    if isinstance(items, str):
+        items = items.split(",")
+    names = [s.strip().lower() for s in items if s.strip()]
+    for n in names:
+        if n not in REPAIRS:
+            raise SpecError(f"unknown repair {n!r} (use {', '.join(REPAIRS)})")
+    return tuple(r for r in REPAIRS if r in names)
 
 
 class ModelError(SpecError):

@@ -28,12 +28,12 @@ CASES = [
     # quantize
     (["quantize", "--model", "digits-cnn", "--w-bits", "eight", "--a-bits", "8"], "'eight'"),
     (["quantize", "--model", "digits-cnn", "--w-bits", "8", "--a-bits", "12"],
-     "--a-bits must be 1..8 (or 16 for weight-only), got 12"),
+     "a_bits 12: must be 1..8 (or 16 for weight-only)"),
     ([*Q, "--granularity", "diagonal"], "diagonal"),
     ([*Q, "--calib", "tarot"], "tarot"),
     ([*Q, "--repair", "cle,magic"], "magic"),
     ([*Q, "--distill-objective", "vibes"], "vibes"),
-    ([*Q, "--qat-epochs", "-3"], "--qat-epochs must be >= 0, got -3"),
+    ([*Q, "--qat-epochs", "-3"], "qat_epochs -3: must be at least 0"),
     ([*Q, "--seed", "one"], "'one'"),
     ([*Q, "--data", "{tmp}/no-such-folder"], "no-such-folder"),
     ([*Q, "--json", "{tmp}/no-such-dir/out.json"], "no-such-dir"),
@@ -58,7 +58,7 @@ CASES = [
     (["bench", "--model", "digits-cnn", "--quiet", "--verbose"], "--verbose"),
     # bench
     (["bench", "--runtime", "abacus"], "abacus"),
-    (["bench", "--model", "digits-cnn", "--rounds", "0"], "--rounds must be at least 1, got 0"),
+    (["bench", "--model", "digits-cnn", "--rounds", "0"], "rounds 0: must be at least 1"),
     (["bench", "--model", "digits-cnn", "--device", "nowhere"], "nowhere"),
     (["bench", "--model", "digits-cnn", "--inventory", "{tmp}/no-such.toml"], "no-such.toml"),
     (["bench", "--model", "digits-cnn", "--mode", "turbo"], "turbo"),
@@ -75,10 +75,10 @@ CASES = [
     (["devices", "list", "--inventory", "{tmp}/telepathy.toml"], "telepathy"),
     # sensitivity
     ([*SENS, "--method", "tarot"], "tarot"),
-    ([*SENS, "--bits", "3,3"], "--bits '3,3'"),
+    ([*SENS, "--bits", "3,3"], "bits 3,3"),
     ([*SENS, "--bits", "nine"], "nine"),
-    ([*SENS, "--act-bits", "0"], "--act-bits must be in 1..8, got 0"),
-    ([*SENS, "--samples", "0"], "--samples must be at least 1, got 0"),
+    ([*SENS, "--act-bits", "0"], "act_bits 0: must be 1..8"),
+    ([*SENS, "--samples", "0"], "samples 0: must be at least 1"),
     # allocate
     (["allocate", "--table", "{tmp}/no-such.csv", "--budget", "latency_ms=1"], "no-such.csv"),
     (["allocate", "--table", "{tmp}/costs.csv", "--budget", "latency_ms=fast"], "fast"),

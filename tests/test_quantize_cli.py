@@ -65,13 +65,13 @@ def test_user_model_weight_only_group(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--w-bits", "0", "--a-bits", "8"], "--w-bits must be 1..8"),
-    (["--w-bits", "9", "--a-bits", "8"], "--w-bits must be 1..8"),
-    (["--w-bits", "8", "--a-bits", "0"], "--a-bits must be 1..8"),
-    (["--w-bits", "4", "--a-bits", "4", "--calib", "magic"], "unknown --calib method 'magic'"),
+    (["--w-bits", "0", "--a-bits", "8"], "w_bits 0: must be 1..8"),
+    (["--w-bits", "9", "--a-bits", "8"], "w_bits 9: must be 1..8"),
+    (["--w-bits", "8", "--a-bits", "0"], "a_bits 0: must be 1..8"),
+    (["--w-bits", "4", "--a-bits", "4", "--calib", "magic"], "unknown calib 'magic'"),
     (["--w-bits", "4", "--a-bits", "4", "--repair", "bias,voodoo"], "'voodoo'"),
-    (["--w-bits", "4", "--a-bits", "4", "--granularity", "row"], "unknown --granularity"),
-    (["--w-bits", "4", "--a-bits", "4", "--calib-data", "dreams"], "unknown --calib-data"),
+    (["--w-bits", "4", "--a-bits", "4", "--granularity", "row"], "unknown granularity 'row'"),
+    (["--w-bits", "4", "--a-bits", "4", "--calib-data", "dreams"], "unknown calib_data 'dreams'"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, capsys):
     assert main(["quantize", "--model", "digits-cnn", *args]) == 2
@@ -81,7 +81,7 @@ def test_bad_input_is_one_line_exit_2(args, message, capsys):
 
 def test_bad_input_subprocess():
     r = hilq("quantize", "--model", "digits-cnn", "--w-bits", "9", "--a-bits", "8")
-    assert r.returncode == 2 and r.stderr.strip() == "hilq quantize: error: --w-bits must be 1..8, got 9"
+    assert r.returncode == 2 and r.stderr.strip() == "hilq quantize: error: w_bits 9: must be 1..8"
     r = hilq("quantize", "--model", "tests.quantize_user_model:build", "--data",
              "tests.no_such_data_module:data", "--w-bits", "8", "--a-bits", "8")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

@@ -8,7 +8,10 @@ always say the same thing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+from hilq.quant.spec import SpecError
 
 from . import html, markdown
 from .data import load
@@ -17,8 +20,34 @@ from .model import Report, Section, fmt, mean_std
 from .runs import pareto_front
 from .sections import REGISTRY, SECTIONS, build, shown
 
-__all__ = ["REGISTRY", "SECTIONS", "Report", "Section", "fmt", "mean_std", "pareto_front",
-           "render", "render_index"]
+__all__ = ["REGISTRY", "SECTIONS", "Report", "ReportOptions", "Section", "fmt", "mean_std",
+           "pareto_front", "render", "render_index", "report"]
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """What `report` renders: one run (`run`: an id or "latest") to `out` (default
+    reports/<run-id>/), or with `index` the page across all runs (default reports/); `db`:
+    the store (None: $HILQ_DB or results/hilq.sqlite)."""
+
+    run: str = "latest"
+    db: str | None = None
+    out: str | None = None
+    index: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.run, str) or not self.run.strip():
+            raise SpecError(f"run {self.run!r}: give a run id or 'latest'")
+
+
+def report(options: ReportOptions | None = None):
+    """The report verb: render what `options` name from the store; the `Report` (or, for the
+    index, the `IndexPage`) with the paths written."""
+    from ..store import open_store
+
+    o = options or ReportOptions()
+    with open_store(o.db) as store:
+        return render_index(store, o.out) if o.index else render(store, o.run, o.out)
 
 
 def render(store, run: str | None = "latest", out_dir: str | Path | None = None) -> Report:
