@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 # hilq from this checkout (the lent machines reach no package index: what hilq imports must
 # already be there; the first failing import is printed and the check fails)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python3 -c "import bench.cli, quant.export, devices.runtimes.torch_cuda" || {
+python3 -c "import hilq.bench.cli, hilq.quant.export, hilq.devices.runtimes.torch_cuda" || {
   echo "gpu_check: hilq's dependencies are missing here (pip install -e .)"; exit 3; }
 
 rc=0
