@@ -97,47 +97,59 @@ def _kill_at(cmd, cwd: Path, log: Path, k: int, timeout_s: float = 400) -> None:
                 pass
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("where", list(KILL_POINTS))
-def test_a_killed_nightly_reruns_exactly_the_missing_agents(shared, where):
-    k = KILL_POINTS[where]
-    db_path = shared / f"{where}.sqlite"
-    cfg = shared / f"{where}.toml"
-    write_nightly_config(cfg, name=f"resume-{where}", db=db_path,
-                         inventory=shared / "devices.toml", **NIGHTLY)
-    cmd = [sys.executable, "-m", "hilq", "nightly", "--config", str(cfg), "--no-report"]
-    first, second = shared / f"{where}-1.log", shared / f"{where}-2.log"
-    _kill_at(cmd, shared, first, k)
-
-    before = _rows(db_path)
-    with sqlite3.connect(db_path) as db:
-        (run_id, status), = db.execute("select id, status from runs").fetchall()
-    assert status == "running"
-    assert len(before) == k - 1           # every run before the k-th stored, the k-th killed
-
-    done = subprocess.run(cmd, cwd=shared, env=_env(second), capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode in (0, 4), done.stdout[-3000:] + done.stderr[-3000:]
-    after = _rows(db_path)
+def _check_db(db_path: Path) -> tuple[dict, list, dict, dict]:
+    """(rows, runs, kinds, sha by row) of a store, after checking its integrity and that no
+    measurement is stored twice."""
     with sqlite3.connect(db_path) as db:
         assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
-        assert db.execute("select id, status from runs").fetchall() == [
-            (run_id, "ok" if done.returncode == 0 else "budget_missed")]
+        runs = db.execute("select id, status from runs").fetchall()
         keys = db.execute("select count(distinct run_id || model || variant || device || "
                           "runtime || kind || round), count(*) from measurements").fetchone()
         kinds = dict(db.execute("select kind, count(*) from measurements group by kind"))
         sha_of = dict(db.execute("select id, artifact_sha256 from measurements"))
     assert keys[0] == keys[1], "duplicate rows"
-    assert {i: after[i] for i in before} == before, "a row stored before the kill changed"
-    assert kinds["bench"] == 4 and kinds["profile"] == 4 and kinds["search"] >= 14
+    return _rows(db_path), runs, kinds, sha_of
 
-    # every measuring agent the rerun started made one new row, and no new row came without
-    # one: the rerun measured exactly what was missing (the debug run on the pick is the one
-    # start that stores no measurement, so starts count only artifacts that were measured)
+
+def _measured_exactly_the_missing(log: Path, before: dict, after: dict, sha_of: dict,
+                                  killed: bool) -> None:
+    """Every measuring agent a rerun started made one new row, and no new row came without
+    one (the killed start, the last, made none; the debug run on the pick stores no
+    measurement, so starts count only artifacts that were measured)."""
+    starts = [a for _, a in _starts(log)][:-1 if killed else None]
     measured = set(sha_of.values())
-    reruns = Counter(s for s in map(_sha, (a for _, a in _starts(second))) if s in measured)
+    reruns = Counter(s for s in map(_sha, starts) if s in measured)
     new = Counter(sha_of[i] for i in after if i not in before)
     assert reruns == new
     assert sum(new.values()) == len(after) - len(before) > 0
-    first_starts = len(_starts(first))
-    assert first_starts == k
+
+
+@pytest.mark.slow
+def test_a_nightly_killed_again_and_again_reruns_exactly_the_missing_agents(shared):
+    """One night killed with SIGKILL at each kill point in turn (the bench matrix, the cost
+    table's timing and profiles, the loop), each rerun killed at the next point, then a last
+    rerun completes it: one night's work in all, not one per kill point."""
+    db_path, cfg = shared / "chain.sqlite", shared / "chain.toml"
+    write_nightly_config(cfg, name="resume-chain", db=db_path,
+                         inventory=shared / "devices.toml", **NIGHTLY)
+    cmd = [sys.executable, "-m", "hilq", "nightly", "--config", str(cfg), "--no-report"]
+    before: dict = {}
+    for where, k in KILL_POINTS.items():      # k: the night's k-th agent start, counted over runs
+        log = shared / f"chain-{where}.log"
+        _kill_at(cmd, shared, log, k - len(before))
+        after, runs, _, sha_of = _check_db(db_path)
+        assert [s for _, s in runs] == ["running"], where
+        assert len(after) == k - 1, where      # every start before the k-th stored, that one killed
+        assert {i: after[i] for i in before} == before, f"{where}: a stored row changed"
+        if before:
+            _measured_exactly_the_missing(log, before, after, sha_of, killed=True)
+        before = after
+    last = shared / "chain-done.log"
+    done = subprocess.run(cmd, cwd=shared, env=_env(last), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode in (0, 4), done.stdout[-3000:] + done.stderr[-3000:]
+    after, runs, kinds, sha_of = _check_db(db_path)
+    assert [s for _, s in runs] == ["ok" if done.returncode == 0 else "budget_missed"]
+    assert {i: after[i] for i in before} == before, "a row stored before the kill changed"
+    assert kinds["bench"] == 4 and kinds["profile"] == 4 and kinds["search"] >= 14
+    _measured_exactly_the_missing(last, before, after, sha_of, killed=False)
