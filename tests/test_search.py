@@ -97,7 +97,7 @@ def test_search_on_the_local_cpu_closes_the_loop_and_stores_every_iteration(tmp_
 
 @pytest.mark.slow
 def test_budget_below_anything_measured_is_refused_in_one_line(tmp_path, capsys):
-    rc, res = _search(tmp_path, "--budget", "latency_ms=0.0001")
+    rc, res = _search(tmp_path, "--budget", "latency_ms=0.0001", "--quiet")   # no chatter
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and res["status"] == "infeasible"
     assert len(err) == 1 and "budget refused" in err[0] and "below the fastest measured" in err[0]
