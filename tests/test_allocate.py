@@ -282,7 +282,7 @@ def test_cli_sweep_writes_frontier(costs_csv, tmp_path):
     (["--budget", "watts=3"], "unknown cost column 'watts'"),
     (["--budget", "size_bits=1e9", "--pin", "l0=fp64"], "no precision 'fp64'"),
     (["--budget", "size_bits=1e9", "--budget", "bops=1e9", "--method", "pareto"], "exactly one"),
-    ([], "at least one --budget"),
+    ([], "at least one budget"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(costs_csv, capsys, extra, match):
     path, _ = costs_csv
