@@ -135,8 +135,8 @@ def ci_ms(ob: Observation) -> float:
 Limits = Mapping[str, tuple[Mapping[tuple[str, str], float], float]]
 
 
-def _table(model: LatencyModel, sensitivity: Mapping[tuple[str, str], float],
-           limits: Limits | None = None) -> CostTable:
+def cost_table(model: LatencyModel, sensitivity: Mapping[tuple[str, str], float],
+               limits: Limits | None = None) -> CostTable:
     """The model's mean costs as an ILP table, with exact columns (size) for `limits`."""
     rows, pairs = model.costs()
     limits = limits or {}
@@ -160,7 +160,7 @@ def choose(model: LatencyModel, sensitivity: Mapping[tuple[str, str], float], bu
     whose exact columns meet `limits`): (config, margin used, message). Configurations
     already measured within the budget (their measured upper CI bound; the fastest one, its
     median) are admissible."""
-    table = _table(model, sensitivity, limits)
+    table = cost_table(model, sensitivity, limits)
     others = {c: b for c, (_, b) in (limits or {}).items()}
 
     def fits(cfg):

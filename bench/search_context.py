@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hilq.quant.artifact import file_stem
 from hilq.quant.spec import DISTILL_ITERS, BitConfig, SpecError
 
 from hilq.measurement import Measurement, Protocol
@@ -33,7 +34,7 @@ def _p50s(ms: list[Measurement]) -> list[float]:
 
 def _write_config(work: Path, name: str, config: BitConfig) -> str:
     # a model given as a path (`models/det.onnx`) names a file here, not a folder
-    path = work / f"{name.strip('/').replace('/', '_').replace(':', '_')}.json"
+    path = work / f"{file_stem(name)}.json"
     path.write_text(json.dumps(config.to_dict(), indent=1, sort_keys=True))
     return f"config:{path}"
 

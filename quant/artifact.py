@@ -21,6 +21,16 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def file_stem(name: str, limit: int = 60) -> str:
+    """`name` (a model path, `package.module:factory`, `config:PATH.json`) as one piece of a
+    file name: separators replaced, and a long one cut to its last `limit` characters plus a
+    hash of the whole, since a file name holds 255 bytes and a deep path alone can exceed it."""
+    stem = name.strip("/").replace(":", "_").replace("/", "_")
+    if len(stem) <= limit:
+        return stem
+    return f"{stem[-limit:].lstrip('_.')}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
 @dataclass(frozen=True)
 class Artifact:
     path: str

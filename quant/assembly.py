@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .artifact import Artifact
+from .artifact import Artifact, file_stem
 from .spec import BitConfig, LayerPrecision
 
 FORMAT_QDQ, FORMAT_FP32 = "onnx-qdq", "onnx-fp32"
@@ -105,7 +105,7 @@ def cache_path(out_dir, model: str, variant: str, target: str, v, blob: dict) ->
     if v.config_path:
         blob["config"] = Path(v.config_path).read_text()
     key = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
-    stem = f"{model.replace(':', '_').replace('/', '_')}-{variant.replace(':', '_').replace('/', '_')}"
+    stem = f"{file_stem(model)}-{file_stem(variant)}"
     return Path(out_dir) / f"{stem}-{target}-{key}.onnx"
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .artifact import Artifact
+from .artifact import Artifact, file_stem
 from .spec import SpecError
 
 CPU_VARIANTS = ("fp32", "w8a8")
@@ -126,7 +126,7 @@ def build(model: str, variant: str, out_dir: str | Path, seed: int = 0,
     suffix = "" if device == "cpu" else f"-{device}"
     seq = getattr(model_ref, "seq_len", None)     # a sequence-length sweep: one file per length
     suffix += f"-s{seq}" if seq else ""
-    path = out_dir / f"{model.replace(':', '_').replace('/', '_')}-{variant}{suffix}.pt2"
+    path = out_dir / f"{file_stem(model)}-{variant}{suffix}.pt2"
     settings = export_module(net, variant, calib, path, device=device)
     settings.update(seed=seed)
     runtime = "torch-cuda" if device == "cuda" else "torch"

@@ -396,3 +396,15 @@ def test_cli_export(tmp_path, capsys):
     assert data["sha256"] == Artifact.load(data["path"]).sha256
     assert main(["export", "--model", "digits-cnn", "--variant", "w9a8", "--out",
                  str(tmp_path)]) == 2
+
+
+def test_artifact_file_names_fit_however_deep_the_model_path():
+    """A model under a deep folder (seen under pytest-xdist's longer tmp paths) named a
+    search's config file, then its artifact and reference, past the 255-byte file name limit."""
+    from hilq.quant.artifact import file_stem
+
+    deep = "/" + "/".join(f"level-{i:02d}-of-a-deep-project-tree" for i in range(12)) + "/det.onnx"
+    a, b = file_stem(deep), file_stem(deep.replace("level-00", "level-99"))
+    assert len(a) <= 70 and a.endswith(f"det.onnx-{a[-8:]}") and a != b
+    assert file_stem("tests.user_models:tiny") == "tests.user_models_tiny"   # short: as before
+    assert len(f"{a}-{file_stem('config:' + deep)}-cpu-0123456789ab.onnx.reference.npz") < 255

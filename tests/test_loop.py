@@ -34,7 +34,7 @@ def test_without_noise_the_fit_reproduces_every_configuration_and_the_pick_is_br
     for cfg in configs:
         assert model.predict(cfg)[0] == pytest.approx(sim.latency(cfg), abs=1e-6)
     # the ILP's cost table says the same as predict(), pair terms included
-    table = loop._table(model, {})
+    table = loop.cost_table(model, {})
     for cfg in configs[::7]:
         assert table.total(cfg, "latency_ms") == pytest.approx(model.predict(cfg)[0], abs=1e-9)
     sens = simulate.sensitivities(sim, seed=1)
