@@ -99,14 +99,17 @@ def add_arguments(p):
 
 
 def _accuracy(acc: dict) -> str:
-    """Fractions as percentages; the device's SQNR in dB, KL and the sample count as they are."""
+    """Fractions as percentages; the device's SQNR in dB, KL and the sample count as they are;
+    task figures and the user's metric by name, as they are (the limit is in their units)."""
     def one(k, v):
         if k.endswith("sqnr_db"):
             return f"{k} {v:.1f} dB"
         if k.endswith("_n") or k.endswith("kl"):
             return f"{k} {v:.4g}"
         return f"{k} {v:.2%}"
-    return ", ".join(one(k, v) for k, v in acc.items() if isinstance(v, (int, float)))
+    named = {**(acc.get("task") or {}), **(acc.get("metric") or {})}
+    return ", ".join([one(k, v) for k, v in acc.items() if isinstance(v, (int, float))]
+                     + [f"{k} {v:.4g}" for k, v in named.items() if isinstance(v, (int, float))])
 
 
 def replay(args) -> int:
