@@ -27,7 +27,7 @@ from hilq.measurement import Protocol
 
 from . import loop
 from .latmodel import FLOAT, INT8
-from .search_accuracy import _fastest_within, _loss, _store_pick, _sweep, figure
+from .search_accuracy import _loss, _store_pick, _sweep, fastest_within, figure
 from .search_context import (
     Context,
     _check_runtime,
@@ -258,7 +258,7 @@ def allocate(ctx: Context, options: SearchOptions, costs: _Costs, sens: _Sensiti
               tolerance=options.tolerance, max_iters=options.max_iters, limits=sens.limits,
               progress=ctx.progress)
     if options.accuracy_limited:
-        return _fastest_within(ctx, sens.by, costs.prior, sens.base_acc[FLOAT],
+        return fastest_within(ctx, sens.by, costs.prior, sens.base_acc[FLOAT],
                                options.max_drop, options.min_agreement, result,
                                drop_metric=options.drop_metric, **kw)
     return loop.close_loop(ctx.layers, ctx.edges, sens.by, costs.prior, ctx.measure,

@@ -44,7 +44,7 @@ def _loss(acc: dict, float_acc: dict, max_drop, min_agreement, drop_metric: str 
     return min_agreement - acc.get("agreement_fp32", acc.get("top1", 0.0)), min_agreement
 
 
-def _fastest_within(ctx: Context, sens_by, prior, float_acc, max_drop, min_agreement, result,
+def fastest_within(ctx: Context, sens_by, prior, float_acc, max_drop, min_agreement, result,
                     *, history, measured, z, tolerance, max_iters, limits, progress,
                     drop_metric: str = "top1"):
     """The fastest configuration whose measured accuracy stays within the limit: the least
