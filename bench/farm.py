@@ -207,6 +207,17 @@ def measure_all(ray, cfg, run_id: str, per_device: dict[str, list], owners: dict
         ref = task.options(resources={f"device:{name}": 1}).remote(cfg, run_id, name, tasks,
                                                                   board)
         pending[ref] = name
+    try:
+        _follow(ray, pending, board, owners, say, out)
+    except KeyboardInterrupt:       # Ctrl-C, SIGTERM: stop every device's agent where it runs
+        _cancel(ray, pending, say)
+        raise
+    return out
+
+
+def _follow(ray, pending: dict, board, owners: dict, say, out: list) -> None:
+    """Wait for the measurement tasks, showing their lines and states as they come; each
+    task's outcome (or its typed failure) joins `out` and leaves `pending`."""
     seen, shown = 0, {}
     while pending:
         done, _ = ray.wait(list(pending), timeout=POLL_S)
@@ -236,4 +247,16 @@ def measure_all(ray, cfg, run_id: str, per_device: dict[str, list], owners: dict
                 out.append({"device": name, "node": {"node_id": owners[name]}, "rows": [],
                             "failures": [(f"device {name}", f"unreachable: its Ray node was "
                                           f"lost mid-run ({why})")]})
-    return out
+
+
+def _cancel(ray, pending: dict, say, wait_s: float = 15.0) -> None:
+    """Cancel the running tasks: Ray raises KeyboardInterrupt inside each, and its device's
+    wait kills the agent's process group (as on Ctrl-C at home). Wait a little for them to
+    unwind, so no agent outlives the night on a node."""
+    for ref in pending:
+        ray.cancel(ref)
+    say(f"[farm] interrupted: cancelling {len(pending)} device task(s)")
+    try:
+        ray.wait(list(pending), num_returns=len(pending), timeout=wait_s)
+    except Exception:    # noqa: BLE001 — a lost node cannot be waited for; the signal stands
+        pass

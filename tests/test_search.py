@@ -50,10 +50,13 @@ def test_search_on_the_local_cpu_closes_the_loop_and_stores_every_iteration(tmp_
 
     rc, res = _search(tmp_path, "--budget", "latency_ms=50%")
     # digits-cnn runs in 13 µs: FP32 and INT8 differ by 10%, and on a noisy VM a batch can
-    # read 20–40% slow. The search must then say so with exit 4 (the loop's statistics are
-    # tests/test_loop.py's); whichever way, every iteration is stored
+    # read 20–40% slow. The search must then say so with exit 4 (the machine slowed, the noise
+    # bounds the check, or after a missed pick no configuration is predicted under the budget
+    # with confidence; the loop's statistics are tests/test_loop.py's, and the search that
+    # must meet its budget is ResNet-18's below); whichever way, every iteration is stored
     assert (rc, res["status"]) == (0, "ok") or (rc, res["status"]) == (4, "budget_missed") and (
-        "slower during the search" in res["message"] or "noise" in res["message"]), res["message"]
+        any(why in res["message"] for why in ("slower during the search", "noise",
+                                              "predicted under"))), res["message"]
     assert res["prior"] == "profile"                       # ORT's node profile was read
     budget = res["resolved_budgets"]["latency_ms"]
     assert budget >= res["baseline"]["fastest"]["latency_ms"]   # between the measured uniforms
