@@ -181,15 +181,16 @@ def test_sqlite_across_nodes_is_refused_in_one_line(cluster, tmp_path):
 def test_sigint_to_a_night_on_the_cluster_stops_every_agent_on_every_node(cluster, tmp_path,
                                                                           pg_url):
     """Ctrl-C at `hilq nightly --engine ray` while the devices' agents are timing on both nodes
-    (10 s windows): the driver cancels the tasks, each task's device kills its agent, and two
-    seconds after hilq exits (130) no agent is left on any node; the run says `interrupted`."""
+    (30 s windows): the driver cancels the tasks, each task's device kills its agent and
+    removes its session folder, and two seconds after hilq exits (130) no agent is left on any
+    node; the run says `interrupted`."""
     from test_interrupt import _agents
 
     _config(tmp_path, pg_url, cluster.address)          # its inventory: tmp/<device> each
     path = write_nightly_config(
         tmp_path / "long.toml", name="farm-interrupt", rounds=1, db=pg_url,
         inventory=tmp_path / "devices.toml", engine="ray", ray_address=cluster.address,
-        protocol={**QUICK_PROTOCOL, "min_duration_s": 10.0, "threads": 1},
+        protocol={**QUICK_PROTOCOL, "min_duration_s": 30.0, "threads": 1},
         bench=[{**DIGITS_BENCH, "devices": [d for ds in NODES.values() for d in ds],
                 "accuracy": False}])
     proc = subprocess.Popen([sys.executable, "-m", "hilq", "nightly", "--config", str(path),
@@ -205,6 +206,8 @@ def test_sigint_to_a_night_on_the_cluster_stops_every_agent_on_every_node(cluste
     assert proc.returncode == 130, out + err
     time.sleep(2)
     assert _agents(tmp_path) == [], "an agent outlived the night on a node"
+    # each device unwound (its task cancelled, not its worker killed): sessions removed
+    assert not list(tmp_path.glob("edge*/session-*")), list(tmp_path.glob("edge*/*"))
     with open_store(pg_url) as store:
         (run,) = store.rows("runs")
         assert run["status"] == "interrupted", out + err
