@@ -33,28 +33,22 @@ def add_arguments(parser) -> None:
                              "label precisions wXaA (default: weight-only, wXa16)")
     parser.add_argument("--calib-data", choices=CALIB_DATA, default=d["calib_data"],
                         help="the batch: distilled (ZeroQ, data-free; default), real, noise")
-    parser.add_argument("--samples", type=int, default=d["samples"],
-                        help="batch size (default %(default)s)")
-    parser.add_argument("--iters", type=int, default=d["distill_iters"],
-                        help="distillation iterations (default %(default)s; ZeroQ's paper "
-                             "runs 500)")
-    parser.add_argument("--lr", type=float, default=d["lr"],
-                        help="distillation lr (default %(default)s)")
+    for flag, name, kind, what in (
+            ("--samples", "samples", int, "batch size"),
+            ("--iters", "distill_iters", int, "distillation iterations (ZeroQ's paper runs 500)"),
+            ("--lr", "lr", float, "distillation lr"),
+            ("--hessian-iters", "hessian_iters", int, "maximum Hutchinson probes"),
+            ("--tol", "tol", float, "Hutchinson relative convergence tolerance"),
+            ("--seed", "seed", int, "seed")):
+        parser.add_argument(flag, type=kind, default=d[name], help=f"{what} (default %(default)s)")
     parser.add_argument("--distill-objective", choices=("batch", "sample"),
                         default=d["distill_objective"],
                         help="batch (default) or sample (ZeroQ's reference code), see hilq "
                              "quantize --help")
-    parser.add_argument("--input-mean", type=float, default=None,
-                        help="distillation target mean of the input (default: photographs through "
-                             "the declared --preprocess, else 0 as ZeroQ)")
-    parser.add_argument("--input-std", type=float, default=None,
-                        help="distillation target std of the input (default: photographs through "
-                             "the declared --preprocess, else 1)")
-    parser.add_argument("--hessian-iters", type=int, default=d["hessian_iters"],
-                        help="maximum Hutchinson probes (default %(default)s)")
-    parser.add_argument("--tol", type=float, default=d["tol"],
-                        help="Hutchinson relative convergence tolerance (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=d["seed"])
+    for which, zeroq in (("mean", "0 as ZeroQ"), ("std", "1")):
+        parser.add_argument(f"--input-{which}", type=float, default=None,
+                            help=f"distillation target {which} of the input (default: "
+                                 f"photographs through the declared --preprocess, else {zeroq})")
     parser.add_argument("--json", metavar="PATH", help="write {method, table: [...]} as JSON")
     parser.add_argument("--csv", metavar="PATH", help="write the allocator's cost table (CSV)")
 
