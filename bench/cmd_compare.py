@@ -57,12 +57,12 @@ def run(args) -> int:
 
 def cells(r) -> list[str]:
     """One row of the table, as text: the same in the terminal, Markdown and HTML."""
-    from .report.model import fmt
+    from .report.model import fmt, fmt_p
 
     acc = "; ".join(f"{d.metric} {100 * d.a:.2f}→{100 * d.b:.2f} {d.verdict}"
                     for d in r.accuracy) or "–"
     return [r.label, fmt(r.a), fmt(r.b), f"{r.ratio:.3f}", _ci(r.ci_a), _ci(r.ci_b),
-            r.verdict, fmt(r.p_value, 2), acc, r.note]
+            r.verdict, fmt_p(r.p_value), acc, r.note]
 
 
 def _ci(ci) -> str:

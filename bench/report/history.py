@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from . import plots
 from .data import RunData
-from .model import Plot, Table, Text, fmt, kv
+from .model import Plot, Table, Text, fmt, fmt_p, kv
 
 
 def trends(d: RunData) -> list:
@@ -56,7 +56,7 @@ def regressions(d: RunData) -> list:
         [["YES" if g["flagged"] else "", g["model"], g["variant"],
           f"{g['device']}/{g['runtime']}", g["metric"], fmt(g["baseline"]), fmt(g["current"]),
           fmt(None if g["change"] is None else 100 * g["change"], 2),
-          fmt(None if g.get("mde") is None else 100 * g["mde"], 2), fmt(g["p_value"], 2),
+          fmt(None if g.get("mde") is None else 100 * g["mde"], 2), fmt_p(g["p_value"]),
           fmt(g["z"], 2), g["n_history"], g["method"] or "–", g["note"]] for g in regs]))
     detect = (d.run.get("config") or {}).get("detect")
     blind = [g for g in regs if g.get("mde") is not None and detect is not None

@@ -77,6 +77,11 @@ def fmt(x, digits: int = 3) -> str:
     return str(x)
 
 
+def fmt_p(p: float | None) -> str:
+    """A p-value as read: two significant digits; one too small for a float is "<1e-16", not 0."""
+    return "–" if p is None else "<1e-16" if p < 1e-16 else f"{p:.2g}"
+
+
 def mean_std(mean: float | None, std: float | None) -> str:
     """"mean ± std" with both at the mean's precision (3 significant digits of the mean):
     0.0763 ± 0.0041, not 0.0763 ± 0.2."""
