@@ -55,7 +55,7 @@ def bounds(name: str, protocol: dict, estimate_ms: float, overhead_ms: float = 0
     qps = float(protocol.get("target_qps") or 0) or 0.5 * 1000.0 / max(estimate_ms, 1e-3)
     queries = {"single-stream": 2 * min_s * 1000.0 / max(estimate_ms, 1e-3),   # as LoadGen
                "multi-stream": 2 * min_s * 1000.0 / max(per_query, 1e-3),      # generates
-               "server": min_s * qps, "offline": 1}[name]
+               "server": 2 * min_s * qps, "offline": 1}[name]   # twice: Poisson arrivals
     return {"min_s": min_s, "max_s": max_s, "min_queries": min_q, "cost_ms": cost,
             "query_ms": per_query if name == "multi-stream" else cost, "qps": qps,
             "max_query_count": max(min_q, math.ceil(queries)) + 1,

@@ -112,20 +112,25 @@ def test_an_overloaded_server_run_ends_at_the_backlog_cap(tmp_path, monkeypatch)
 
 
 @pytest.mark.load
-def test_a_server_rate_the_device_cannot_meet_is_invalid_with_loadgens_reason(digits, tmp_path):
-    # 1.25× what one stream serves, the SUT's own cost counted: under the refusal factor, so
-    # LoadGen judges it (needs a quiet machine: a warm-up slowed by others overstates the
-    # cost, and the rate may then be met); its caps end it in seconds
+def test_a_server_rate_the_device_cannot_meet_is_invalid_within_the_caps(digits, tmp_path):
+    """1.7× what one stream serves (the SUT's own cost counted) on a 13 µs engine: INVALID in
+    seconds either way: by LoadGen's latency verdict within the caps, or, when the agent's own
+    warm-up reads the engine 18% slower than this test did (the 2× refusal factor), refused
+    before the run. At 1.25× the device met the rate once (p50 plus the null-SUT latency
+    overstates one sample's cost), so the margin is wide. LoadGen's own INVALID under a
+    controlled engine is `test_an_overloaded_server_run_ends_at_the_backlog_cap`."""
     over = scenario.sut_overhead(str(tmp_path / "null"))["p50_ms"]
     cost = _run(digits, tmp_path).latency_ms["p50"] + over
-    m = _run(digits, tmp_path, scenario="server", target_qps=round(1.25 * 1000.0 / cost),
+    m = _run(digits, tmp_path, scenario="server", target_qps=round(1.7 * 1000.0 / cost),
              target_latency_ms=5.0)
     sc = m.scenario
     assert m.status == "ok" and sc["result"] == "INVALID" and not sc["valid"]
-    assert not sc.get("refused") and sc["duration_s"] < 30
+    assert sc["duration_s"] < 30 and sc["name"] == "server"
+    if sc.get("refused"):
+        assert "what one stream serves" in sc["reason"], sc["reason"]
+        return
     assert any("latency bound" in r for r in sc["reasons"]), sc["reasons"]
     assert any(r.startswith("LoadGen recommends") for r in sc["reasons"]), sc["reasons"]
-    assert sc["name"] == "server" and "latency bound" in sc["reason"]
     assert 0 < sc["query_count"] <= sc["settings_chosen"]["max_query_count"]
 
 
@@ -198,6 +203,10 @@ def test_every_run_is_capped_and_recorded(digits):
     s, chosen = scenario.settings_for(lg, {**proto, "scenario": "single-stream",
                                            "min_duration_s": 40.0}, estimate_ms=1.0)
     assert s.max_duration_ms == 60_000 and chosen["max_query_count"] == 80_001
+    # a Server run at a high rate: room for twice the minimum duration's Poisson arrivals (at
+    # exactly the minimum's count, about half the runs ended "minimum duration not met")
+    _, chosen = scenario.settings_for(lg, {**proto, "target_qps": 10_000}, estimate_ms=0.05)
+    assert chosen["max_query_count"] == 2 * 2.0 * 10_000 + 1
 
 
 def test_refusal_judges_the_target_against_the_warm_up(digits):
