@@ -421,7 +421,8 @@ def _conclude(result: LoopResult, sensitivity, tolerance: float,
     beats one only within its CI of it; of one configuration picked twice, its latest
     measurement (the search reports that one)."""
     budget_ms = result.budget_ms
-    good = [s for s in result.iterations if s.within_budget]
+    latest = {tuple(sorted(s.config.items())): s for s in result.iterations}
+    good = [s for s in latest.values() if s.within_budget]
     final = min(good, key=lambda s: (s.measured_ms > budget_ms, sum(
         sensitivity.get((k, v), 0.0) for k, v in s.config.items()), -s.index)) \
         if good else _closest_miss(result.iterations)
