@@ -88,9 +88,10 @@ def agent(tmp_path, monkeypatch):
     a.kill()
 
 
-def _logs_in(dev: SSHDevice):
+def _logs_in(dev: SSHDevice) -> bool:
+    """Whether a command runs on the device after connecting (the login worked)."""
     try:
-        assert dev.connect().exec_command("true")[1].channel.recv_exit_status() == 0
+        return dev.connect().exec_command("true")[1].channel.recv_exit_status() == 0
     finally:
         dev.close()
 
@@ -99,12 +100,12 @@ def _logs_in(dev: SSHDevice):
 
 def test_an_encrypted_key_in_the_agent_logs_in_without_key_file(server, agent):
     agent.add(server.enc, "secret")
-    _logs_in(server.device(key_file=None))
+    assert _logs_in(server.device(key_file=None))
 
 
 def test_an_encrypted_key_file_is_used_through_the_agent(server, agent):
     agent.add(server.enc, "secret")
-    _logs_in(server.device(key_file=str(server.enc)))
+    assert _logs_in(server.device(key_file=str(server.enc)))
 
 
 def test_an_encrypted_key_file_without_the_agent_is_a_one_line_auth_error(server):
@@ -120,7 +121,7 @@ def test_the_default_key_logs_in_and_nothing_to_offer_is_an_auth_error(server, h
         server.device(key_file=None).connect()
     assert e.value.kind == "auth" and "ssh-agent" in str(e.value)
     os.link(server.root / "client_key", home / ".ssh" / "id_ed25519")
-    _logs_in(server.device(key_file=None))
+    assert _logs_in(server.device(key_file=None))
 
 
 def test_the_inventory_needs_key_file_only_when_nothing_else_logs_in(server, home, tmp_path):
@@ -151,13 +152,13 @@ def test_a_config_host_alias_connects(server, tmp_path):
                     f'known_hosts = "{server.root / "known_hosts"}"\n')
     dev = inventory.open_device("b", inventory.load(toml))   # no user, port, key_file
     assert (dev.port, dev.user) == (server.port, USER)
-    _logs_in(dev)
+    assert _logs_in(dev)
 
 
 def test_inventory_values_override_the_config(server, tmp_path):
     cfg = _config(tmp_path / "config", board={"HostName": "127.0.0.1", "Port": 1,
                                               "User": "nobody-here", "IdentityFile": "/nonexistent"})
-    _logs_in(server.device(host="board", ssh_config=cfg))    # port, user, key_file given
+    assert _logs_in(server.device(host="board", ssh_config=cfg))    # port, user, key_file given
 
 
 def test_a_missing_ssh_config_named_explicitly_is_a_one_line_error(server, tmp_path):
@@ -235,7 +236,7 @@ def test_an_inventory_jump_authenticated_by_the_agent(hops, agent, tmp_path):
     agent.add(bastion.root / "client_key")             # the bastion's key is in the agent only
     dev = target.sshd.device(jump=f"{USER}@{bastion.addr}:2222",
                              known_hosts=_known(tmp_path / "kh", bastion, target))
-    _logs_in(dev)
+    assert _logs_in(dev)
 
 
 def test_a_chain_of_jumps(hops, tmp_path):
