@@ -143,3 +143,18 @@ def ort_quantize_static(fp32: Path, out: Path, calib_x) -> Path:
                          activation_type=ortq.QuantType.QUInt8,
                          weight_type=ortq.QuantType.QInt8, per_channel=True)
     return out
+
+
+def agent_pids(workdir: Path, timing: bool = False) -> list[int]:
+    """Processes running in a session folder under `workdir` (an agent, its meter); with
+    `timing`, only an agent measuring (given a protocol), not a short `--facts` run."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cwd.startswith(str(workdir)) and (not timing or b"--protocol" in cmd):
+            out.append(int(pid))
+    return out

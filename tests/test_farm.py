@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import DIGITS_BENCH, QUICK_PROTOCOL, require_import, write_nightly_config
+from helpers import DIGITS_BENCH, QUICK_PROTOCOL, agent_pids, require_import, write_nightly_config
 from hilq.bench import config
 from hilq.bench.nightly import run_nightly
 from hilq.bench.store import open_store
@@ -184,8 +184,6 @@ def test_sigint_to_a_night_on_the_cluster_stops_every_agent_on_every_node(cluste
     (30 s windows): the driver cancels the tasks, each task's device kills its agent and
     removes its session folder, and two seconds after hilq exits (130) no agent is left on any
     node; the run says `interrupted`."""
-    from test_interrupt import _agents
-
     _config(tmp_path, pg_url, cluster.address)          # its inventory: tmp/<device> each
     path = write_nightly_config(
         tmp_path / "long.toml", name="farm-interrupt", rounds=1, db=pg_url,
@@ -197,7 +195,7 @@ def test_sigint_to_a_night_on_the_cluster_stops_every_agent_on_every_node(cluste
                              "--no-report"], cwd=tmp_path, env=cluster.env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
-    while len(_agents(tmp_path, timing=True)) < 2:       # agents timing on both nodes
+    while len(agent_pids(tmp_path, timing=True)) < 2:       # agents timing on both nodes
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
     time.sleep(1.0)
@@ -205,7 +203,7 @@ def test_sigint_to_a_night_on_the_cluster_stops_every_agent_on_every_node(cluste
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err
     time.sleep(2)
-    assert _agents(tmp_path) == [], "an agent outlived the night on a node"
+    assert agent_pids(tmp_path) == [], "an agent outlived the night on a node"
     # each device unwound (its task cancelled, not its worker killed): sessions removed
     assert not list(tmp_path.glob("edge*/session-*")), list(tmp_path.glob("edge*/*"))
     with open_store(pg_url) as store:

@@ -14,27 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import DIGITS_BENCH, write_nightly_config
+from helpers import DIGITS_BENCH, agent_pids, write_nightly_config
 from hilq.bench.store import open_store
 
 pytestmark = pytest.mark.slow
 
 CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-def _agents(workdir: Path, timing: bool = False) -> list[int]:
-    """Processes running in a session folder under `workdir` (an agent, its meter); with
-    `timing`, only an agent measuring (given a protocol), not a short `--facts` run."""
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if cwd.startswith(str(workdir)) and (not timing or b"--protocol" in cmd):
-            out.append(int(pid))
-    return out
 
 
 def _inventory(tmp_path: Path, where: str, sshd=None) -> tuple[Path, Path]:
@@ -68,7 +53,7 @@ def _interrupt_then_resume(tmp_path: Path, inv: Path, work: Path, sig) -> tuple[
     """(the run's status after the signal, after --resume), every step checked."""
     proc = _nightly(tmp_path, inv)
     deadline = time.monotonic() + 180            # the artifacts are built first
-    while not _agents(work, timing=True):
+    while not agent_pids(work, timing=True):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
     time.sleep(1.0)                              # mid-window: the agent is timing
@@ -77,7 +62,7 @@ def _interrupt_then_resume(tmp_path: Path, inv: Path, work: Path, sig) -> tuple[
     assert proc.returncode == CODES[sig], out + err
     assert f"interrupted ({sig.name})" in err, err
     time.sleep(2)
-    assert _agents(work) == [], "an agent outlived hilq"
+    assert agent_pids(work) == [], "an agent outlived hilq"
     with open_store(tmp_path / "s.sqlite") as store:
         (run,) = store.rows("runs")
         assert run["status"] == "interrupted"
